@@ -1,0 +1,119 @@
+"""The serving configuration: one schema read by the operator (which writes it into a ConfigMap), the pool
+controller and workers (which size groups from it) and the router (ports, store, policies).
+
+It crosses process and Kubernetes boundaries, so it is pydantic; the operator's CRD embeds these models
+rather than restating them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_ENV = "K2SERVE_CONFIG"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSource(_Strict):
+    source: str = Field(
+        "builtin:tiny-k2",
+        description="`builtin:tiny-k2`, a local directory in Hugging Face layout (e.g. a PVC mount), or a URI.",
+    )
+    quantization: Literal["auto", "int4", "bf16"] = Field(
+        "auto", description="`auto` reads the checkpoint's quantization_config."
+    )
+    max_context: int = Field(262144, ge=128, le=1_048_576, description="Longest prompt + generation, tokens.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Activation dtype: `auto` is bfloat16 on GPU and float32 on CPU."
+    )
+
+
+class PoolConfig(_Strict):
+    groups: int = Field(1, ge=0, le=1024, description="Worker groups (model replicas) in this pool.")
+    expert_parallel: int = Field(1, ge=1, le=1024, description="Ray actors (GPUs) per group; divides the expert count.")
+    max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one engine step (chunked prefill).")
+    max_running: int = Field(256, ge=1, description="Most sequences a group runs at once.")
+    kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks per rank; default sized from memory.")
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="Logical Ray CPUs one actor reserves.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs one actor reserves (1 on GPU nodes).")
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
+    grpc_port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    routing_policy: Literal["prefix_load", "load", "round_robin"] = "prefix_load"
+    aggregated: bool = Field(False, description="One pool does prefill and decode (no KV handoff).")
+    api_keys_file: str | None = Field(None, description="File with one bearer API key per line; none: open.")
+    served_model_name: str | None = Field(None, description="Name in /v1/models; default from the model source.")
+    request_timeout_s: float = Field(600.0, gt=0)
+
+
+class ChainStoreConfig(_Strict):
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    sqlite_path: str = "k2serve-chains.sqlite3"
+    redis_url: str | None = None
+    checkpoint_every: int = Field(16, ge=1, description="Generated tokens between durable appends.")
+    ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="Retention of finished chains.")
+    migration_limit: int = Field(3, ge=0, description="Re-dispatches of one generation after group failures.")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> "ChainStoreConfig":
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("chain_store.redis_url is required when chain_store.backend is 'redis'")
+        return self
+
+
+class FaultSpec(_Strict):
+    """A fault to inject, by configuration, so failover can be exercised in a real cluster too."""
+
+    kind: Literal["kill_actor", "kill_group", "kill_router", "hang_group"]
+    pool: Literal["prefill", "decode"] = "decode"
+    group: int = Field(0, ge=0)
+    rank: int = Field(0, ge=0)
+    after_tokens: int = Field(1, ge=0, description="Fire once the target has produced this many tokens.")
+    times: int = Field(1, ge=1, description="How many times the fault fires.")
+
+
+class ServingConfig(_Strict):
+    model: ModelSource = Field(default_factory=ModelSource)
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    chain_store: ChainStoreConfig = Field(default_factory=ChainStoreConfig)
+    deterministic: bool = Field(
+        False, description="Batch-invariant kernels: outputs independent of batch composition (slower)."
+    )
+    faults: list[FaultSpec] = Field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "ServingConfig":
+        """Reads YAML or JSON; a bad file names itself and the offending field."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read serving config {p}: {e}") from e
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        try:
+            return cls.model_validate(data or {})
+        except Exception as e:
+            raise ValueError(f"invalid serving config {p}: {e}") from e
+
+    @classmethod
+    def from_env(cls) -> "ServingConfig":
+        path = os.environ.get(CONFIG_ENV)
+        return cls.load(path) if path else cls()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

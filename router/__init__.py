@@ -1,0 +1,1 @@
+"""Request plane: gRPC router, chain store and OpenAI-compatible HTTP front."""
