@@ -1,0 +1,66 @@
+"""K2's INT4 layout (compressed-tensors `pack-quantized`, symmetric, group 32).
+
+Per quantized Linear: `weight_packed` int32 [out, in/8] where element 8g+k of a row sits in bits 4k..4k+3 of
+word g (lowest nibble first) and stores q + 8; `weight_scale` [out, in/32]; `weight_shape` [out, in].
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_SIZE = 32
+PACK_FACTOR = 8  # int4 values per int32 word
+QMIN, QMAX = -8, 7
+_SHIFTS = tuple(range(0, 32, 4))
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_SHIFTS, dtype=torch.int64, device=device)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7], [..., in] -> int32 [..., in/8]."""
+    if q.shape[-1] % PACK_FACTOR:
+        raise ValueError(f"input dim {q.shape[-1]} is not a multiple of {PACK_FACTOR}")
+    if q.numel() and (int(q.min()) < QMIN or int(q.max()) > QMAX):
+        raise ValueError(f"int4 values must lie in [{QMIN}, {QMAX}]")
+    nibbles = (q.to(torch.int64) + 8).view(*q.shape[:-1], -1, PACK_FACTOR)  # [..., in/8, 8]
+    words = (nibbles << _shifts(q.device)).sum(-1)  # [..., in/8] in [0, 2^32)
+    # Reinterpret the unsigned 32-bit word as int32 (two's complement), as the checkpoint stores it.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., in/8] -> int8 [..., in] in [-8, 7]."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # [..., in/8]
+    nibbles = (words.unsqueeze(-1) >> _shifts(packed.device)) & 0xF  # [..., in/8, 8]
+    return (nibbles - 8).to(torch.int8).flatten(-2)
+
+
+def quantize_rtn(
+    w: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric quantization as compressed-tensors does it (scale = absmax / 7.5, clamp to
+    [-8, 7]); w [out, in] -> (packed int32 [out, in/8], scale [out, in/group]).
+
+    q is computed against the scale as stored (after rounding to scale_dtype) so dequantization reproduces
+    exactly what was packed."""
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ValueError(f"input dim {in_f} is not a multiple of the group size {group_size}")
+    groups = w.float().view(out_f, in_f // group_size, group_size)  # [out, G, g]
+    absmax = groups.abs().amax(-1)  # [out, G]
+    scale = (absmax / ((QMAX - QMIN) / 2)).to(scale_dtype)
+    # An all-zero group keeps scale 1 so it dequantizes to zeros instead of dividing by zero.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(groups / scale.float().unsqueeze(-1)).clamp(QMIN, QMAX).to(torch.int8)  # [out, G, g]
+    return pack_int4(q.view(out_f, in_f)), scale
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """packed int32 [..., out, in/8], scale [..., out, in/group] -> weights [..., out, in] in `dtype`."""
+    q = unpack_int4(packed)  # [..., out, in]
+    group_size = q.shape[-1] // scale.shape[-1]
+    if group_size * scale.shape[-1] != q.shape[-1]:
+        raise ValueError(f"scale shape {tuple(scale.shape)} does not divide packed shape {tuple(packed.shape)}")
+    return (q.float() * scale.float().repeat_interleave(group_size, dim=-1)).to(dtype)

@@ -1,0 +1,132 @@
+"""One interface for the routed-expert MLP of an expert shard: the torch reference (CPU; every kernel test's
+oracle) and the Triton fused-MoE kernel (CUDA). The engine calls `select_moe_backend(device)` once and never
+branches on the device again.
+
+Contract of a backend `f(x, topk_ids, topk_weights, shard, *, deterministic=False, combine=True)`:
+- x [T, H] activations; topk_ids [T, k] int64 *global* expert ids; topk_weights [T, k] float32 routing weights
+  (already normalised and scaled by routed_scaling_factor).
+- Experts outside [shard.start, shard.start + shard.num_local) contribute nothing (another rank owns them).
+- combine=True returns [T, H] = sum over slots 0..k-1, in slot order, of weight * expert_mlp(x);
+  combine=False returns the per-slot products [T, k, H] (zeros for slots this shard does not own) so expert
+  parallelism can gather them from every rank and sum in the same slot order, bit for bit.
+- deterministic=True makes every row's result independent of which other rows share the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from k2serve.worker.quant.int4 import dequantize
+
+
+@dataclass
+class ExpertShard:
+    """Routed experts [start, start + num_local) of one MoE layer, as one rank holds them.
+
+    Quantized (K2 Thinking): w13 int32 [E_l, 2I, H/8] (gate rows, then up rows), w13_scale [E_l, 2I, H/32],
+    w2 int32 [E_l, H, I/8], w2_scale [E_l, H, I/32] — the checkpoint's own packed words, only stacked.
+    Dense (bf16 checkpoints): w13 [E_l, 2I, H], w2 [E_l, H, I], scales None.
+    """
+
+    start: int
+    num_experts: int  # experts in the whole layer, all ranks together
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.w13_scale is not None
+
+    @property
+    def num_local(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.shape[1] // 2
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w2.shape[1]
+
+    def nbytes(self) -> int:
+        tensors = [self.w13, self.w2, self.w13_scale, self.w2_scale]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def expert_weights(self, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense float32 (w13 [2I, H], w2 [H, I]) of one local expert; dequantized on the fly so the resident
+        copy stays INT4."""
+        if self.w13_scale is None or self.w2_scale is None:
+            return self.w13[local].float(), self.w2[local].float()
+        return dequantize(self.w13[local], self.w13_scale[local]), dequantize(self.w2[local], self.w2_scale[local])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+    """x [N, in] @ w[out, in]^T. In deterministic mode each row is its own matrix-vector product: a batched
+    GEMM's blocking depends on N and on a row's position in the batch, a GEMV's does not."""
+    if not deterministic:
+        return F.linear(x, w)
+    if x.shape[0] == 0:
+        return x.new_empty(0, w.shape[0])
+    return torch.stack([torch.mv(w, row) for row in x])
+
+
+def reference_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shard: ExpertShard,
+    *,
+    deterministic: bool = False,
+    combine: bool = True,
+) -> torch.Tensor:
+    """Dequantize + matmul, expert by expert, in float32."""
+    T, k = topk_ids.shape
+    slots = x.new_zeros(T, k, shard.hidden_size, dtype=torch.float32)  # [T, k, H]
+    local_ids = topk_ids - shard.start  # [T, k]
+    owned = (local_ids >= 0) & (local_ids < shard.num_local)
+    for e in torch.unique(local_ids[owned]).tolist():
+        tok, slot = torch.nonzero(local_ids == e, as_tuple=True)
+        w13, w2 = shard.expert_weights(e)
+        gate, up = linear(x[tok].float(), w13, deterministic).chunk(2, dim=-1)  # [n, I] each
+        y = linear(F.silu(gate) * up, w2, deterministic)  # [n, H]
+        slots[tok, slot] = y * topk_weights[tok, slot].float().unsqueeze(-1)
+    if not combine:
+        return slots.to(x.dtype)
+    return sum_slots(slots).to(x.dtype)
+
+
+def sum_slots(slots: torch.Tensor) -> torch.Tensor:
+    """[T, k, H] -> [T, H], adding slots in order 0..k-1 so every path sums in the same order."""
+    out = slots[:, 0].clone()
+    for s in range(1, slots.shape[1]):
+        out += slots[:, s]
+    return out
+
+
+class MoEBackend(Protocol):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        shard: ExpertShard,
+        *,
+        deterministic: bool = False,
+        combine: bool = True,
+    ) -> torch.Tensor: ...
+
+
+def select_moe_backend(device: torch.device) -> MoEBackend:
+    """The Triton kernel where CUDA runs the model, the torch reference everywhere else."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        from k2serve.worker.quant.triton_moe import fused_moe
+
+        return fused_moe
+    return reference_moe
