@@ -1,0 +1,85 @@
+"""What one model step reads: the flattened tokens of every scheduled sequence, and the paged latent KV cache.
+
+MLA caches, per token and layer, only the normalised compressed latent (kv_lora_rank) and the shared rope key
+(qk_rope_head_dim) — 576 numbers for K2 instead of 64 heads × (192 + 128) for full K/V — which is what makes
+256K contexts fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from k2serve.worker.model.config import K2Config
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a step: `num_new` tokens starting at position `start_pos`, rows
+    [row, row + num_new) of the flattened batch; `slots` [start_pos + num_new] holds the cache slot of every
+    token of the sequence so far (the block table expanded)."""
+
+    row: int
+    num_new: int
+    start_pos: int
+    slots: torch.Tensor  # [ctx] int64
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + self.num_new
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    seqs: list[SeqSlice]
+    logits_rows: torch.Tensor  # [B] int64: rows whose next-token logits the step returns
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def write_slots(self) -> torch.Tensor:
+        """[T] cache slot each new token's latent is written to."""
+        if not self.seqs:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs])
+
+
+class LatentKVCache:
+    """[layers, num_blocks * block_size, kv_lora_rank + qk_rope_head_dim]; a slot is block * block_size + offset."""
+
+    def __init__(
+        self, config: K2Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.kv_lora_rank = config.kv_lora_rank
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.data = torch.zeros(
+            config.num_hidden_layers, num_blocks * block_size, config.kv_cache_dim, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_token(config: K2Config, dtype: torch.dtype) -> int:
+        return config.kv_cache_dim * config.num_hidden_layers * torch.empty(0, dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """latent [T, kv_lora_rank], k_rope [T, r] -> their slots."""
+        self.data[layer, slots] = torch.cat([latent, k_rope], dim=-1)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> latent [n, kv_lora_rank], k_rope [n, r] of the given slots."""
+        rows = self.data[layer, slots]  # [n, kv_dim]
+        return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
+
+    def export_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """[layers, len(blocks), block_size, kv_dim] copy of whole blocks (for a KV handoff)."""
+        view = self.data.view(self.data.shape[0], self.num_blocks, self.block_size, -1)
+        return view[:, blocks].clone()
+
+    def import_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
+        view = self.data.view(self.data.shape[0], self.num_blocks, self.block_size, -1)
+        view[:, blocks] = data.to(self.data.dtype)

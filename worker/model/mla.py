@@ -1,0 +1,95 @@
+"""Multi-head latent attention (DeepSeek-V2/V3, Kimi K2) over the paged latent cache.
+
+Attention runs in the *absorbed* form: the up-projection kv_b_proj is split into W_UK [H, nope, c] and
+W_UV [H, v, c]; queries are mapped into the latent space (q·W_UK) and attend to the cached latents directly,
+and the attended latent is mapped out through W_UV. Full per-head keys and values are never built, so a step
+costs O(context × kv_lora_rank) per head instead of expanding the whole context every time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from k2serve.worker.model.batch import ForwardBatch, LatentKVCache
+from k2serve.worker.model.config import K2Config
+from k2serve.worker.model.norm import rms_norm
+from k2serve.worker.model.rope import Rotary, softmax_scale
+from k2serve.worker.quant.moe import linear
+
+
+class MLAttention:
+    def __init__(self, config: K2Config, layer: int, w: dict[str, torch.Tensor], deterministic: bool) -> None:
+        p = f"model.layers.{layer}.self_attn."
+        self.layer = layer
+        self.heads = config.num_attention_heads
+        self.nope, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.eps = config.rms_norm_eps
+        self.scale = softmax_scale(config)
+        self.det = deterministic
+        if config.q_lora_rank is None:
+            self.q_proj: torch.Tensor | None = w[p + "q_proj.weight"]
+        else:
+            self.q_proj = None
+            self.q_a = w[p + "q_a_proj.weight"]
+            self.q_a_norm = w[p + "q_a_layernorm.weight"]
+            self.q_b = w[p + "q_b_proj.weight"]
+        self.kv_a = w[p + "kv_a_proj_with_mqa.weight"]  # [c + r, D]
+        self.kv_a_norm = w[p + "kv_a_layernorm.weight"]
+        kv_b = w[p + "kv_b_proj.weight"].view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
+        self.w_uk = kv_b[:, : self.nope].contiguous()  # [H, nope, c]
+        self.w_uv = kv_b[:, self.nope :].contiguous()  # [H, v, c]
+        self.o_proj = w[p + "o_proj.weight"]  # [D, H * v]
+
+    def __call__(
+        self, x: torch.Tensor, batch: ForwardBatch, kv: LatentKVCache, cos: torch.Tensor, sin: torch.Tensor,
+        rotary: Rotary,
+    ) -> torch.Tensor:
+        """x [T, D] (normed hidden states of every new token) -> [T, D]."""
+        T = x.shape[0]
+        if self.q_proj is not None:
+            q = linear(x, self.q_proj, self.det)
+        else:
+            q = linear(rms_norm(linear(x, self.q_a, self.det), self.q_a_norm, self.eps), self.q_b, self.det)
+        q = q.view(T, self.heads, self.nope + self.rope_dim)  # [T, H, nope + r]
+        q_nope, q_rope = q[..., : self.nope], rotary.apply(q[..., self.nope :], cos, sin)
+        # Queries in latent space: [T, H, c].
+        q_lat = self._per_head("thn,hnc->thc", q_nope, self.w_uk)
+
+        ckv = linear(x, self.kv_a, self.det)  # [T, c + r]
+        latent = rms_norm(ckv[:, : self.kv_lora_rank], self.kv_a_norm, self.eps)  # [T, c]
+        k_rope = rotary.apply(ckv[:, self.kv_lora_rank :], cos, sin)  # [T, r]
+        kv.write(self.layer, batch.write_slots, latent, k_rope)
+
+        out = x.new_empty(T, self.heads, self.kv_lora_rank)  # [T, H, c]
+        for s in batch.seqs:
+            rows = slice(s.row, s.row + s.num_new)
+            c_all, r_all = kv.read(self.layer, s.slots[: s.context_len])  # [ctx, c], [ctx, r]
+            if self.det:
+                for i in range(s.num_new):
+                    n = s.start_pos + i + 1  # the keys this query sees, exactly: prefill and decode alike
+                    out[s.row + i] = self._attend(q_lat[s.row + i : s.row + i + 1], q_rope[s.row + i : s.row + i + 1],
+                                                  c_all[:n], r_all[:n], None)[0]
+            else:
+                q_pos = torch.arange(s.start_pos, s.context_len, device=x.device)
+                mask = torch.arange(s.context_len, device=x.device).unsqueeze(0) > q_pos.unsqueeze(1)  # [n, ctx]
+                out[rows] = self._attend(q_lat[rows], q_rope[rows], c_all, r_all, mask)
+        o = self._per_head("thc,hvc->thv", out, self.w_uv).reshape(T, self.heads * self.v_dim)  # [T, H * v]
+        return linear(o, self.o_proj, self.det)
+
+    def _per_head(self, equation: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """A per-head projection of every row; row by row in deterministic mode (see `linear`)."""
+        if not self.det or x.shape[0] == 0:
+            return torch.einsum(equation, x, w)
+        return torch.cat([torch.einsum(equation, x[t : t + 1], w) for t in range(x.shape[0])])
+
+    def _attend(
+        self, q_lat: torch.Tensor, q_rope: torch.Tensor, c: torch.Tensor, r: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q_lat [n, H, c], q_rope [n, H, r], keys c [ctx, c] / r [ctx, r] -> attended latents [n, H, c]."""
+        scores = (torch.einsum("nhc,kc->nhk", q_lat, c) + torch.einsum("nhr,kr->nhk", q_rope, r)) * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(mask.unsqueeze(1), float("-inf"))
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c.dtype)  # [n, H, ctx]
+        return torch.einsum("nhk,kc->nhc", probs, c)
