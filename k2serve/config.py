@@ -46,6 +46,11 @@ class PoolConfig(_Strict):
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     num_cpus_per_actor: float = Field(1.0, gt=0, description="Logical Ray CPUs one actor reserves.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs one actor reserves (1 on GPU nodes).")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each actor of this pool also reserves; the operator sets "
+        "`k2serve_<pool>: 1` so a pool's actors land only on that pool's worker pods.",
+    )
 
 
 class RouterConfig(_Strict):
@@ -63,14 +68,17 @@ class ChainStoreConfig(_Strict):
     backend: Literal["sqlite", "redis"] = "sqlite"
     sqlite_path: str = "k2serve-chains.sqlite3"
     redis_url: str | None = None
+    redis_url_env: str | None = Field(
+        None, description="Environment variable holding the redis URL (e.g. from a Secret); used when redis_url is unset."
+    )
     checkpoint_every: int = Field(16, ge=1, description="Generated tokens between durable appends.")
     ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="Retention of finished chains.")
     migration_limit: int = Field(3, ge=0, description="Re-dispatches of one generation after group failures.")
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "ChainStoreConfig":
-        if self.backend == "redis" and not self.redis_url:
-            raise ValueError("chain_store.redis_url is required when chain_store.backend is 'redis'")
+        if self.backend == "redis" and not (self.redis_url or self.redis_url_env):
+            raise ValueError("chain_store.redis_url (or redis_url_env) is required when chain_store.backend is 'redis'")
         return self
 
 

@@ -1,0 +1,142 @@
+"""Thin kopf registrations around one idempotent reconcile: validate spec → render children → create or
+merge-patch what differs → observe children → write status. Create, update, resume and a timer all run the
+same function, so the operator is level-based; delete removes the children explicitly (owner references
+make the API server's garbage collector do it too)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from k2serve.operator import kube as k
+from k2serve.operator import pods
+from k2serve.operator.render import render_children
+from k2serve.operator.spec import GROUP, PLURAL, VERSION, K2DeploymentSpec, K2DeploymentStatus
+from k2serve.operator.status import Observed, compute_status, invalid_status
+
+FINALIZER = "k2serve.io/operator"
+
+
+def spec_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field as it is spelled in the CR."""
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        lines.append(f"spec.{path}: {err['msg']}" if path else err["msg"].removeprefix("Value error, "))
+    return "; ".join(lines)
+
+
+def covers(actual: Any, desired: Any) -> bool:
+    """Whether `actual` already holds every value of `desired` (so a merge-patch would change nothing)."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(covers(actual.get(key), value) for key, value in desired.items())
+    return actual == desired
+
+
+def _converge(kube: k.Kube, child: dict[str, Any]) -> str | None:
+    """Creates or patches one child; returns what was done, or None when it already matched."""
+    ref = k.ref_of(child)
+    meta = child["metadata"]
+    existing = kube.get(ref, meta["namespace"], meta["name"])
+    if existing is None:
+        kube.create(child)
+        return f"created {child['kind']} {meta['name']}"
+    wanted = {key: value for key, value in child.items() if key not in ("apiVersion", "kind", "status")}
+    if covers(existing, wanted):
+        return None
+    kube.patch(ref, meta["namespace"], meta["name"], wanted)
+    return f"updated {child['kind']} {meta['name']}"
+
+
+def _observe(kube: k.Kube, name: str, namespace: str, kuberay: bool) -> Observed:
+    raycluster = kube.get(k.RAYCLUSTER, namespace, pods.ray_name(name)) if kuberay else None
+    worker_pods = kube.list(k.POD, namespace, {"ray.io/cluster": pods.ray_name(name), "ray.io/node-type": "worker"})
+    router = kube.get(k.DEPLOYMENT, namespace, pods.router_name(name))
+    return Observed(kuberay_installed=kuberay, raycluster=raycluster, worker_pods=worker_pods, router=router)
+
+
+def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any) -> K2DeploymentStatus:
+    name, namespace = body.metadata.name, body.metadata.namespace
+    generation = int(body.metadata.get("generation") or 0)
+    previous = K2DeploymentStatus.model_validate(
+        {key: value for key, value in dict(body.status).items() if key in _STATUS_KEYS}
+    )
+    try:
+        spec = K2DeploymentSpec.model_validate(dict(body.spec))
+    except ValidationError as exc:
+        message = spec_error(exc)
+        status = invalid_status(message, generation, previous)
+        if previous.phase != "Invalid" or previous.observed_generation != generation:
+            kopf.warn(body, reason="InvalidSpec", message=message)
+        logger.warning("invalid spec: %s", message)
+        patch.status.update(status.model_dump(by_alias=True, mode="json"))
+        return status
+
+    kuberay = kube.served(k.RAYCLUSTER)
+    children = render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR))
+    if not kuberay:
+        children = [c for c in children if c["kind"] != "RayCluster"]
+    kopf.adopt(children, owner=body)
+    for child in children:
+        if done := _converge(kube, child):
+            kopf.info(body, reason="Reconciled", message=done)
+    if not kuberay and _reason(previous, "Degraded") != "KubeRayMissing":
+        kopf.warn(body, reason="KubeRayMissing", message="RayCluster CRD (ray.io/v1) not installed; install KubeRay")
+
+    status = compute_status(name, namespace, spec, generation, _observe(kube, name, namespace, kuberay), previous)
+    if status.phase != previous.phase:
+        kopf.info(body, reason=status.phase, message=f"phase {previous.phase} -> {status.phase}")
+    patch.status.update(status.model_dump(by_alias=True, mode="json"))
+    return status
+
+
+_STATUS_KEYS = {f.alias or n for n, f in K2DeploymentStatus.model_fields.items()}
+
+
+def _reason(status: K2DeploymentStatus, condition: str) -> str | None:
+    return next((c.reason for c in status.conditions if c.type == condition), None)
+
+
+def delete_children(kube: k.Kube, body: kopf.Body) -> list[str]:
+    """Deletes every child this operator may have made (whatever the spec says now); absent ones are fine."""
+    name, namespace = body.metadata.name, body.metadata.namespace
+    gone = []
+    for child in render_children(name, namespace, K2DeploymentSpec(), service_monitor=True):
+        ref = k.ref_of(child)
+        if (ref != k.RAYCLUSTER or kube.served(ref)) and (ref != k.SERVICEMONITOR or kube.served(ref)):
+            if kube.delete(ref, namespace, child["metadata"]["name"]):
+                gone.append(f"{child['kind']} {child['metadata']['name']}")
+    return gone
+
+
+def build_registry(resync_seconds: float = 30.0) -> kopf.OperatorRegistry:
+    """A fresh registry (not kopf's global one), so tests and `k2serve operator` build theirs independently."""
+    registry = kopf.OperatorRegistry()
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        settings.posting.level = logging.INFO
+
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    @kopf.on.resume(*resource, registry=registry)
+    def converge(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+        reconcile(memo.kube, body, patch, logger)
+
+    @kopf.timer(*resource, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
+    def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+        reconcile(memo.kube, body, patch, logger)
+
+    @kopf.on.delete(*resource, registry=registry)
+    def remove(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        gone = delete_children(memo.kube, body)
+        kopf.info(body, reason="Deleted", message="deleted " + (", ".join(gone) or "nothing"))
+
+    return registry

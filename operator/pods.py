@@ -1,0 +1,132 @@
+"""Pieces shared by every pod the operator renders: names, labels, security, volumes, scheduling, and the
+serving config they all read. Pure functions of the spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from k2serve.config import CONFIG_ENV, ChainStoreConfig, PoolConfig, RouterConfig, ServingConfig
+from k2serve.operator.spec import K2DeploymentSpec, PoolSpec, Resources
+
+CONFIG_DIR = "/etc/k2serve"
+CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
+API_KEYS_DIR = "/etc/k2serve/api-keys"
+MODEL_DIR = "/models"
+CHAINS_DIR = "/var/lib/k2serve"
+REDIS_URL_ENV = "K2SERVE_REDIS_URL"
+POOLS = ("prefill", "decode")
+
+
+def config_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def router_name(name: str) -> str:
+    return f"{name}-router"
+
+
+def ray_name(name: str) -> str:
+    return f"{name}-ray"
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "k2serve",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "k2serve-operator",
+    }
+
+
+def selector(name: str, component: str) -> dict[str, str]:
+    """The immutable subset of labels used in selectors."""
+    return {"app.kubernetes.io/instance": name, "app.kubernetes.io/component": component}
+
+
+def ray_resource(pool: str) -> str:
+    return f"k2serve_{pool}"
+
+
+def _pool_config(pool: str, spec: PoolSpec) -> PoolConfig:
+    fields = spec.model_dump(include=set(PoolConfig.model_fields))
+    fields["ray_resources"] = {**spec.ray_resources, ray_resource(pool): 1.0}
+    return PoolConfig.model_validate(fields)
+
+
+def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
+    """What router and workers read from the ConfigMap: the CR's serving knobs with in-pod paths and ports."""
+    model = spec.model.model_dump(include=set(ServingConfig.model_fields["model"].annotation.model_fields))
+    if spec.model.pvc and not spec.model.source.startswith(("builtin:", "/")) and "://" not in spec.model.source:
+        model["source"] = f"{MODEL_DIR}/{spec.model.source}"
+    r = spec.router
+    router = RouterConfig(
+        host="0.0.0.0", http_port=r.http_port, grpc_port=r.grpc_port, routing_policy=r.routing_policy,
+        aggregated=r.aggregated, served_model_name=r.served_model_name, request_timeout_s=r.request_timeout_s,
+        api_keys_file=f"{API_KEYS_DIR}/{r.api_key_secret.key}" if r.api_key_secret else None,
+    )
+    store = spec.chain_store.model_dump(include=set(ChainStoreConfig.model_fields))
+    if spec.chain_store.pvc:
+        store["sqlite_path"] = f"{CHAINS_DIR}/{spec.chain_store.sqlite_path}"
+    if spec.chain_store.redis_url_secret:
+        store["redis_url_env"] = REDIS_URL_ENV
+    return ServingConfig(
+        model=model, prefill=_pool_config("prefill", spec.prefill), decode=_pool_config("decode", spec.decode),
+        router=router, chain_store=ChainStoreConfig.model_validate(store), deterministic=spec.deterministic,
+    )
+
+
+def resources(res: Resources) -> dict[str, Any]:
+    return {k: v for k, v in {"requests": res.requests, "limits": res.limits}.items() if v}
+
+
+def container_security(read_only_root: bool) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": read_only_root,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+
+
+def env(spec: K2DeploymentSpec) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": CONFIG_PATH}]
+    if ref := spec.chain_store.redis_url_secret:
+        out.append({"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return out
+
+
+def volumes(name: str, spec: K2DeploymentSpec, *, shm_size: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(volumes, volumeMounts): the config, /tmp (read-only roots), and the model, store, keys and shm when used."""
+    vols: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": config_name(name)}},
+                                  {"name": "tmp", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                                    {"name": "tmp", "mountPath": "/tmp"}]
+    if spec.model.pvc:
+        vols.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    if shm_size:
+        vols.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return vols, mounts
+
+
+def scheduling(spec: K2DeploymentSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if spec.node_selector:
+        out["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    if spec.affinity:
+        out["affinity"] = spec.affinity
+    if spec.priority_class_name:
+        out["priorityClassName"] = spec.priority_class_name
+    return out
+
+
+def metadata(name: str, namespace: str, child: str, component: str) -> dict[str, Any]:
+    return {"name": child, "namespace": namespace, "labels": labels(name, component)}

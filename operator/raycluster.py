@@ -1,0 +1,130 @@
+"""spec → the KubeRay `RayCluster` (ray.io/v1): a head group running the pool controller, and one worker
+group per pool whose pods each host one Ray actor (one GPU) and advertise the pool's custom resource."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from k2serve.operator import pods
+from k2serve.operator.spec import K2DeploymentSpec, PoolSpec
+
+GPU = "nvidia.com/gpu"
+
+
+def worker_group_name(pool: str) -> str:
+    return f"{pool}-workers"
+
+
+def _worker_resources(pool: PoolSpec) -> dict[str, Any]:
+    res = pods.resources(pool.resources)
+    gpus = math.ceil(pool.num_gpus_per_actor)
+    if gpus and GPU not in res.get("limits", {}):
+        res.setdefault("limits", {})[GPU] = str(gpus)
+    return res
+
+
+def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolSpec) -> dict[str, Any]:
+    replicas = pool_spec.groups * pool_spec.expert_parallel
+    vols, mounts = pods.volumes(name, spec, shm_size=pool_spec.shm_size)
+    return {
+        "groupName": worker_group_name(pool),
+        "replicas": replicas,
+        "minReplicas": replicas,
+        "maxReplicas": replicas,
+        "rayStartParams": {
+            # KubeRay passes this verbatim to `ray start --resources`; the pool controller asks for it per actor.
+            "resources": json.dumps(json.dumps({pods.ray_resource(pool): 1})),
+            "num-cpus": str(max(1, math.ceil(pool_spec.num_cpus_per_actor))),
+        },
+        "template": {
+            "metadata": {"labels": {**pods.labels(name, "worker"), "k2serve.io/pool": pool}},
+            "spec": {
+                "securityContext": pods.pod_security(),
+                "containers": [{
+                    "name": "ray-worker",
+                    "image": spec.ray.image or spec.image,
+                    "imagePullPolicy": spec.image_pull_policy,
+                    "env": [*pods.env(spec), {"name": "K2SERVE_POOL", "value": pool}],
+                    "resources": _worker_resources(pool_spec),
+                    "volumeMounts": mounts,
+                    # Ray writes session files and spills under /tmp and $HOME; the root stays writable.
+                    "securityContext": pods.container_security(read_only_root=False),
+                }],
+                "volumes": vols,
+                **pods.scheduling(spec),
+            },
+        },
+    }
+
+
+def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+    vols, mounts = pods.volumes(name, spec)
+    image = spec.ray.image or spec.image
+    controller_cmd = ["k2serve", "pools", "--config", pods.CONFIG_PATH]
+    return {
+        "serviceType": "ClusterIP",
+        # No CPUs for tasks on the head: actors of the pools must land on worker pods.
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": {
+            "metadata": {"labels": pods.labels(name, "head")},
+            "spec": {
+                "securityContext": pods.pod_security(),
+                "containers": [
+                    {
+                        "name": "ray-head",
+                        "image": image,
+                        "imagePullPolicy": spec.image_pull_policy,
+                        "env": pods.env(spec),
+                        "resources": pods.resources(spec.ray.head_resources),
+                        "ports": [{"containerPort": 6379, "name": "gcs"},
+                                  {"containerPort": 8265, "name": "dashboard"},
+                                  {"containerPort": 10001, "name": "client"}],
+                        "volumeMounts": mounts,
+                        "securityContext": pods.container_security(read_only_root=False),
+                    },
+                    {
+                        # The pool controller is a Ray driver next to the head (same pod network): it keeps
+                        # the desired prefill/decode groups alive and publishes their gRPC addresses.
+                        "name": "pool-controller",
+                        "image": image,
+                        "imagePullPolicy": spec.image_pull_policy,
+                        "command": controller_cmd,
+                        "env": [*pods.env(spec), {"name": "RAY_ADDRESS", "value": "127.0.0.1:6379"}],
+                        "volumeMounts": mounts,
+                        "securityContext": pods.container_security(read_only_root=True),
+                    },
+                ],
+                "volumes": vols,
+                **pods.scheduling(spec),
+            },
+        },
+    }
+
+
+def _gcs_fault_tolerance(spec: K2DeploymentSpec) -> dict[str, Any] | None:
+    ft = spec.ray.gcs_fault_tolerance
+    if ft is None:
+        return None
+    out: dict[str, Any] = {"redisAddress": ft.redis_address}
+    if ref := ft.redis_password_secret:
+        out["redisPassword"] = {"valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    return out
+
+
+def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+    ray_spec: dict[str, Any] = {
+        "rayVersion": spec.ray.ray_version,
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": _head_group(name, spec),
+        "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool)) for pool in pods.POOLS],
+    }
+    if ft := _gcs_fault_tolerance(spec):
+        ray_spec["gcsFaultToleranceOptions"] = ft
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": pods.metadata(name, namespace, pods.ray_name(name), "ray"),
+        "spec": ray_spec,
+    }

@@ -1,0 +1,137 @@
+"""spec → every child manifest of a K2Deployment. Pure: no API calls, so it is tested without a server;
+owner references are added by the reconciler (kopf.adopt)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from k2serve.operator import pods
+from k2serve.operator.raycluster import render_raycluster
+from k2serve.operator.spec import K2DeploymentSpec
+
+
+def render_configmap(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": pods.metadata(name, namespace, pods.config_name(name), "config"),
+        "data": {"config.yaml": pods.serving_config(spec).to_yaml()},
+    }
+
+
+def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+    r = spec.router
+    vols, mounts = pods.volumes(name, spec)
+    if r.api_key_secret:
+        vols.append({"name": "api-keys", "secret": {"secretName": r.api_key_secret.name}})
+        mounts.append({"name": "api-keys", "mountPath": pods.API_KEYS_DIR, "readOnly": True})
+    if spec.chain_store.backend == "sqlite" and spec.chain_store.pvc:
+        vols.append({"name": "chains", "persistentVolumeClaim": {"claimName": spec.chain_store.pvc}})
+        mounts.append({"name": "chains", "mountPath": pods.CHAINS_DIR})
+    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
+    container = {
+        "name": "router",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["python", "-m", "k2serve.router.serve", "--config", pods.CONFIG_PATH],
+        "env": pods.env(spec),
+        "ports": [{"name": "http", "containerPort": r.http_port, "protocol": "TCP"},
+                  {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "resources": pods.resources(r.resources),
+        "volumeMounts": mounts,
+        "securityContext": pods.container_security(read_only_root=True),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": pods.metadata(name, namespace, pods.router_name(name), "router"),
+        "spec": {
+            "replicas": r.replicas,
+            "selector": {"matchLabels": pods.selector(name, "router")},
+            "template": {
+                "metadata": {"labels": pods.labels(name, "router")},
+                "spec": {
+                    "securityContext": pods.pod_security(),
+                    "containers": [container],
+                    "volumes": vols,
+                    **pods.scheduling(spec),
+                },
+            },
+        },
+    }
+
+
+def render_router_service(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+    r = spec.router
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": pods.metadata(name, namespace, pods.router_name(name), "router"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": pods.selector(name, "router"),
+            "ports": [{"name": "http", "port": r.http_port, "targetPort": "http", "protocol": "TCP"},
+                      {"name": "grpc", "port": r.grpc_port, "targetPort": "grpc", "protocol": "TCP",
+                       "appProtocol": "grpc"}],
+        },
+    }
+
+
+def render_pdbs(name: str, namespace: str) -> list[dict[str, Any]]:
+    """The router keeps one replica through voluntary disruptions; worker pods go one at a time, because one
+    evicted pod takes its whole expert-parallel group down."""
+    ray_selector = {"ray.io/cluster": pods.ray_name(name), "ray.io/node-type": "worker"}
+    return [
+        {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+         "metadata": pods.metadata(name, namespace, pods.router_name(name), "router"),
+         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pods.selector(name, "router")}}},
+        {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+         "metadata": pods.metadata(name, namespace, f"{name}-workers", "worker"),
+         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": ray_selector}}},
+    ]
+
+
+def render_network_policy(name: str, namespace: str) -> dict[str, Any]:
+    """Ray pods accept traffic only from their own cluster's pods (Ray's internal ports) and the routers
+    (worker gRPC): nothing else in the cluster reaches the workers."""
+    cluster = {"ray.io/cluster": pods.ray_name(name)}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": pods.metadata(name, namespace, f"{name}-workers", "worker"),
+        "spec": {
+            "podSelector": {"matchLabels": cluster},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": cluster}},
+                                  {"podSelector": {"matchLabels": pods.selector(name, "router")}}]}],
+        },
+    }
+
+
+def render_service_monitor(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": pods.metadata(name, namespace, pods.router_name(name), "router"),
+        "spec": {
+            "selector": {"matchLabels": pods.selector(name, "router")},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+        },
+    }
+
+
+def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, service_monitor: bool) -> list[dict]:
+    """Every child, in creation order (config before its readers)."""
+    children = [
+        render_configmap(name, namespace, spec),
+        render_raycluster(name, namespace, spec),
+        render_router_deployment(name, namespace, spec),
+        render_router_service(name, namespace, spec),
+        *render_pdbs(name, namespace),
+        render_network_policy(name, namespace),
+    ]
+    if service_monitor:
+        children.append(render_service_monitor(name, namespace))
+    return children

@@ -1,0 +1,58 @@
+"""`k2serve operator`: runs the kopf operator with a liveness endpoint and peering (so that of two replicas
+only one acts at a time)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import threading
+
+import kopf
+
+from k2serve.operator.handlers import build_registry
+from k2serve.operator.kube import Kube
+
+PEERING_NAME = "k2serve"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="k2serve operator", description="Run the K2Deployment operator (kopf).")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="watch only this namespace (repeatable; glob patterns allowed)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                        help="liveness endpoint URL served by kopf")
+    parser.add_argument("--peering", default=PEERING_NAME, help="kopf peering object name")
+    parser.add_argument("--standalone", action="store_true", help="disable peering (single replica only)")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument("--resync-seconds", type=float, default=30.0, help="level-based status refresh period")
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                        help="used outside a cluster (default: $KUBECONFIG)")
+    args = parser.parse_args(argv)
+    if args.resync_seconds <= 0:
+        parser.error("--resync-seconds must be positive")
+    return args
+
+
+async def operate(args: argparse.Namespace, stop: threading.Event | None = None,
+                  ready: threading.Event | None = None) -> None:
+    """The operator as a coroutine, so tests can embed it with their own stop/ready flags."""
+    await kopf.operator(
+        registry=build_registry(args.resync_seconds),
+        memo=kopf.Memo(kube=Kube.from_environment(args.kubeconfig)),
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        peering_name=args.peering,
+        standalone=args.standalone,
+        priority=args.priority,
+        liveness_endpoint=args.liveness,
+        stop_flag=stop,
+        ready_flag=ready,
+    )
+
+
+def main(argv: list[str]) -> int:
+    asyncio.run(operate(parse(argv)))
+    return 0

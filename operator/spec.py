@@ -1,0 +1,194 @@
+"""The K2Deployment custom resource as pydantic models: the CRD's OpenAPI schema is generated from these
+(crd.py) and the reconciler validates every spec with them, so one definition serves both.
+
+Serving knobs reuse `k2serve.config` models (subclassed only to present camelCase to Kubernetes); what exists
+only on Kubernetes (resources, Secrets, scheduling) is defined here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from k2serve.config import ChainStoreConfig, ModelSource, PoolConfig, RouterConfig
+
+GROUP = "k2serve.io"
+VERSION = "v1alpha1"
+KIND = "K2Deployment"
+PLURAL = "k2deployments"
+SINGULAR = "k2deployment"
+SHORT_NAMES = ("k2d",)
+
+# Ports are part of the contract with the router module; they are spec fields with these defaults.
+HTTP_PORT = 8000
+GRPC_PORT = 50051
+
+_CAMEL = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class _K8s(BaseModel):
+    model_config = _CAMEL
+
+
+class SecretKeyRef(_K8s):
+    name: str = Field(min_length=1, max_length=253, description="Secret in the K2Deployment's namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class Resources(_K8s):
+    """Kubernetes ResourceRequirements (quantities as strings, e.g. `"4"`, `"64Gi"`, `"8"` for nvidia.com/gpu)."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+class Toleration(_K8s):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ModelSpec(ModelSource):
+    model_config = _CAMEL
+    experts: int | None = Field(
+        None, ge=1, description="Routed experts per MoE layer, when known (384 for Kimi K2); EP must divide it."
+    )
+    pvc: str | None = Field(None, description="PersistentVolumeClaim mounted read-only at /models holding `source`.")
+
+
+class PoolSpec(PoolConfig):
+    model_config = _CAMEL
+    resources: Resources = Field(default_factory=Resources, description="Per worker pod (one Ray actor each).")
+    shm_size: str = Field("1Gi", description="Size of the /dev/shm tmpfs of each worker pod.")
+
+
+class RouterSpec(_K8s):
+    replicas: int = Field(2, ge=1, le=64, description="Router Deployment replicas.")
+    routing_policy: RouterConfig.model_fields["routing_policy"].annotation = "prefix_load"  # type: ignore[valid-type]
+    http_port: int = Field(HTTP_PORT, ge=1, le=65535, description="OpenAI-compatible HTTP and /metrics.")
+    grpc_port: int = Field(GRPC_PORT, ge=1, le=65535, description="Router gRPC API.")
+    api_key_secret: SecretKeyRef | None = Field(None, description="Secret key holding bearer API keys, one a line.")
+    aggregated: bool = False
+    served_model_name: str | None = None
+    request_timeout_s: float = Field(600.0, gt=0)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class ChainStoreSpec(ChainStoreConfig):
+    model_config = _CAMEL
+    pvc: str | None = Field(None, description="PersistentVolumeClaim for the sqlite file, mounted at /var/lib/k2serve.")
+    redis_url_secret: SecretKeyRef | None = Field(None, description="Secret key holding the redis URL.")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> "ChainStoreSpec":
+        # Replaces the parent check: on Kubernetes the URL normally comes from a Secret.
+        if self.backend == "redis" and not (self.redis_url or self.redis_url_secret):
+            raise ValueError("chainStore.redisUrlSecret (or redisUrl) is required when chainStore.backend is 'redis'")
+        return self
+
+
+class GcsFaultTolerance(_K8s):
+    redis_address: str = Field(min_length=1, description="host:port of an HA Redis for the Ray GCS.")
+    redis_password_secret: SecretKeyRef | None = None
+
+
+class RaySpec(_K8s):
+    image: str | None = Field(None, description="Ray pod image; default: spec.image.")
+    ray_version: str = "2.60.0"
+    head_resources: Resources = Field(default_factory=Resources)
+    gcs_fault_tolerance: GcsFaultTolerance | None = None
+
+
+class K2DeploymentSpec(_K8s):
+    image: str = Field("ghcr.io/k2serve/k2serve:0.1.0", min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    prefill: PoolSpec = Field(default_factory=PoolSpec)
+    decode: PoolSpec = Field(default_factory=PoolSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    chain_store: ChainStoreSpec = Field(default_factory=ChainStoreSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    deterministic: bool = False
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = Field(None, description="A Kubernetes Affinity, applied to every pod.")
+    priority_class_name: str | None = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "K2DeploymentSpec":
+        broken = [f"spec.{rule.field}: {rule.message}" for rule in RULES if not rule.holds(self)]
+        if broken:
+            raise ValueError("; ".join(broken))
+        return self
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One cross-field rule, stated once as CEL (enforced by the API server) and once in Python (enforced by
+    the reconciler, and by tests where no API server runs)."""
+
+    field: str
+    cel: str
+    message: str
+    holds: Callable[[K2DeploymentSpec], bool]
+
+
+def _divides(ep: int, experts: int | None) -> bool:
+    return experts is None or experts % ep == 0
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("decode.groups", "self.decode.groups >= 1", "decode needs at least one group", lambda s: s.decode.groups >= 1),
+    Rule(
+        "prefill.expertParallel",
+        "!has(self.model.experts) || self.model.experts % self.prefill.expertParallel == 0",
+        "expert parallelism must divide model.experts",
+        lambda s: _divides(s.prefill.expert_parallel, s.model.experts),
+    ),
+    Rule(
+        "decode.expertParallel",
+        "!has(self.model.experts) || self.model.experts % self.decode.expertParallel == 0",
+        "expert parallelism must divide model.experts",
+        lambda s: _divides(s.decode.expert_parallel, s.model.experts),
+    ),
+    Rule(
+        "prefill.groups",
+        "self.router.aggregated || self.prefill.groups >= 1",
+        "disaggregated serving needs at least one prefill group (or router.aggregated: true)",
+        lambda s: s.router.aggregated or s.prefill.groups >= 1,
+    ),
+)
+
+
+class Condition(_K8s):
+    type: Literal["Ready", "Progressing", "Degraded"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class PoolStatus(_K8s):
+    ready: int = Field(0, ge=0, description="Groups whose every worker pod is ready.")
+    desired: int = Field(0, ge=0)
+    readiness: str = Field("0/0", description="`ready/desired`, for the printer columns.")
+
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
+
+
+class K2DeploymentStatus(_K8s):
+    phase: Phase = "Pending"
+    conditions: list[Condition] = Field(default_factory=list)
+    prefill: PoolStatus = Field(default_factory=PoolStatus)
+    decode: PoolStatus = Field(default_factory=PoolStatus)
+    endpoint: str | None = None
+    observed_generation: int | None = None
+    selector: str | None = Field(None, description="Label selector of the decode worker pods (scale subresource).")
