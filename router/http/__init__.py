@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front of the router, and the K2 output parsing it relies on."""
