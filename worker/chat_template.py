@@ -12,7 +12,7 @@ from typing import Any, Literal, NoReturn
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 DEFAULT_TEMPLATE = "k2_thinking.jinja"
 
@@ -22,7 +22,6 @@ class ChatTemplateError(ValueError):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
     type: Literal["text"] = "text"
     text: str
 
@@ -40,7 +39,7 @@ class ToolCall(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Fields we do not render (the openai client echoes back `refusal`, `annotations`, ...) are ignored.
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None

@@ -162,3 +162,11 @@ def test_template_that_does_not_compile_names_its_source(tmp_path: Path) -> None
     (tmp_path / "chat_template.jinja").write_text("{% for %}")
     with pytest.raises(ChatTemplateError, match="chat_template.jinja"):
         ChatTemplate.for_model_dir(tmp_path, None)
+
+
+def test_fields_the_openai_client_echoes_back_are_ignored(template: ChatTemplate) -> None:
+    echoed = {"role": "assistant", "content": "y", "refusal": None, "annotations": [], "audio": None,
+              "function_call": None, "reasoning_content": "r"}
+    assert template.render([{"role": "user", "content": "x"}, echoed], add_generation_prompt=False) == (
+        SYSTEM + "<|im_user|>user<|im_middle|>x<|im_end|><|im_assistant|>assistant<|im_middle|>"
+        "<think></think>y<|im_end|>")
