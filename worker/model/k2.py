@@ -28,9 +28,12 @@ class K2Model:
         experts: dict[int, ExpertShard] | MoEExecutor,
         *,
         deterministic: bool = False,
+        expert_load: ExpertLoad | None = None,
     ) -> None:
         self.config = config
         self.deterministic = deterministic
+        self._dense = dense
+        self._experts = experts
         embed = dense["model.embed_tokens.weight"]
         self.device, self.dtype = embed.device, embed.dtype
         self.embed = embed  # [V, D]
@@ -39,7 +42,7 @@ class K2Model:
         if isinstance(experts, dict):
             experts = LocalExperts(experts, select_moe_backend(self.device), deterministic)
         moe_layers = config.moe_layers
-        self.expert_load = ExpertLoad(
+        self.expert_load = expert_load or ExpertLoad(
             torch.zeros(len(moe_layers), config.n_routed_experts, dtype=torch.int64),
             {layer: i for i, layer in enumerate(moe_layers)},
         )
@@ -54,6 +57,11 @@ class K2Model:
                 ffn = DenseMLP.from_weights(dense, p + "mlp.", deterministic)
             attn = MLAttention(config, i, dense, deterministic)
             self.layers.append((dense[p + "input_layernorm.weight"], attn, dense[p + "post_attention_layernorm.weight"], ffn))
+
+    def with_determinism(self, deterministic: bool) -> "K2Model":
+        """A twin sharing every weight and the expert-load counters, computing in the other mode."""
+        return K2Model(self.config, self._dense, self._experts, deterministic=deterministic,
+                       expert_load=self.expert_load)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: LatentKVCache) -> torch.Tensor:
