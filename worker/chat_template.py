@@ -128,7 +128,8 @@ class ChatTemplate:
         try:
             self._template = env.from_string(text)
         except jinja2.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"{source}: chat template does not compile (line {e.lineno}): {e.message}") from None
+            problem = f"chat template does not compile (line {e.lineno}): {e.message}"
+            raise ChatTemplateError(f"{source}: {problem}") from None
         self.text = text
         self.source = source
 

@@ -100,7 +100,8 @@ def _special_tokens(config: dict[str, Any], num_base: int, path: Path) -> dict[s
         try:
             token_id, content = int(key), entry["content"]
         except (ValueError, TypeError, KeyError):
-            raise TokenizerFileError(f"{path}: added_tokens_decoder[{key!r}] needs an integer id and a 'content'") from None
+            problem = f"added_tokens_decoder[{key!r}] needs an integer id and a 'content'"
+            raise TokenizerFileError(f"{path}: {problem}") from None
         if token_id < num_base:
             raise TokenizerFileError(f"{path}: special token {content!r} id {token_id} collides with a BPE rank")
         specials[content] = token_id

@@ -45,7 +45,8 @@ CASES: dict[str, tuple[str, ParsedOutput]] = {
         ParsedToolCall("functions.lookup:3", "lookup", '{"id": 7}')])),
     "reasoning_cut_by_section": (REASONING_CUT_BY_SECTION, ParsedOutput("straight to tools", None, [
         ParsedToolCall("functions.f:0", "f", "{}")])),
-    "not_json_args": (NOT_JSON_ARGS, ParsedOutput(None, "after", [ParsedToolCall("functions.f:0", "f", "{city: Paris")])),
+    "not_json_args": (NOT_JSON_ARGS, ParsedOutput(None, "after", [
+        ParsedToolCall("functions.f:0", "f", "{city: Paris")])),
     "no_argument_begin": (NO_ARGUMENT_BEGIN, ParsedOutput(None, f"ok{CB}functions.f:0{CE}", [
         ParsedToolCall("functions.g:1", "g", "{}")])),
     "bad_id": (BAD_ID, ParsedOutput(None, f'{CB}get_weather{AB}{{"a": 1}}{CE}', [

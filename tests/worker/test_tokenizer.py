@@ -132,7 +132,8 @@ def test_chat_template_comes_from_the_folder(tiny_dir: Path, tiny: K2Tokenizer, 
     ("tokenizer_config.json", None, r"tokenizer_config.json: missing"),
     ("tokenizer_config.json", "{not json", r"tokenizer_config.json: not valid JSON"),
     ("tokenizer_config.json", '{"added_tokens_decoder": {"5": {"content": "[BOS]"}}}', r"collides with a BPE rank"),
-    ("tokenizer_config.json", '{"added_tokens_decoder": {"256": {"content": "[BOS]"}}, "eos_token": "[END]"}', r"eos_token '\[END\]' is not"),
+    ("tokenizer_config.json", '{"added_tokens_decoder": {"256": {"content": "[BOS]"}}, "eos_token": "[END]"}',
+     r"eos_token '\[END\]' is not"),
 ])
 def test_broken_folders_name_the_file(tiny_dir: Path, tmp_path: Path, name: str, content: str | None,
                                       needle: str) -> None:
