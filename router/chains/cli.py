@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 
 from k2serve.config import ChainStoreConfig, ServingConfig
@@ -16,20 +17,21 @@ from k2serve.router.chains.store import ChainStore, ChainStoreError, open_store
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="k2serve chains", description=__doc__.splitlines()[0])
-    where = p.add_mutually_exclusive_group()
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_mutually_exclusive_group()
     where.add_argument("--config", help="serving config (YAML or JSON); its chain_store section is used")
     where.add_argument("--sqlite", metavar="PATH", help="SQLite chain store file")
     where.add_argument("--redis", metavar="URL", help="Redis chain store, e.g. redis://host:6379/0")
+    p = argparse.ArgumentParser(prog="k2serve chains", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="a chain's turns and tool-call transcript (provenance)")
+    show = sub.add_parser("show", parents=[common], help="a chain's turns and tool-call transcript (provenance)")
     show.add_argument("chain_id")
     show.add_argument("--json", action="store_true", help="print the whole chain as JSON, tokens included")
-    ls = sub.add_parser("list", help="chains, most recently updated first")
+    ls = sub.add_parser("list", parents=[common], help="chains, most recently updated first")
     ls.add_argument("--limit", type=int, default=50)
-    rm = sub.add_parser("delete", help="delete a chain")
+    rm = sub.add_parser("delete", parents=[common], help="delete a chain")
     rm.add_argument("chain_id")
-    purge = sub.add_parser("purge", help="delete chains untouched for longer than the retention TTL")
+    purge = sub.add_parser("purge", parents=[common], help="delete chains untouched for longer than the retention TTL")
     purge.add_argument("--ttl", type=float, help="seconds; default: chain_store.ttl_seconds of the config")
     return p
 
@@ -70,7 +72,8 @@ def format_chain(chain: Chain) -> str:
         reason = f" ({turn.finish_reason})" if turn.finish_reason else ""
         lines.append(
             f"turn {turn.index}: {turn.status}{reason}  prompt={len(turn.prompt_tokens)} "
-            f"generated={len(turn.generated)} tokens  sampling={turn.sampling}  started {_when(turn.created_at)}"
+            f"generated={len(turn.generated)} tokens  sampling={json.dumps(turn.sampling)}  "
+            f"started {_when(turn.created_at)}"
         )
         lines += calls_by_turn.get(turn.index, [])
     return "\n".join(lines)

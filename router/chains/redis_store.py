@@ -72,7 +72,7 @@ class RedisChainStore(ChainStore):
         try:
             conf = self._retry(lambda: self._r.config_get("append*"))
         except redis.ResponseError as e:  # managed services often disable CONFIG
-            log.warning("cannot verify AOF settings of %s (%s); chains are durable only with appendfsync always", self.url, e)
+            log.warning("cannot verify the AOF settings of %s (%s); chains need appendfsync always", self.url, e)
             return
         conf = {_s(k): _s(v) for k, v in conf.items()}
         durable = conf.get("appendonly") == "yes" and conf.get("appendfsync") == "always"
@@ -131,7 +131,8 @@ class RedisChainStore(ChainStore):
         return int(turn)
 
     def _append_tokens(self, chain_id: str, turn: int, start: int, tokens: list[int], now: float) -> int:
-        reply = self._run("APPEND_TOKENS", chain_id, [self._key(chain_id, f":g{turn}")], [turn, start, pack(tokens)], now)
+        key = self._key(chain_id, f":g{turn}")
+        reply = self._run("APPEND_TOKENS", chain_id, [key], [turn, start, pack(tokens)], now)
         status = reply[0]
         if status == "gap":
             raise TokenGap(chain_id, turn, int(reply[1]), start)
@@ -154,7 +155,8 @@ class RedisChainStore(ChainStore):
         args: list[Any] = [turn]
         for call in calls:
             args += [call.id, json.dumps([turn, call.name, call.arguments])]
-        reply = self._run("RECORD_TOOL_CALLS", chain_id, [self._key(chain_id, ":tc"), self._key(chain_id, ":to")], args, now)
+        keys = [self._key(chain_id, ":tc"), self._key(chain_id, ":to")]
+        reply = self._run("RECORD_TOOL_CALLS", chain_id, keys, args, now)
         if reply[0] == "conflict":
             old_turn, name, arguments = json.loads(reply[2])
             raise ConflictError(
@@ -207,7 +209,8 @@ class RedisChainStore(ChainStore):
             raise ChainNotFound(f"no chain {chain_id!r}")
         meta = {_s(k): v for k, v in raw_meta.items()}
         n_turns = int(meta["n_turns"])
-        gens = self._retry(lambda: self._r.mget([self._key(chain_id, f":g{t}") for t in range(n_turns)])) if n_turns else []
+        gen_keys = [self._key(chain_id, f":g{t}") for t in range(n_turns)]
+        gens = self._retry(lambda: self._r.mget(gen_keys)) if n_turns else []
         turns = [
             Turn(
                 index=t,
@@ -268,9 +271,7 @@ class RedisChainStore(ChainStore):
             raise TurnNotFound(f"chain {chain_id!r} has no turn {turn} (it has {int(n_turns)})")
         return unpack(blob)
 
-    def list_chains(self, limit: int = 100) -> list[ChainSummary]:
-        if limit < 1:
-            raise ValueError(f"list_chains: limit must be >= 1, got {limit}")
+    def _list_chains(self, limit: int) -> list[ChainSummary]:
         ids = [_s(c) for c in self._retry(lambda: self._r.zrevrange(self._index, 0, limit - 1))]
 
         def read() -> list[Any]:

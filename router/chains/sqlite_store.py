@@ -122,7 +122,9 @@ class SqliteChainStore(ChainStore):
 
     @classmethod
     def _turn_row(cls, db: sqlite3.Connection, chain_id: str, turn: int) -> tuple[int, str]:
-        row = db.execute("SELECT n_generated, status FROM turns WHERE chain_id=? AND idx=?", (chain_id, turn)).fetchone()
+        row = db.execute(
+            "SELECT n_generated, status FROM turns WHERE chain_id=? AND idx=?", (chain_id, turn)
+        ).fetchone()
         if row is None:
             n_turns = cls._chain_row(db, chain_id)[3]
             raise TurnNotFound(f"chain {chain_id!r} has no turn {turn} (it has {n_turns})")
@@ -217,7 +219,8 @@ class SqliteChainStore(ChainStore):
                         )
                     continue
                 db.execute(
-                    "INSERT INTO tool_calls(chain_id, seq, turn, idx, id, name, arguments) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO tool_calls(chain_id, seq, turn, idx, id, name, arguments)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (chain_id, seq, turn, idx, call.id, call.name, call.arguments),
                 )
                 seq, idx = seq + 1, idx + 1
@@ -323,7 +326,7 @@ class SqliteChainStore(ChainStore):
         with self._write() as db:
             return db.execute("DELETE FROM chains WHERE chain_id=?", (chain_id,)).rowcount > 0
 
-    def list_chains(self, limit: int = 100) -> list[ChainSummary]:
+    def _list_chains(self, limit: int) -> list[ChainSummary]:
         with self._read() as db:
             rows = db.execute(
                 "SELECT c.chain_id, c.created_at, c.updated_at, c.status, c.n_turns, c.owner, c.lease_until,"

@@ -164,9 +164,11 @@ class ChainStore(abc.ABC):
     def delete_chain(self, chain_id: str) -> bool:
         """True if the chain existed."""
 
-    @abc.abstractmethod
     def list_chains(self, limit: int = 100) -> list[ChainSummary]:
         """Most recently updated first."""
+        if limit < 1:
+            raise ValueError(f"list_chains: limit must be >= 1, got {limit}")
+        return self._list_chains(limit)
 
     def purge_expired(self, ttl_seconds: float, now: float | None = None) -> int:
         """Deletes the chains untouched for `ttl_seconds` that no unexpired lease holds; returns how many.
@@ -211,6 +213,9 @@ class ChainStore(abc.ABC):
 
     @abc.abstractmethod
     def _purge_expired(self, cutoff: float) -> int: ...
+
+    @abc.abstractmethod
+    def _list_chains(self, limit: int) -> list[ChainSummary]: ...
 
 
 def open_store(cfg: ChainStoreConfig) -> ChainStore:

@@ -141,7 +141,9 @@ def test_tool_call_transcript_keeps_order(store: ChainStore) -> None:
     for t in range(320):
         assert store.begin_turn(chain, REQUEST, SAMPLING, [t]) == t
         store.append_tokens(chain, t, 0, [t, t + 1])
-        calls = [{"id": f"call_{t}_{i}", "name": "search", "arguments": f'{{"q": "step {t}.{i}"}}'} for i in range(1 + t % 2)]
+        calls = [
+            {"id": f"call_{t}_{i}", "name": "search", "arguments": f'{{"q": "step {t}.{i}"}}'} for i in range(1 + t % 2)
+        ]
         store.record_tool_calls(chain, t, calls)
         store.finish_turn(chain, t, "finished", "tool_calls")
         for i, c in enumerate(calls):
@@ -197,6 +199,8 @@ def test_delete_list_and_ttl_purge(store: ChainStore) -> None:
     fresh, _ = new_turn(store)
     assert [c.chain_id for c in store.list_chains()] == [fresh, leased, old]
     assert [c.chain_id for c in store.list_chains(limit=1)] == [fresh]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        store.list_chains(limit=0)
     assert store.purge_expired(3600) == 0
     # An hour on: every chain is older than the TTL, but the leased one is held by a live router.
     assert store.purge_expired(3600, now=time.time() + 7200) == 2
@@ -350,29 +354,39 @@ def test_cli_show_list_delete_purge(backend: str, tmp_path: Path, capsys: pytest
             store.record_tool_result(chain, f"call_{t}", f"found {t}")
     store.close()
 
-    assert chains_cli([*where, "show", "agent-1"]) == 0
+    assert chains_cli(["show", "agent-1", *where]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("agent-1  finished   turns=3  tool_calls=3")
-    assert out.index('[0.0] call_0 search({"q": 0}) -> found 0') < out.index("turn 1: finished (tool_calls)  prompt=2 generated=2")
-    assert out.index("turn 1:") < out.index("[1.0] call_1") < out.index("turn 2:") < out.index('call_2 search({"q": 2}) (no result yet)')
-    assert chains_cli([*where, "show", "agent-1", "--json"]) == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("agent-1  finished   turns=3  tool_calls=3  updated ")
+    # Each turn, then the calls it made with the results sent back: the provenance of the chain, in order.
+    transcript = [line.split("  sampling=")[0] for line in lines[2:]]
+    assert transcript == [
+        "turn 0: finished (tool_calls)  prompt=2 generated=1 tokens",
+        '    [0.0] call_0 search({"q": 0}) -> found 0',
+        "turn 1: finished (tool_calls)  prompt=2 generated=2 tokens",
+        '    [1.0] call_1 search({"q": 1}) -> found 1',
+        "turn 2: finished (tool_calls)  prompt=2 generated=3 tokens",
+        '    [2.0] call_2 search({"q": 2}) (no result yet)',
+    ]
+    assert ' sampling={"seed": 1234, "temperature": 1.0, "top_p": 0.95}  started '  in lines[2]
+    assert chains_cli(["show", "agent-1", "--json", *where]) == 0
     assert '"generated": [\n' in capsys.readouterr().out
-    assert chains_cli([*where, "list"]) == 0
+    assert chains_cli(["list", *where]) == 0
     assert capsys.readouterr().out.startswith("agent-1  finished   turns=3  tool_calls=3")
-    assert chains_cli([*where, "purge"]) == 0
+    assert chains_cli(["purge", *where]) == 0
     assert capsys.readouterr().out == "purged 0 chains untouched for 604800 s\n"
-    assert chains_cli([*where, "purge", "--ttl", "0"]) == 0
+    assert chains_cli(["purge", "--ttl", "0", *where]) == 0
     assert capsys.readouterr().out == "purged 1 chains untouched for 0 s\n"
-    assert chains_cli([*where, "show", "agent-1"]) == 1
+    assert chains_cli(["show", "agent-1", *where]) == 1
     assert "no chain 'agent-1'" in capsys.readouterr().err
-    assert chains_cli([*where, "delete", "agent-1"]) == 1
+    assert chains_cli(["delete", "agent-1", *where]) == 1
 
 
 def test_cli_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "c.sqlite3")
     with SqliteChainStore(path) as s:
         s.create_chain("gone")
-    assert chains_cli(["--sqlite", path, "delete", "gone"]) == 0
+    assert chains_cli(["delete", "gone", "--sqlite", path]) == 0
     assert capsys.readouterr().out == "deleted gone\n"
-    assert chains_cli(["--sqlite", path, "list"]) == 0
+    assert chains_cli(["list", "--sqlite", path]) == 0
     assert capsys.readouterr().out == ""
