@@ -1,0 +1,318 @@
+"""The single-process engine: continuous batching over one `K2Model` and its paged latent KV cache.
+
+Every `step()` schedules running decodes first (one token each), then continues chunked prefills and admits
+waiting requests, within a token budget; runs the model once per determinism mode present; samples the
+sequences whose pending tokens are all computed; and returns one `TokenEvent` per sampled token. Prefix
+caching comes from `BlockManager`: a new request whose prompt starts with cached full blocks computes only the
+rest. Sampling draws are a pure function of (seed, position), so a resumed request — re-admitted with the
+tokens it already produced as `output_prefix` — continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from k2serve.worker.engine.blocks import BlockManager
+from k2serve.worker.engine.sampling import SamplingParams, resolve_seed, sample
+from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
+from k2serve.worker.model.k2 import K2Model
+
+
+@dataclass
+class EngineConfig:
+    num_blocks: int = 2048
+    block_size: int = 16
+    max_batch_tokens: int = 2048  # chunked-prefill budget of one step
+    max_running: int = 256
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    deterministic: bool = False  # the default for requests that don't say
+    lockstep: bool = False  # one forward per step whatever the requests ask (expert-parallel ranks)
+
+
+@dataclass
+class KVHandoff:
+    """A prompt's computed latent KV, moved from a prefill engine to a decode engine."""
+
+    tokens: list[int]  # the tokens whose KV `data` holds
+    block_size: int
+    data: torch.Tensor  # [layers, blocks, block_size, kv_dim]
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    index: int  # position among the generated tokens (output_prefix included)
+    token: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # "stop" | "length" | None while running
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    prompt: list[int]
+    output: list[int]
+    params: SamplingParams
+    seed: int
+    deterministic: bool
+    hold_kv: bool
+    kv: KVHandoff | None = None
+    num_computed: int = 0
+    admitted: int = -1
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    forward_rows: list[int] = field(default_factory=list)  # tokens per forward, last 1024 steps
+
+
+class Engine:
+    def __init__(self, model: K2Model, config: EngineConfig, eos_token_ids: list[int] | None = None) -> None:
+        self.model = model
+        self.cfg = config
+        mc = model.config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = LatentKVCache(mc, config.num_blocks, config.block_size, model.dtype, model.device)
+        eos = eos_token_ids if eos_token_ids is not None else mc.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.held: dict[str, _Seq] = {}  # finished prefill-only sequences whose KV waits for export
+        self.stats = EngineStats()
+        self._admissions = itertools.count()
+        self._models: dict[bool, K2Model] = {model.deterministic: model}
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        output_prefix: list[int] | None = None,
+        deterministic: bool | None = None,
+        kv: KVHandoff | None = None,
+        hold_kv: bool = False,
+    ) -> int:
+        """Queues a request; returns the seed its sampling uses (record it to resume identically)."""
+        if self.has_request(request_id):
+            raise ValueError(f"request {request_id!r} is already in this engine")
+        if not prompt:
+            raise ValueError(f"request {request_id!r}: empty prompt")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"request {request_id!r}: token ids must lie in [0, {vocab})")
+        prefix = list(output_prefix or [])
+        if len(prompt) + len(prefix) >= self.max_model_len:
+            raise ValueError(f"request {request_id!r}: {len(prompt) + len(prefix)} tokens leave no room under "
+                             f"the context limit {self.max_model_len}")
+        capacity = self.cfg.num_blocks * self.cfg.block_size
+        if len(prompt) + max(len(prefix), params.max_tokens) > capacity:
+            raise ValueError(f"request {request_id!r}: prompt + max_tokens exceed the KV cache ({capacity} tokens)")
+        if kv is not None and kv.block_size != self.cfg.block_size:
+            raise ValueError(f"KV handoff block size {kv.block_size} != engine block size {self.cfg.block_size}")
+        det = self.cfg.deterministic if deterministic is None or self.cfg.lockstep else deterministic
+        seq = _Seq(request_id, list(prompt), prefix, params, resolve_seed(params), det, hold_kv, kv)
+        self.waiting.append(seq)
+        return seq.seed
+
+    def has_request(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)) or (
+            request_id in self.held)
+
+    def cancel(self, request_id: str) -> bool:
+        for s in list(self.waiting):
+            if s.request_id == request_id:
+                self.waiting.remove(s)
+                return True
+        for s in self.running:
+            if s.request_id == request_id:
+                self.running.remove(s)
+                self.blocks.free(request_id)
+                return True
+        return self.release(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [s.request_id for s in itertools.chain(self.running, self.waiting)]
+
+    # ---- KV handoff -----------------------------------------------------------------------------------
+    def export_kv(self, request_id: str) -> KVHandoff:
+        """The prompt KV of a finished `hold_kv` request (then released)."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            raise KeyError(f"no held KV for request {request_id!r}")
+        n = seq.num_computed
+        table = self.blocks.block_table(request_id)[: -(-n // self.cfg.block_size)]
+        data = self.kv.export_blocks(table)
+        self.blocks.free(request_id)
+        return KVHandoff(seq.tokens[:n], self.cfg.block_size, data)
+
+    def release(self, request_id: str) -> bool:
+        if self.held.pop(request_id, None) is None:
+            return False
+        self.blocks.free(request_id)
+        return True
+
+    # ---- the step -------------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        scheduled = self._schedule()
+        self.stats.steps += 1
+        if not scheduled:
+            if self.cfg.lockstep:  # expert-parallel peers still run their MoE collectives
+                self._forward([], self.cfg.deterministic)
+            return []
+        groups: dict[bool, list[tuple[_Seq, int]]] = {}
+        for seq, n in scheduled:
+            groups.setdefault(seq.deterministic, []).append((seq, n))
+        events: list[TokenEvent] = []
+        for det, items in sorted(groups.items()):
+            events += self._run(items, det)
+        return events
+
+    def _schedule(self) -> list[tuple[_Seq, int]]:
+        budget = self.cfg.max_batch_tokens
+        out: list[tuple[_Seq, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted while making room for an earlier one
+                continue
+            pending = len(seq.tokens) - seq.num_computed
+            if pending == 1:
+                if budget < 1 or not self._reserve_decode_slot(seq):
+                    continue
+                out.append((seq, 1))
+                budget -= 1
+            elif budget > 0:  # a prefill continuing in chunks
+                n = min(pending, budget)
+                out.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running:
+            seq = self.waiting[0]
+            if not self._admit(seq):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            pending = len(seq.tokens) - seq.num_computed
+            n = min(pending, budget)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def _admit(self, seq: _Seq) -> bool:
+        tokens = seq.tokens
+        if not self.blocks.can_allocate(len(tokens)):
+            return False
+        alloc = self.blocks.allocate(seq.request_id, tokens)
+        seq.num_computed = alloc.num_cached_tokens
+        if seq.kv is not None:
+            handed = min(len(seq.kv.tokens), len(tokens) - 1)
+            if seq.kv.tokens[:handed] == tokens[:handed] and handed > seq.num_computed:
+                bs = self.cfg.block_size
+                first = seq.num_computed // bs  # blocks before it came from the prefix cache
+                last = -(-handed // bs)
+                self.kv.import_blocks(alloc.block_table[first:last], seq.kv.data[:, first:last])
+                seq.num_computed = handed
+            seq.kv = None
+        seq.admitted = next(self._admissions)
+        return True
+
+    def _reserve_decode_slot(self, seq: _Seq) -> bool:
+        """Makes room for one more token, preempting the latest admitted sequences (never one scheduled
+        earlier in this step: `running` is in admission order and scheduled front to back)."""
+        while not self.blocks.can_append(seq.request_id, 1):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.append(seq.request_id, 1)
+        return True
+
+    def _preempt(self, seq: _Seq) -> None:
+        """Frees a running sequence's KV; it is recomputed (prompt + output so far) when re-admitted."""
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _run(self, items: list[tuple[_Seq, int]], det: bool) -> list[TokenEvent]:
+        logits = self._forward(items, det)
+        events: list[TokenEvent] = []
+        sampled = [seq for seq, _ in items if seq.num_computed == len(seq.tokens)]
+        if not sampled:
+            return events
+        positions = [len(s.tokens) for s in sampled]
+        result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled], positions)
+        for i, seq in enumerate(sampled):
+            token = int(result.tokens[i])
+            seq.output.append(token)
+            seq.finish_reason = self._finish_reason(seq, token)
+            row = result.top_logprobs[i]
+            top = list(zip(*row)) if row is not None else None
+            events.append(TokenEvent(seq.request_id, len(seq.output) - 1, token, float(result.logprobs[i]), top,
+                                     seq.finish_reason))
+            if seq.finish_reason is not None:
+                self.running.remove(seq)
+                if seq.hold_kv:
+                    self.held[seq.request_id] = seq
+                else:
+                    self.blocks.free(seq.request_id)
+        return events
+
+    def _forward(self, items: list[tuple[_Seq, int]], det: bool) -> torch.Tensor:
+        """Runs the model on `n` pending tokens of each sequence; returns logits of the sequences that are
+        then fully computed, in order."""
+        ids: list[int] = []
+        positions: list[int] = []
+        seqs: list[SeqSlice] = []
+        logits_rows: list[int] = []
+        bs = self.cfg.block_size
+        for seq, n in items:
+            start = seq.num_computed
+            tokens = seq.tokens
+            ctx = start + n
+            table = torch.tensor(self.blocks.block_table(seq.request_id), dtype=torch.int64)
+            slots = (table.unsqueeze(1) * bs + torch.arange(bs)).flatten()[:ctx]  # [ctx]
+            seqs.append(SeqSlice(len(ids), n, start, slots))
+            ids += tokens[start:ctx]
+            positions += range(start, ctx)
+            seq.num_computed = ctx
+            if ctx == len(tokens):
+                logits_rows.append(len(ids) - 1)
+            if n == 1 and ctx == len(tokens) and seq.output:
+                self.stats.decode_tokens += 1
+            else:
+                self.stats.prefill_tokens += n
+            self.blocks.commit(seq.request_id, tokens[:ctx])
+        model = self._models.get(det) or self._models.setdefault(det, self.model.with_determinism(det))
+        batch = ForwardBatch(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), seqs,
+                             torch.tensor(logits_rows, dtype=torch.int64))
+        self.stats.forward_rows = (self.stats.forward_rows + [len(ids)])[-1024:]
+        return model.forward(batch, self.kv)
+
+    def _finish_reason(self, seq: _Seq, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in set(p.stop_token_ids or ()):
+            return "stop"
+        if len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+            return "length"
+        return None
