@@ -29,6 +29,7 @@ from k2serve.operator.kube import Kube
 REPO = Path(__file__).resolve().parents[2]
 KOPF_PEERING_CRDS = REPO / "charts/k2serve/crds/kopf-peering.yaml"
 K2_CRD = REPO / "charts/k2serve/crds/k2deployments.yaml"
+TEST_AGENT = "k2serve-tests"
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 
 # Enough of KubeRay's own CRD for discovery (names and scope); KubeRay ships the full schema.
@@ -117,15 +118,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := probe():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _serve(started: threading.Event, box: dict[str, Any], stop: asyncio.Event | None = None) -> None:
     async def main() -> None:
         box["stop"] = asyncio.Event()
@@ -160,6 +152,7 @@ def cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
         assert started.wait(10), "kmock did not start"
         config = _kubeconfig(tmp_path_factory.mktemp("kube") / "config", box["port"])
         kube = Kube.from_environment(str(config))
+        kube.api.user_agent = TEST_AGENT  # so RBAC accounting can tell the test's calls from the operator's
         cluster = Cluster(emulator=box["emulator"], kube=kube, loop=box["loop"])
         cluster.apply_crd(yaml.safe_load(K2_CRD.read_text()))
         for crd in yaml.safe_load_all(KOPF_PEERING_CRDS.read_text()):

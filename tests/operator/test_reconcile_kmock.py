@@ -1,0 +1,209 @@
+"""The real kopf operator and kubernetes client against the kmock emulator: the issue's acceptance walk."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+
+from k2serve.operator import kube as k
+from k2serve.operator.crd import render_crd
+from k2serve.operator.render import render_children
+from k2serve.operator.spec import GROUP, PLURAL, VERSION, K2DeploymentSpec
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(60)
+K2D = k.Ref(GROUP, VERSION, PLURAL, "K2Deployment")
+TINY = yaml.safe_load((REPO / "manifests/samples/tiny-k2.yaml").read_text())
+NS = TINY["metadata"]["namespace"]
+OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := probe():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _cr(name: str, **spec_changes: Any) -> dict[str, Any]:
+    cr = copy.deepcopy(TINY)
+    cr["metadata"]["name"] = name
+    for path, value in spec_changes.items():
+        node = cr["spec"]
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return cr
+
+
+def _children(name: str) -> list[dict[str, Any]]:
+    return render_children(name, NS, K2DeploymentSpec.model_validate(TINY["spec"]), service_monitor=False)
+
+
+def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def _jsonpath(obj: dict[str, Any], path: str) -> Any:
+    for part in path.strip(".").split("."):
+        obj = obj.get(part, {}) if isinstance(obj, dict) else {}
+    return obj
+
+
+def _mark_ready(c: Any, name: str, groups: dict[str, tuple[int, int]]) -> None:
+    """What KubeRay and the kubelet would do: RayAny ready, worker pods Ready, router replicas ready."""
+    c.kube.patch(k.RAYCLUSTER, NS, f"{name}-ray", {"status": {"state": "ready"}})
+    c.kube.patch(k.DEPLOYMENT, NS, f"{name}-router", {"status": {"readyReplicas": 1}})
+    for pool, (count, ep) in groups.items():
+        for i in range(count * ep):
+            c.kube._call("POST", k.POD.path(NS), body={
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{name}-{pool}-{i}", "namespace": NS, "labels": {
+                    "ray.io/cluster": f"{name}-ray", "ray.io/node-type": "worker", "ray.io/group": f"{pool}-workers"}},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+            })
+
+
+def _events(c: Any) -> list[dict[str, Any]]:
+    return [obj.raw for (res, _, _), obj in c.emulator.objects.items() if res.plural == "events"]
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_factory: Any) -> Any:
+    return cluster_factory(True)
+
+
+def test_tiny_sample_lifecycle(cluster: Any) -> None:
+    c, name = cluster, "tiny-k2"
+    c.kube._call("POST", K2D.path(NS), body=_cr(name))
+    cr = wait_for("the CR's uid", lambda: c.kube.get(K2D, NS, name))
+
+    # Children exist and are owned by the CR.
+    for child in _children(name):
+        got = wait_for(f"{child['kind']} {child['metadata']['name']}",
+                       lambda: c.kube.get(k.ref_of(child), NS, child["metadata"]["name"]))
+        owners = got["metadata"].get("ownerReferences", [])
+        assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("K2Deployment", name, cr["metadata"]["uid"])]
+        assert owners[0]["controller"] is True
+    progressing = wait_for("status", lambda: c.kube.get(K2D, NS, name).get("status", {}).get("phase"))
+    assert progressing == "Progressing"
+
+    # Ready once the children are.
+    _mark_ready(c, name, {"prefill": (1, 2), "decode": (1, 2)})
+    ready = wait_for("Ready=True", lambda: (o := c.kube.get(K2D, NS, name)) and
+                     _condition(o, "Ready").get("status") == "True" and o)
+    columns = {col["name"]: _jsonpath(ready, col["jsonPath"])
+               for col in render_crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Phase"] == "Ready"
+    assert columns["Prefill"] == "1/1" and columns["Decode"] == "1/1"
+    assert columns["Endpoint"] == f"http://{name}-router.{NS}.svc:8000"
+    assert columns["Age"]
+    assert ready["status"]["observedGeneration"] == ready["metadata"]["generation"]
+
+    # Scaling decode 1 -> 3 patches the RayAny's decode worker group to 3 groups x EP 2 pods.
+    c.kube.patch(K2D, NS, name, {"spec": {"decode": {"groups": 3}}})
+
+    def decode_replicas() -> int | None:
+        rc = c.kube.get(k.RAYCLUSTER, NS, f"{name}-ray")
+        return next(g["replicas"] for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "decode-workers")
+
+    wait_for("decode replicas 6", lambda: decode_replicas() == 6)
+    degraded = wait_for("not Ready while scaling", lambda: (o := c.kube.get(K2D, NS, name)) and
+                        o["status"]["decode"]["readiness"] == "1/3" and o)
+    assert _condition(degraded, "Ready")["status"] == "False"
+    assert any(r.method == kmock.method.PATCH and r.url.path == k.RAYCLUSTER.path(NS, f"{name}-ray")
+               for r in c.requests())
+
+    # Level-based: the resync timer reverts drift in any child.
+    drift = {k.DEPLOYMENT: {"spec": {"replicas": 7}}, k.SERVICE: {"spec": {"type": "NodePort"}},
+             k.PDB: {"spec": {"maxUnavailable": 3}}, k.NETWORKPOLICY: {"spec": {"policyTypes": ["Egress"]}},
+             k.CONFIGMAP: {"data": {"config.yaml": "{}"}}}
+    spec_now = K2DeploymentSpec.model_validate(c.kube.get(K2D, NS, name)["spec"])
+    wanted = {k.ref_of(child): child for child in render_children(name, NS, spec_now, service_monitor=False)}
+    for ref, change in drift.items():
+        c.kube.patch(ref, NS, wanted[ref]["metadata"]["name"], change)
+    for ref in drift:
+        key = next(iter(drift[ref]))
+        wait_for(f"{ref.kind} drift reverted", lambda: c.kube.get(ref, NS, wanted[ref]["metadata"]["name"])[key]
+                 == {**c.kube.get(ref, NS, wanted[ref]["metadata"]["name"])[key], **wanted[ref][key]})
+
+    # Deleting the CR deletes the children (explicitly: kmock has no garbage collector).
+    c.kube.delete(K2D, NS, name)
+    for child in _children(name):
+        wait_for(f"{child['kind']} deleted", lambda: c.kube.get(k.ref_of(child), NS, child["metadata"]["name"]) is None)
+    wait_for("CR gone", lambda: c.kube.get(K2D, NS, name) is None)
+    assert {"Reconciled", "Ready", "Deleted"} <= {event.get("reason") for event in _events(c)}
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"model.experts": 384, "decode.expertParallel": 5}, "spec.decode.expertParallel"),
+    ({"router.replicas": -1}, "spec.router.replicas"),
+    ({"prefill.groups": -2}, "spec.prefill.groups"),
+])
+def test_invalid_spec_is_refused_naming_the_field(cluster: Any, changes: dict[str, Any], field: str) -> None:
+    c = cluster
+    name = "bad-" + field.rsplit(".", 1)[-1].lower()
+    c.kube._call("POST", K2D.path(NS), body=_cr(name, **changes))
+    obj = wait_for("Invalid phase", lambda: (o := c.kube.get(K2D, NS, name)) and
+                   o.get("status", {}).get("phase") == "Invalid" and o)
+    assert field in _condition(obj, "Degraded")["message"]
+    assert _condition(obj, "Ready")["reason"] == "InvalidSpec"
+    assert c.kube.get(k.RAYCLUSTER, NS, f"{name}-ray") is None  # nothing rendered from a bad spec
+    warnings = [e for e in _events(c) if e.get("reason") == "InvalidSpec"
+                and e.get("involvedObject", {}).get("name") == name]
+    assert warnings and field in warnings[0]["message"]
+
+
+def test_missing_kuberay_is_a_clear_degraded_condition(cluster_factory: Any) -> None:
+    c = cluster_factory(False)
+    c.kube._call("POST", K2D.path(NS), body=_cr("no-kuberay"))
+    obj = wait_for("Degraded", lambda: (o := c.kube.get(K2D, NS, "no-kuberay")) and
+                   _condition(o, "Degraded").get("status") == "True" and o)
+    assert _condition(obj, "Degraded")["reason"] == "KubeRayMissing"
+    assert "KubeRay" in _condition(obj, "Degraded")["message"]
+    assert obj["status"]["phase"] == "Degraded"
+    assert c.kube.get(k.DEPLOYMENT, NS, "no-kuberay-router") is not None  # the rest is still converged
+
+
+def _verb(request: kmock.Request) -> str:
+    if request.method == kmock.method.GET:
+        if request.params.get("watch") in ("true", "1"):
+            return "watch"
+        return "get" if request.name else "list"
+    return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[request.method.value]
+
+
+def test_cluster_role_grants_exactly_what_the_operator_calls(cluster: Any) -> None:
+    # Runs after the lifecycle above in this module's cluster; on its own it drives one CR through the same.
+    if not any(r.url.path.endswith("/rayclusters") for r in cluster.requests()):
+        test_tiny_sample_lifecycle(cluster)
+    used: set[tuple[str, str, str]] = set()
+    for r in cluster.requests():
+        if r.resource is None or not r.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
+            continue  # the test's own calls and discovery (non-resource URLs) need no RBAC rule
+        if r.resource.plural is None:
+            continue
+        resource = f"{r.resource.plural}/{r.subresource}" if r.subresource else r.resource.plural
+        used.add((r.resource.group or "", resource, _verb(r)))
+
+    chart_rbac = list(yaml.safe_load_all((REPO / "manifests/install.yaml").read_text()))
+    role = next(d for d in chart_rbac if d and d["kind"] == "ClusterRole")
+    granted = {(g, res, v) for rule in role["rules"] for g in rule["apiGroups"] for res in rule["resources"]
+               for v in rule["verbs"]}
+    # ServiceMonitors are used only where their CRD exists; this emulator has none, the same calls apply.
+    exercised_elsewhere = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "patch",
+                                                                                     "delete")}
+    missing = used - granted
+    unused = granted - used - exercised_elsewhere
+    assert not missing, f"operator calls without RBAC: {sorted(missing)}"
+    assert not unused, f"RBAC grants never used: {sorted(unused)}"
