@@ -27,7 +27,7 @@ from k2serve.worker.quant.triton_config import MoEConfig, lookup_config, shape_k
 from k2serve.worker.quant.triton_kernels import combine_slots_kernel, int4_moe_gemm_kernel
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_COMBINE_BLOCK_H = 1024
+COMBINE_BLOCK_H = 1024
 
 
 @dataclass
@@ -166,5 +166,5 @@ def fused_moe(
     if not combine:
         return slots.to(x.dtype)
     out = torch.empty(T, hidden, dtype=x.dtype, device=x.device)  # [T, H]
-    combine_slots_kernel[(T, triton.cdiv(hidden, _COMBINE_BLOCK_H))](slots, out, hidden, TOP_K=k, BLOCK_H=_COMBINE_BLOCK_H)
+    combine_slots_kernel[(T, triton.cdiv(hidden, COMBINE_BLOCK_H))](slots, out, hidden, TOP_K=k, BLOCK_H=COMBINE_BLOCK_H)
     return out
