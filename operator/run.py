@@ -55,5 +55,7 @@ async def operate(args: argparse.Namespace, stop: threading.Event | None = None,
 
 
 def main(argv: list[str]) -> int:
-    asyncio.run(operate(parse(argv)))
+    args = parse(argv)
+    kopf.configure(verbose=False)
+    asyncio.run(operate(args))
     return 0

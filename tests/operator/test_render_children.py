@@ -1,0 +1,118 @@
+"""Pure rendering: every child validates against Kubernetes 1.33 schemas; the RayCluster against KubeRay v1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from k2serve.config import ServingConfig
+from k2serve.operator.render import render_children
+from k2serve.operator.spec import K2DeploymentSpec
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((REPO / "manifests/samples").glob("*.yaml"))
+
+# KubeRay ray.io/v1 fields we emit, written down from KubeRay's API reference
+# (ray-project.github.io/kuberay/reference/api): field -> Python type of its JSON value.
+RAYCLUSTER_SPEC = {"rayVersion": str, "enableInTreeAutoscaling": bool, "headGroupSpec": dict,
+                   "workerGroupSpecs": list, "gcsFaultToleranceOptions": dict, "suspend": bool,
+                   "autoscalerOptions": dict, "headServiceAnnotations": dict}
+HEAD_GROUP_SPEC = {"serviceType": str, "headService": dict, "enableIngress": bool, "rayStartParams": dict,
+                   "template": dict}
+WORKER_GROUP_SPEC = {"groupName": str, "replicas": int, "minReplicas": int, "maxReplicas": int,
+                     "numOfHosts": int, "rayStartParams": dict, "template": dict, "scaleStrategy": dict,
+                     "suspend": bool, "idleTimeoutSeconds": int}
+GCS_FT_OPTIONS = {"redisAddress": str, "redisPassword": dict, "redisUsername": dict,
+                  "externalStorageNamespace": str}
+REQUIRED = {"headGroupSpec": ["rayStartParams", "template"], "workerGroupSpecs": ["groupName", "template"]}
+
+
+def _spec(sample: Path) -> tuple[str, str, K2DeploymentSpec]:
+    cr = yaml.safe_load(sample.read_text())
+    return cr["metadata"]["name"], cr["metadata"]["namespace"], K2DeploymentSpec.model_validate(cr["spec"])
+
+
+def _check_fields(obj: dict[str, Any], table: dict[str, type], where: str) -> None:
+    for key, value in obj.items():
+        assert key in table, f"{where}.{key} is not a KubeRay v1 field"
+        assert isinstance(value, table[key]), f"{where}.{key} should be {table[key].__name__}"
+
+
+def _pod_template(template: dict[str, Any]) -> None:
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                                  "template": template}, "1.33.0", strict=True)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_every_child_validates(sample: Path) -> None:
+    name, namespace, spec = _spec(sample)
+    children = render_children(name, namespace, spec, service_monitor=True)
+    kinds = [c["kind"] for c in children]
+    assert kinds == ["ConfigMap", "RayCluster", "Deployment", "Service", "PodDisruptionBudget",
+                     "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"]
+    for child in children:
+        if child["apiVersion"] in ("ray.io/v1", "monitoring.coreos.com/v1"):
+            continue  # not core: checked below against their own APIs
+        kubernetes_validate.validate(child, "1.33.0", strict=True)
+    ray = children[1]
+    _check_fields(ray["spec"], RAYCLUSTER_SPEC, "spec")
+    _check_fields(ray["spec"]["headGroupSpec"], HEAD_GROUP_SPEC, "spec.headGroupSpec")
+    _pod_template(ray["spec"]["headGroupSpec"]["template"])
+    for group in ray["spec"]["workerGroupSpecs"]:
+        _check_fields(group, WORKER_GROUP_SPEC, "spec.workerGroupSpecs[]")
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), "rayStartParams is map[string]string"
+        _pod_template(group["template"])
+    for part, keys in REQUIRED.items():
+        groups = ray["spec"][part] if isinstance(ray["spec"][part], list) else [ray["spec"][part]]
+        assert all(k in g for g in groups for k in keys)
+    if "gcsFaultToleranceOptions" in ray["spec"]:
+        _check_fields(ray["spec"]["gcsFaultToleranceOptions"], GCS_FT_OPTIONS, "spec.gcsFaultToleranceOptions")
+    monitor = children[-1]
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+
+
+def test_kimi_sample_worker_groups() -> None:
+    name, namespace, spec = _spec(REPO / "manifests/samples/kimi-k2-thinking.yaml")
+    ray = render_children(name, namespace, spec, service_monitor=False)[1]
+    groups = {g["groupName"]: g for g in ray["spec"]["workerGroupSpecs"]}
+    assert groups["prefill-workers"]["replicas"] == 1 * 16 and groups["decode-workers"]["replicas"] == 2 * 16
+    decode = groups["decode-workers"]["template"]["spec"]
+    assert decode["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in decode["volumes"]
+    assert groups["decode-workers"]["rayStartParams"]["resources"] == '"{\\"k2serve_decode\\": 1}"'
+    assert decode["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert decode["priorityClassName"] == "k2serve-inference"
+    head = ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert head[1]["command"] == ["k2serve", "pools", "--config", "/etc/k2serve/config.yaml"]
+    assert ray["spec"]["gcsFaultToleranceOptions"]["redisPassword"] == {
+        "valueFrom": {"secretKeyRef": {"name": "k2serve-redis", "key": "password"}}}
+
+
+def test_configmap_holds_the_serving_config_router_and_workers_read() -> None:
+    name, namespace, spec = _spec(REPO / "manifests/samples/kimi-k2-thinking.yaml")
+    children = render_children(name, namespace, spec, service_monitor=False)
+    config = ServingConfig.model_validate(yaml.safe_load(children[0]["data"]["config.yaml"]))
+    assert config.model.source == "/models/Kimi-K2-Thinking" and config.model.quantization == "int4"
+    assert config.decode.expert_parallel == 16 and config.decode.ray_resources == {"k2serve_decode": 1.0}
+    assert (config.router.host, config.router.http_port, config.router.grpc_port) == ("0.0.0.0", 8000, 50051)
+    assert config.router.api_keys_file == "/etc/k2serve/api-keys/keys"
+    assert config.chain_store.backend == "redis" and config.chain_store.redis_url_env == "K2SERVE_REDIS_URL"
+    router = children[2]["spec"]["template"]["spec"]["containers"][0]
+    assert router["command"] == ["python", "-m", "k2serve.router.serve", "--config", "/etc/k2serve/config.yaml"]
+    assert {"name": "K2SERVE_CONFIG", "value": "/etc/k2serve/config.yaml"} in router["env"]
+    assert router["securityContext"]["readOnlyRootFilesystem"] is True
+    assert router["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_network_policy_admits_only_router_and_ray_peers() -> None:
+    name, namespace, spec = _spec(REPO / "manifests/samples/tiny-k2.yaml")
+    policy = next(c for c in render_children(name, namespace, spec, service_monitor=False)
+                  if c["kind"] == "NetworkPolicy")
+    sources = [peer["podSelector"]["matchLabels"] for peer in policy["spec"]["ingress"][0]["from"]]
+    assert sources == [{"ray.io/cluster": "tiny-k2-ray"},
+                       {"app.kubernetes.io/instance": "tiny-k2", "app.kubernetes.io/component": "router"}]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": "tiny-k2-ray"}
