@@ -119,9 +119,9 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"request {request_id!r}: token ids must lie in [0, {vocab})")
         prefix = list(output_prefix or [])
-        if len(prompt) + len(prefix) >= self.max_model_len:
-            raise ValueError(f"request {request_id!r}: {len(prompt) + len(prefix)} tokens leave no room under "
-                             f"the context limit {self.max_model_len}")
+        if len(prompt) + max(params.max_tokens, len(prefix) + 1) > self.max_model_len:
+            raise ValueError(f"request {request_id!r}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} "
+                             f"exceed the context limit {self.max_model_len}")
         capacity = self.cfg.num_blocks * self.cfg.block_size
         if len(prompt) + max(len(prefix), params.max_tokens) > capacity:
             raise ValueError(f"request {request_id!r}: prompt + max_tokens exceed the KV cache ({capacity} tokens)")

@@ -1,0 +1,35 @@
+"""The built-in tiny K2 model, loaded once per test process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.loader import ModelWeights, load_weights, resolve_model
+from k2serve.worker.model.k2 import K2Model
+from k2serve.worker.tokenizer import K2Tokenizer
+
+
+@lru_cache(maxsize=1)
+def tiny_weights() -> ModelWeights:
+    return load_weights(resolve_model("builtin:tiny-k2"))
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> K2Tokenizer:
+    return K2Tokenizer.from_dir(resolve_model("builtin:tiny-k2"))
+
+
+def tiny_engine(deterministic: bool = False, **cfg: object) -> Engine:
+    w = tiny_weights()
+    model = K2Model(w.config, w.dense, w.experts, deterministic=deterministic)
+    config = EngineConfig(**{"num_blocks": 1024, "block_size": 16, "deterministic": deterministic, **cfg})  # type: ignore[arg-type]
+    return Engine(model, config, eos_token_ids=[])
+
+
+def run_all(engine: Engine) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    while engine.has_work():
+        for ev in engine.step():
+            out.setdefault(ev.request_id, []).append(ev.token)
+    return out
