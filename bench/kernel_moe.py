@@ -19,6 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from k2serve.worker.quant.int4 import dequantize
+from k2serve.worker.quant.triton_workload import (
+    K2_EXPERTS, K2_HIDDEN, K2_INTERMEDIATE, K2_TOP_K, MoEShape, copy_bandwidth, median_seconds, random_shard,
+    shard_routing, touched_experts,
+)
+
 SMOKE_SHAPE = {"hidden": 64, "intermediate": 64, "num_experts": 16, "top_k": 4}
 
 
@@ -39,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("kernel_moe: no CUDA device; run with --smoke for the CPU interpreter path", file=sys.stderr)
         return 2
-    from k2serve.worker.quant.triton_workload import (
-        K2_EXPERTS, K2_HIDDEN, K2_INTERMEDIATE, K2_TOP_K, MoEShape, copy_bandwidth,
-    )
 
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float16 if args.smoke else torch.bfloat16  # the interpreter has no bf16 arithmetic
@@ -64,11 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_shape(
-    shape: "MoEShape", batches: list[int], device: torch.device, dtype: torch.dtype, bandwidth: float
+    shape: MoEShape, batches: list[int], device: torch.device, dtype: torch.dtype, bandwidth: float
 ) -> list[dict[str, float]]:
-    from k2serve.worker.quant.int4 import dequantize
-    from k2serve.worker.quant.triton_moe import fused_moe
-    from k2serve.worker.quant.triton_workload import median_seconds, random_shard, shard_routing, touched_experts
+    from k2serve.worker.quant.triton_moe import fused_moe  # imports triton: after the interpreter choice
 
     shard = random_shard(shape, device)
     assert shard.w13_scale is not None and shard.w2_scale is not None

@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 
-from k2serve.worker.quant.triton_config import load_config_file, shipped_config_files
+from pydantic import ValidationError
+
+from k2serve.worker.quant.triton_config import (
+    ConfigFile, config_path, load_config_file, lookup_config, shape_key, shipped_config_files,
+)
 
 SM90 = ("cuda", 90, 32)
 K2_TOP_K = 8  # the '*' shape stands for any shard; K2 routes each token to 8 experts
@@ -131,6 +135,26 @@ def test_combine_compiles_for_sm90(report: dict[str, str]) -> None:
 
 def test_compile_rejects_an_illegal_tile(report: dict[str, str]) -> None:
     assert report["control_block_k_16"] != ""
+
+
+def test_unknown_device_gets_the_default_buckets() -> None:
+    default = load_config_file(config_path("default")).shapes["*"]
+    shape = shape_key(24, 7168, 2048, 8)
+    assert lookup_config("Imaginary GPU 9000", shape, 1) == default[1]
+    assert lookup_config("Imaginary GPU 9000", shape, 9) == default[32]  # smallest bucket that holds 9 tokens
+    assert lookup_config("Imaginary GPU 9000", shape, 10**6) == default[max(default)]
+    # Deterministic mode: one config whatever the batch.
+    assert lookup_config("Imaginary GPU 9000", shape, None) == default[min(default)]
+
+
+@pytest.mark.parametrize(
+    ("tiles", "complaint"),
+    [({"block_n": 64, "block_k": 16}, "block_k"), ({"block_n": 48, "block_k": 64}, "power of two")],
+)
+def test_illegal_tiles_are_refused_with_their_name(tiles: dict[str, int], complaint: str) -> None:
+    bad = {"device": "x", "source": "test", "shapes": {"*": {"1": {"block_m": 16, "gate_up": tiles, "down": tiles}}}}
+    with pytest.raises(ValidationError, match=complaint):
+        ConfigFile.model_validate(bad)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from k2serve.worker.quant.triton_config import ConfigFile
+
+REPO = Path(__file__).resolve().parents[2]
 # name -> (activation dtype, tokens, top_k, combine, deterministic, explicit config?)
 CASES: dict[str, tuple[str, int, int, bool, bool, bool]] = {
     "fp32_combine": ("float32", 7, 3, True, False, True),
@@ -151,6 +155,30 @@ def test_empty_batch(results: dict[str, Any]) -> None:
 def test_align_groups_pads_and_skips(results: dict[str, Any]) -> None:
     failed = [check for check, ok in results["align"].items() if not ok]
     assert not failed, failed
+
+
+def _script(*argv: str) -> None:
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    """bench/kernel_moe.py end to end on the interpreter: every (EP, batch) row measured and numerically sane."""
+    report = tmp_path / "bench.json"
+    _script("bench/kernel_moe.py", "--smoke", "--json", str(report))
+    rows = json.loads(report.read_text())["rows"]
+    assert {(r["ep"], r["batch"]) for r in rows} == {(2, 1), (2, 3), (4, 1), (4, 3)}
+    for r in rows:
+        assert r["fused_us"] > 0 and r["torch_us"] > 0 and r["floor_us"] > 0, r
+        assert r["fused_mb"] < r["torch_mb"], "packed INT4 must move fewer bytes than dense weights"
+        assert r["max_rel_err_vs_torch"] <= TOLERANCE["float16"], r
+
+
+def test_tuning_smoke_writes_a_loadable_config(tmp_path: Path) -> None:
+    _script("-m", "k2serve.worker.quant.tune", "--smoke", "--out", str(tmp_path))
+    written = ConfigFile.model_validate_json((tmp_path / "cpu.json").read_text())
+    assert written.device == "cpu" and "--smoke" in written.source
+    assert {shape: set(b) for shape, b in written.shapes.items()} == {"E=4,H=64,I=64,k=2": {1, 5}}
 
 
 if __name__ == "__main__":
