@@ -32,12 +32,15 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 class LoadStats:
     tensors_read: int = 0
     bytes_read: int = 0
+    expert_bytes_read: int = 0  # the routed experts' share of bytes_read
     per_file: dict[str, int] = field(default_factory=dict)  # shard file name -> tensors read from it
     names: list[str] = field(default_factory=list)  # every tensor read, in reading order
 
-    def record(self, file: str, name: str, tensor: torch.Tensor) -> None:
+    def record(self, file: str, name: str, tensor: torch.Tensor, expert: bool) -> None:
+        size = tensor.numel() * tensor.element_size()
         self.tensors_read += 1
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        self.bytes_read += size
+        self.expert_bytes_read += size if expert else 0
         self.per_file[file] = self.per_file.get(file, 0) + 1
         self.names.append(name)
 
@@ -160,7 +163,7 @@ def load_weights(
                     raise ValueError(f"{shard.path}: tensor {name!r} has shape {list(actual)}, the config implies "
                                      f"{list(slot.shape)}")
                 t = shard.get(name)
-                stats.record(file, name, t)
+                stats.record(file, name, t, expert=slot.dense is None)
                 if slot.dense is not None:
                     _check_float(shard.path, name, t)
                     keep = torch.float32 if name.endswith(_FLOAT32_TENSORS) else dtype
