@@ -76,7 +76,8 @@ def bench_shape(
     # Dequantized one expert at a time: unpacking a whole shard at once would need ~8x its bf16 size.
     w13 = torch.stack([dequantize(shard.w13[e], shard.w13_scale[e], dtype) for e in range(shape.num_local)])
     w2 = torch.stack([dequantize(shard.w2[e], shard.w2_scale[e], dtype) for e in range(shape.num_local)])
-    packed_per_expert = sum(t[0].numel() * t.element_size() for t in (shard.w13, shard.w2, shard.w13_scale, shard.w2_scale))
+    packed = (shard.w13, shard.w2, shard.w13_scale, shard.w2_scale)
+    packed_per_expert = sum(t[0].numel() * t.element_size() for t in packed)
     dense_per_expert = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     rows = []
     for tokens in batches:

@@ -49,6 +49,7 @@ def _child() -> dict[str, Any]:
 
     from k2serve.worker.quant.moe import ExpertShard, reference_moe
     from k2serve.worker.quant.triton_config import MoEConfig
+    from k2serve.worker.quant import triton_moe
     from k2serve.worker.quant.triton_moe import align_slots, fused_moe
 
     torch.manual_seed(0)
@@ -95,7 +96,11 @@ def _child() -> dict[str, Any]:
             "rel_err": float((got - ref).abs().max() / ref.abs().max()),
         }
         if deterministic:
-            alone = torch.cat([run(x[i : i + 1], ids[i : i + 1], w[i : i + 1], deterministic=True) for i in range(tokens)])
+            lookup = mock.patch.object(triton_moe, "lookup_config", side_effect=triton_moe.lookup_config)
+            with lookup as spy:
+                rows = [run(x[i : i + 1], ids[i : i + 1], w[i : i + 1], deterministic=True) for i in range(tokens)]
+            alone = torch.cat(rows)
+            case["lookup_batch_args"] = sorted({str(c.args[2]) for c in spy.call_args_list})
             case["batch_vs_alone_max_diff"] = float((alone.float() - got).abs().max())
         out[name] = case
 
@@ -111,7 +116,7 @@ def _child() -> dict[str, Any]:
     slots, experts = aligned.sorted_slots.tolist(), aligned.block_expert.tolist()
     local = (ids.reshape(-1) - START).tolist()
     runs = [
-        (experts[b], [s for s in slots[4 * b : 4 * b + 4] if s != ids.numel()]) for b in range(len(experts)) if experts[b] >= 0
+        (e, [s for s in slots[4 * b : 4 * b + 4] if s != ids.numel()]) for b, e in enumerate(experts) if e >= 0
     ]
     out["align"] = {
         "blocks_hold_their_expert": all(local[s] == e for e, run_ in runs for s in run_),
@@ -142,6 +147,8 @@ def test_matches_reference(results: dict[str, Any], name: str) -> None:
 
 def test_deterministic_rows_do_not_depend_on_the_batch(results: dict[str, Any]) -> None:
     assert results["fp32_deterministic"]["batch_vs_alone_max_diff"] == 0.0
+    # The interpreter is batch-invariant anyway; on a GPU it is the pinned config (no batch bucket) that makes it so.
+    assert results["fp32_deterministic"]["lookup_batch_args"] == ["None"]
 
 
 def test_tokens_of_other_shards_give_zeros(results: dict[str, Any]) -> None:

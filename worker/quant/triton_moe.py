@@ -166,5 +166,6 @@ def fused_moe(
     if not combine:
         return slots.to(x.dtype)
     out = torch.empty(T, hidden, dtype=x.dtype, device=x.device)  # [T, H]
-    combine_slots_kernel[(T, triton.cdiv(hidden, COMBINE_BLOCK_H))](slots, out, hidden, TOP_K=k, BLOCK_H=COMBINE_BLOCK_H)
+    grid = (T, triton.cdiv(hidden, COMBINE_BLOCK_H))
+    combine_slots_kernel[grid](slots, out, hidden, TOP_K=k, BLOCK_H=COMBINE_BLOCK_H)
     return out

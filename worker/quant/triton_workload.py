@@ -55,7 +55,9 @@ def random_shard(shape: MoEShape, device: torch.device, seed: int = 0) -> Expert
     )
 
 
-def shard_routing(shape: MoEShape, tokens: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def shard_routing(
+    shape: MoEShape, tokens: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens an EP dispatch delivers to rank 0: each token's top_k distinct experts all on this shard.
     -> topk_ids [T, k] int64, topk_weights [T, k] float32."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
