@@ -54,3 +54,30 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, seed: int, 
         tokens += [e.token for e in engine.step()]
     assert len(hf_tokens) == 64
     assert tokens == hf_tokens
+
+
+def test_int4_model_equals_reference_on_dequantized_weights(tmp_path: Path) -> None:
+    """A `k2serve quantize`d checkpoint run by k2serve (packed INT4 experts) against transformers run on the
+    same experts dequantized: only the quantization itself may differ, and it is the same on both sides."""
+    from k2serve.worker.quant.int4 import dequantize
+    from k2serve.worker.quantize import quantize_checkpoint
+
+    hf_config = tiny_hf_config(4, 16)
+    save_bf16(random_hf_model(hf_config, 4), tmp_path / "bf16")
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "int4")
+    weights = load_weights(tmp_path / "int4", dtype=torch.float32)
+    assert all(shard.quantized for shard in weights.experts.values())
+    model = K2Model(weights.config, weights.dense, weights.experts)
+
+    reference = load_hf_fp32(tmp_path / "bf16", hf_config)
+    with torch.no_grad():
+        for layer, shard in weights.experts.items():
+            experts = reference.model.layers[layer].mlp.experts
+            experts.gate_up_proj.copy_(dequantize(shard.w13, shard.w13_scale))
+            experts.down_proj.copy_(dequantize(shard.w2, shard.w2_scale))
+    ids = torch.randint(3, hf_config.vocab_size, (29,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    ours = prefill_logits(model, ids)
+    rel = ((ours - expected).abs().max() / expected.abs().max()).item()
+    assert rel <= 1e-4, f"max relative logit error {rel:.2e}"
