@@ -169,7 +169,7 @@ def load_weights(
                     keep = torch.float32 if name.endswith(_FLOAT32_TENSORS) else dtype
                     dense[name] = t.to(device=device, dtype=keep)
                 elif slot.kind == "shape":
-                    _check_weight_shape(shard.path, name, t, slot, config)
+                    _check_weight_shape(shard.path, name, t, config)
                 else:
                     _put_expert(stacked, shard.path, name, t, slot, num_local, inter, dtype, device)
     if config.tie_word_embeddings:
@@ -188,7 +188,7 @@ def _check_float(path: Path, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a floating-point tensor")
 
 
-def _check_weight_shape(path: Path, name: str, t: torch.Tensor, slot: _Slot, config: K2Config) -> None:
+def _check_weight_shape(path: Path, name: str, t: torch.Tensor, config: K2Config) -> None:
     proj = name.rsplit(".", 2)[-2]
     expected = list(expert_shape(config, proj))
     if t.is_floating_point() or t.tolist() != expected:
