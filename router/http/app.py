@@ -1,0 +1,283 @@
+"""The OpenAI-compatible HTTP front of the router: a thin FastAPI adapter over `RouterCore`.
+
+Every generated turn belongs to a chain; its id goes out in the `X-K2-Chain-Id` header and comes back (header or
+body `chain_id`) to continue the conversation on the same chain. Streamed events carry `id: <chain>:<index>`,
+so a client that lost its connection re-sends the request with `Last-Event-ID` (or reads
+`GET /v1/chains/{id}/stream?from=N`) and gets the rest of the turn from the core's durable record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from k2serve.config import ServingConfig
+from k2serve.metrics import Metrics
+from k2serve.router.http import openai_models as om
+from k2serve.router.http.auth import bearer_guard, load_api_keys
+from k2serve.router.http.errors import APIError, error_body, install_error_handlers
+from k2serve.router.http.observe import ARRIVED_KEY, Generation, RequestMetrics
+from k2serve.router.http.prompts import chat_prompt, check_model, completion_prompt, sampling_params
+from k2serve.router.http.stream import (ChunkWriter, TokenStep, TurnAssembler, chat_logprobs, chat_message,
+                                        completion_logprobs, event_id, parse_event_id, sse_event, usage)
+
+if TYPE_CHECKING:
+    from k2serve.router.core import RouterCore
+
+CHAIN_HEADER = "X-K2-Chain-Id"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": om.ErrorResponse} for code in (400, 401, 404, 409)
+}
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+ChainHeader = Annotated[str | None, Header(alias=CHAIN_HEADER, description="Continue this chain.")]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", description="Resume a stream: `<chain>:<index>`.")]
+
+
+class _Api:
+    def __init__(self, core: RouterCore, config: ServingConfig, metrics: Metrics) -> None:
+        self.core = core
+        self.config = config
+        self.metrics = metrics
+        self.started = int(time.time())
+
+    # ---- generation endpoints
+
+    async def chat(self, body: om.ChatCompletionRequest, request: Request, chain: ChainHeader = None,
+                   last_event_id: LastEventId = None) -> Response:
+        check_model(body.model, self.core.model_name)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        if last_event_id is not None:
+            return await self._replay(request, body, last_event_id, chat=True, top=top)
+        prompt = chat_prompt(self.core.tokenizer, body)
+        return await self._generate(request, body, prompt, chain, chat=True, top=top)
+
+    async def completions(self, body: om.CompletionRequest, request: Request, chain: ChainHeader = None,
+                          last_event_id: LastEventId = None) -> Response:
+        check_model(body.model, self.core.model_name)
+        top = body.logprobs
+        if last_event_id is not None:
+            return await self._replay(request, body, last_event_id, chat=False, top=top)
+        prompt = completion_prompt(self.core.tokenizer, body)
+        return await self._generate(request, body, prompt, chain, chat=False, top=top)
+
+    async def _generate(self, request: Request, body: om.SamplingRequest, prompt: list[int], header_chain: str | None,
+                        *, chat: bool, top: int | None) -> Response:
+        if header_chain and body.chain_id and header_chain != body.chain_id:
+            raise APIError(400, f"chain_id {body.chain_id!r} differs from header {CHAIN_HEADER} {header_chain!r}",
+                           param="chain_id")
+        params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top)
+        deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
+        meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
+        tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
+                                    deterministic=deterministic, request_meta=meta)
+        gen = await Generation.start(tokens, core=self.core, metrics=self.metrics, state=request.scope["state"],
+                                     arrived=request.scope["state"][ARRIVED_KEY], live=True)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        return await self._respond(request, body, gen, chat=chat, top=top, prompt_tokens=len(prompt),
+                                   created=int(time.time()), resume_at=0)
+
+    async def _replay(self, request: Request, body: om.SamplingRequest, last_event_id: str, *, chat: bool,
+                      top: int | None) -> Response:
+        """A reconnect: the same request re-sent with `Last-Event-ID`; the turn's events after that one."""
+        try:
+            chain_id, last = parse_event_id(last_event_id)
+        except ValueError as e:
+            raise APIError(400, str(e), param="Last-Event-ID") from e
+        turn = await self._latest_turn(chain_id)
+        gen = await self._resumed(request, chain_id)
+        return await self._respond(request, body, gen, chat=chat, top=top, prompt_tokens=len(turn.prompt_tokens),
+                                   created=int(turn.created_at), resume_at=last + 1)
+
+    async def chain_stream(self, chain_id: str, request: Request,
+                           start: Annotated[int, Query(alias="from", ge=0, description="First token index.")] = 0,
+                           last_event_id: LastEventId = None) -> Response:
+        """The latest turn's raw tokens from `from` on (or after `Last-Event-ID`), as SSE events."""
+        if last_event_id is not None:
+            try:
+                event_chain, last = parse_event_id(last_event_id)
+            except ValueError as e:
+                raise APIError(400, str(e), param="Last-Event-ID") from e
+            if event_chain != chain_id:
+                raise APIError(400, f"Last-Event-ID names chain {event_chain!r}, the path {chain_id!r}",
+                               param="Last-Event-ID")
+            start = last + 1
+        await self._latest_turn(chain_id)
+        gen = await self._resumed(request, chain_id)
+        asm = TurnAssembler(self.core.tokenizer, stop_token_ids=set(), stop_strings=[], chat=False, top_logprobs=0)
+
+        async def events() -> AsyncIterator[bytes]:
+            outcome = "cancelled"
+            try:
+                async for tok in gen:
+                    step = asm.push(tok)
+                    if tok.index >= start:
+                        yield sse_event({"chain_id": tok.chain_id, "turn": tok.turn, "index": tok.index,
+                                         "token": tok.token, "text": step.text, "logprob": tok.logprob,
+                                         "finish_reason": tok.finish_reason}, event_id(tok.chain_id, tok.index))
+                    if asm.done:
+                        break
+                outcome = "ok"
+                yield sse_event("[DONE]")
+            finally:
+                await gen.close(outcome)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={CHAIN_HEADER: chain_id, **_SSE_HEADERS})
+
+    async def _resumed(self, request: Request, chain_id: str) -> Generation:
+        # From token 0: the detokenizer and parser state at any index is a function of the tokens before it.
+        return await Generation.start(self.core.resume(chain_id, 0), core=self.core, metrics=self.metrics,
+                                      state=request.scope["state"], arrived=request.scope["state"][ARRIVED_KEY],
+                                      live=False)
+
+    async def _latest_turn(self, chain_id: str) -> Any:
+        chain = await self._chain(chain_id)
+        if not chain.turns:
+            raise APIError(409, f"chain {chain_id!r} has no turn to stream", code="chain_idle")
+        return chain.turns[-1]
+
+    async def _respond(self, request: Request, body: om.SamplingRequest, gen: Generation, *, chat: bool,
+                       top: int | None, prompt_tokens: int, created: int, resume_at: int) -> Response:
+        tokenizer = self.core.tokenizer
+        asm = TurnAssembler(tokenizer, stop_token_ids=set(tokenizer.eos_ids), stop_strings=body.stop_strings,
+                            chat=chat, top_logprobs=top)
+        completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{gen.chain_id}-{gen.turn}"
+        model = self.core.model_name
+        headers = {CHAIN_HEADER: gen.chain_id}
+        if body.stream:
+            writer = ChunkWriter(completion_id, created, model, chat=chat, logprobs=top is not None)
+            events = self._sse(gen, asm, writer, resume_at=resume_at, prompt_tokens=prompt_tokens,
+                               include_usage=body.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
+        steps = await self._collect(request, gen, asm)
+        if steps is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        finish = steps[-1].finish_reason if steps else None
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if chat:
+            choice |= {"message": chat_message(steps), "logprobs": chat_logprobs(steps) if top is not None else None}
+        else:
+            choice |= {"text": "".join(s.text for s in steps),
+                       "logprobs": completion_logprobs(steps) if top is not None else None}
+        return JSONResponse({"id": completion_id, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": model, "choices": [choice],
+                             "usage": usage(prompt_tokens, asm.generated)}, headers=headers)
+
+    async def _sse(self, gen: Generation, asm: TurnAssembler, writer: ChunkWriter, *, resume_at: int,
+                   prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+        outcome = "cancelled"
+        try:
+            async for tok in gen:
+                step = asm.push(tok)
+                if step.index >= resume_at and (chunk := writer.step_chunk(step)) is not None:
+                    yield sse_event(chunk, event_id(gen.chain_id, step.index))
+                if asm.done:
+                    break
+            if include_usage:
+                yield sse_event(writer.usage_chunk(prompt_tokens, asm.generated))
+            outcome = "ok" if asm.done else "server_error"
+            yield sse_event("[DONE]")
+        except Exception as e:  # the response has started: the error becomes an event, as vLLM sends it
+            outcome = "server_error"
+            yield sse_event(error_body(500, f"generation failed: {type(e).__name__}: {e}"))
+            yield sse_event("[DONE]")
+        finally:
+            await gen.close(outcome)
+
+    async def _collect(self, request: Request, gen: Generation, asm: TurnAssembler) -> list[TokenStep] | None:
+        """The whole turn, or None if the client disconnected first (the turn is then cancelled)."""
+
+        async def collect() -> list[TokenStep]:
+            steps: list[TokenStep] = []
+            async for tok in gen:
+                steps.append(asm.push(tok))
+                if asm.done:
+                    break
+            return steps
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.create_task(collect()), asyncio.create_task(disconnected())
+        outcome = "server_error"
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                outcome = "cancelled"
+                return None
+            steps = work.result()
+            outcome = "ok" if asm.done else "server_error"
+            return steps
+        finally:
+            for task in (work, watch):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await gen.close(outcome)
+
+    # ---- chains, models, probes
+
+    async def _chain(self, chain_id: str) -> Any:
+        try:
+            return await self.core.get_chain(chain_id)
+        except KeyError:
+            raise APIError(404, f"no such chain: {chain_id!r}", param="chain_id", code="chain_not_found") from None
+
+    async def get_chain(self, chain_id: str) -> JSONResponse:
+        return JSONResponse((await self._chain(chain_id)).model_dump(mode="json"))
+
+    async def delete_chain(self, chain_id: str) -> JSONResponse:
+        if not await self.core.delete_chain(chain_id):
+            raise APIError(404, f"no such chain: {chain_id!r}", param="chain_id", code="chain_not_found")
+        return JSONResponse({"id": chain_id, "object": "chain.deleted", "deleted": True})
+
+    async def models(self) -> om.ModelList:
+        return om.ModelList(data=[om.ModelCard(id=self.core.model_name, created=self.started,
+                                               max_model_len=self.core.max_context)])
+
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def readyz(self) -> JSONResponse:
+        ready = self.core.ready()
+        return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+
+    async def prometheus(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> FastAPI:
+    """The HTTP app; ValueError if `router.api_keys_file` is set but unreadable or empty."""
+    keys = load_api_keys(config.router.api_keys_file)
+    api = _Api(core, config, metrics)
+    app = FastAPI(title="k2serve", summary="OpenAI-compatible API of the k2serve router", version="1")
+    install_error_handlers(app)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    app.add_api_route("/healthz", api.healthz, methods=["GET"], tags=["probes"])
+    app.add_api_route("/readyz", api.readyz, methods=["GET"], tags=["probes"], responses={503: {}})
+    app.add_api_route("/metrics", api.prometheus, methods=["GET"], tags=["probes"],
+                      response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_guard(keys))], responses=_ERRORS)
+    stream_doc = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+    v1.add_api_route("/chat/completions", api.chat, methods=["POST"], response_model=om.ChatCompletion,
+                     responses=stream_doc)
+    v1.add_api_route("/completions", api.completions, methods=["POST"], response_model=om.Completion,
+                     responses=stream_doc)
+    v1.add_api_route("/models", api.models, methods=["GET"], response_model=om.ModelList)
+    v1.add_api_route("/chains/{chain_id}", api.get_chain, methods=["GET"])
+    v1.add_api_route("/chains/{chain_id}", api.delete_chain, methods=["DELETE"])
+    v1.add_api_route("/chains/{chain_id}/stream", api.chain_stream, methods=["GET"],
+                     response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+    app.include_router(v1)
+    return app
