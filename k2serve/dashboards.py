@@ -128,7 +128,8 @@ def serving_overview() -> gd.Dashboard:
                                      _q(f"sum(rate(k2serve_generation_tokens_total[{RATE}]))", "generated")],
                                     "Prompt tokens received and tokens streamed per second."))
             .with_panel(_timeseries("Worker tokens", "short", [
-                _q(f"sum by ({by}) (rate({_sel('k2serve_prefill_tokens_total')}[{RATE}]))", "prefill {{role}}/{{group}}"),
+                _q(f"sum by ({by}) (rate({_sel('k2serve_prefill_tokens_total')}[{RATE}]))",
+                   "prefill {{role}}/{{group}}"),
                 _q(f"sum by ({by}) (rate({_sel('k2serve_decode_tokens_total')}[{RATE}]))", "decode {{role}}/{{group}}"),
                 _q(f"sum by ({by}) (rate({_sel('k2serve_prefix_cache_hit_tokens_total')}[{RATE}]))",
                    "prefix hit {{role}}/{{group}}")],
@@ -205,7 +206,8 @@ def reasoning_chains() -> gd.Dashboard:
                                     [_q(f"sum(rate(k2serve_chain_checkpoints_total[{RATE}]))", "checkpoints")],
                                     "Durable chain appends written to the chain store per second."))
             .with_panel(_timeseries("Resumes by cause", "short",
-                                    [_q(f"sum by (cause) (increase(k2serve_chain_resumes_total[{RATE}]))", "{{cause}}")],
+                                    [_q(f"sum by (cause) (increase(k2serve_chain_resumes_total[{RATE}]))",
+                                        "{{cause}}")],
                                     "Chains resumed from the store, by cause (client reconnect, router or group "
                                     "failure)."))
             .with_panel(_timeseries("Migrations", "short",

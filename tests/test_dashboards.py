@@ -41,7 +41,8 @@ def test_a_panel_naming_an_unknown_metric_fails() -> None:
     assert problems == ["operator.json / Managed deployments: unknown metric(s) ['k2serve_reconcile_errors_total'] "
                         "in 'sum(rate(k2serve_reconcile_errors_total{job=~\"$job\"}[5m]))'"]
     doc["panels"][0]["targets"][0]["expr"] = "topk($n, k2serve_operator_managed_deployments)"
-    assert "outside a =~ matcher" in dashboards.check_dashboards({"operator.json": doc}, dashboards.exported_series())[0]
+    (problem,) = dashboards.check_dashboards({"operator.json": doc}, dashboards.exported_series())
+    assert "outside a =~ matcher" in problem
 
 
 @pytest.mark.parametrize(("expr", "names"), [

@@ -60,7 +60,8 @@ class Prometheus:
             if targets and len(samples) == len(targets) and all(float(s["value"][1]) >= count for s in samples):
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"targets not scraped {count} times in {timeout}s: {self.targets()}\n{self.log.read_text()[-3000:]}")
+        raise TimeoutError(f"targets not scraped {count} times in {timeout}s: {self.targets()}\n"
+                           f"{self.log.read_text()[-3000:]}")
 
 
 def scrape_config(jobs: dict[str, list[str]], interval: str) -> dict[str, Any]:
