@@ -6,11 +6,13 @@ make the API server's garbage collector do it too)."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
+from k2serve.metrics import Metrics
 from k2serve.operator import kube as k
 from k2serve.operator import pods
 from k2serve.operator.render import render_children
@@ -112,6 +114,21 @@ def delete_children(kube: k.Kube, body: kopf.Body) -> list[str]:
     return gone
 
 
+def observed_reconcile(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any) -> None:
+    """`reconcile`, counted and timed in the operator's metrics (the memo carries them: see `run.operate`)."""
+    metrics: Metrics = memo.metrics
+    memo.managed.add(body.metadata.uid)
+    metrics.managed_deployments.set(len(memo.managed))
+    start = time.perf_counter()
+    outcome = "error"
+    try:
+        status = reconcile(memo.kube, body, patch, logger)
+        outcome = "invalid" if status.phase == "Invalid" else "ok"
+    finally:
+        metrics.reconciles.labels(outcome=outcome).inc()
+        metrics.reconcile_seconds.observe(time.perf_counter() - start)
+
+
 def build_registry(resync_seconds: float = 30.0) -> kopf.OperatorRegistry:
     """A fresh registry (not kopf's global one), so tests and `k2serve operator` build theirs independently."""
     registry = kopf.OperatorRegistry()
@@ -132,14 +149,16 @@ def build_registry(resync_seconds: float = 30.0) -> kopf.OperatorRegistry:
     @kopf.on.update(*resource, registry=registry)
     @kopf.on.resume(*resource, registry=registry)
     def converge(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-        reconcile(memo.kube, body, patch, logger)
+        observed_reconcile(memo, body, patch, logger)
 
     @kopf.timer(*resource, interval=resync_seconds, initial_delay=resync_seconds, registry=registry)
     def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-        reconcile(memo.kube, body, patch, logger)
+        observed_reconcile(memo, body, patch, logger)
 
     @kopf.on.delete(*resource, registry=registry)
     def remove(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.managed.discard(body.metadata.uid)
+        memo.metrics.managed_deployments.set(len(memo.managed))
         gone = delete_children(memo.kube, body)
         kopf.info(body, reason="Deleted", message="deleted " + (", ".join(gone) or "nothing"))
 

@@ -10,6 +10,7 @@ import threading
 
 import kopf
 
+from k2serve.metrics import Metrics
 from k2serve.operator.handlers import build_registry
 from k2serve.operator.kube import Kube
 
@@ -28,6 +29,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--standalone", action="store_true", help="disable peering (single replica only)")
     parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="level-based status refresh period")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port (0: any free port; default: not served)")
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
                         help="used outside a cluster (default: $KUBECONFIG)")
     args = parser.parse_args(argv)
@@ -39,9 +42,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 async def operate(args: argparse.Namespace, stop: threading.Event | None = None,
                   ready: threading.Event | None = None) -> None:
     """The operator as a coroutine, so tests can embed it with their own stop/ready flags."""
+    metrics = Metrics()
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port, host="0.0.0.0")
     await kopf.operator(
         registry=build_registry(args.resync_seconds),
-        memo=kopf.Memo(kube=Kube.from_environment(args.kubeconfig)),
+        memo=kopf.Memo(kube=Kube.from_environment(args.kubeconfig), metrics=metrics, managed=set()),
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         # kopf makes peering mandatory once a name is given, so a standalone run must not pass one.

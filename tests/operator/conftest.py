@@ -104,6 +104,7 @@ class Cluster:
     emulator: Emulator
     kube: Kube
     loop: asyncio.AbstractEventLoop
+    metrics_url: str = ""
 
     def apply_crd(self, crd: dict[str, Any]) -> None:
         self.kube._call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=crd)
@@ -165,8 +166,10 @@ def cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 
         # kopf's login reads $KUBECONFIG whenever it (re-)authenticates.
         monkeypatch.setenv("KUBECONFIG", str(config))
+        metrics_port = free_port()
+        cluster.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         args = run.parse(["--kubeconfig", str(config), "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
-                          "--resync-seconds", "0.5"])
+                          "--resync-seconds", "0.5", "--metrics-port", str(metrics_port)])
         ready, stop = threading.Event(), threading.Event()
         operator = threading.Thread(target=lambda: asyncio.run(run.operate(args, stop=stop, ready=ready)),
                                     daemon=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import kmock
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.operator import kube as k
 from k2serve.operator.crd import render_crd
@@ -143,6 +145,14 @@ def test_tiny_sample_lifecycle(cluster: Any) -> None:
         wait_for(f"{child['kind']} deleted", lambda: c.kube.get(k.ref_of(child), NS, child["metadata"]["name"]) is None)
     wait_for("CR gone", lambda: c.kube.get(K2D, NS, name) is None)
     assert {"Reconciled", "Ready", "Deleted"} <= {event.get("reason") for event in _events(c)}
+
+    # The operator's own metrics saw the reconciles and the deployment come and go.
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(urllib.request.urlopen(c.metrics_url).read().decode())
+               for s in family.samples}
+    assert samples[("k2serve_operator_reconciles_total", (("outcome", "ok"),))] >= 3
+    assert samples[("k2serve_operator_reconcile_duration_seconds_count", ())] >= 3
+    assert samples[("k2serve_operator_managed_deployments", ())] == 0
 
 
 @pytest.mark.parametrize(("changes", "field"), [
