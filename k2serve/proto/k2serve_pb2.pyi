@@ -37,7 +37,7 @@ class TopLogprob(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "index", "token", "logprob", "top_logprobs", "finish_reason", "seed")
+    __slots__ = ("request_id", "index", "token", "logprob", "top_logprobs", "finish_reason", "seed", "kv_handoff")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class TokenEvent(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token: int
@@ -52,7 +53,8 @@ class TokenEvent(_message.Message):
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
     finish_reason: str
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    kv_handoff: str
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., seed: _Optional[int] = ..., kv_handoff: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "sampling", "deterministic", "output_prefix")

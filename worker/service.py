@@ -1,0 +1,246 @@
+"""The worker group's gRPC service (`k2serve.v1.WorkerGroup`), served by the group leader over an `EngineLoop`.
+
+Prefill runs the prompt as a one-token request that holds its KV, exports that KV, puts it in Ray's object
+store and returns the serialized ObjectRef as `kv_handle`; the ref stays pinned here until a TTL passes, then
+the object is freed. Decode fetches the handle's object and hands it to the engine; an unusable handle (bad
+bytes, object gone, shape that does not fit) makes the engine re-prefill instead, so a failed handoff costs
+time, never tokens. Without a Ray connection Prefill returns an empty handle and Decode always re-prefills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grpc
+
+from k2serve.metrics import Metrics
+from k2serve.proto import k2serve_pb2 as pb
+from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.worker.engine.engine import KVHandoff, TokenEvent
+from k2serve.worker.engine.loop import EngineLoop
+from k2serve.worker.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode", "both"]
+KV_FETCH_TIMEOUT_S = 10.0
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    """Proto → engine params; pydantic's validation error (a ValueError) names the bad field."""
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
+                          seed=s.seed if s.HasField("seed") else None, max_tokens=s.max_tokens,
+                          stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
+                          top_logprobs=s.top_logprobs)
+
+
+def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+                             max_tokens=p.max_tokens, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
+                             logprobs=p.logprobs, top_logprobs=p.top_logprobs)
+
+
+def event_to_proto(ev: TokenEvent, seed: int | None = None, kv_handoff: str = "") -> pb.TokenEvent:
+    return pb.TokenEvent(request_id=ev.request_id, index=ev.index, token=ev.token, logprob=ev.logprob,
+                         top_logprobs=[pb.TopLogprob(token=t, logprob=lp) for t, lp in ev.top_logprobs or ()],
+                         finish_reason=ev.finish_reason or "", seed=seed or 0, kv_handoff=kv_handoff)
+
+
+@dataclass
+class _HeldKV:
+    ref: Any  # ray.ObjectRef
+    expires: float
+
+
+@dataclass
+class HandoffCounts:
+    ok: int = 0
+    fallback: int = 0
+
+
+class WorkerService(pb_grpc.WorkerGroupServicer):
+    """One group's service. `loop.engine` is an `Engine` or an expert-parallel group with the same surface
+    (`add_request/cancel/has_work/step/export_kv`, and `running`, `waiting`, `blocks`, `stats` for Stats)."""
+
+    def __init__(self, loop: EngineLoop, *, group_id: str, role: Role, block_size: int,
+                 metrics: Metrics | None = None, kv_ttl_s: float = 60.0) -> None:
+        self.loop = loop
+        self.group_id = group_id
+        self.role: Role = role
+        self.block_size = block_size
+        self.metrics = metrics
+        self.kv_ttl_s = kv_ttl_s
+        self.handoffs = HandoffCounts()
+        self._held: dict[str, _HeldKV] = {}
+        self._reported = {"prefill": 0, "decode": 0, "prefix": 0}  # counter values already exported
+        self._server: grpc.aio.Server | None = None
+        self._gc_task: asyncio.Task[None] | None = None
+        self.failed: str | None = None  # set when the engine broke; Health reports it
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Starts the engine loop and the gRPC server; returns the bound `host:port`."""
+        self.loop.start()
+        self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
+                                                ("grpc.max_receive_message_length", 64 << 20)])
+        pb_grpc.add_WorkerGroupServicer_to_server(self, self._server)
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise RuntimeError(f"worker group {self.group_id}: cannot bind gRPC on {host}:{port}")
+        await self._server.start()
+        self._gc_task = asyncio.get_running_loop().create_task(self._housekeeping())
+        return f"{host}:{bound}"
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stops serving; in-flight streams end with an error (what a router sees when a group dies)."""
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            self._gc_task = None
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        self._free_held(list(self._held))
+        await self.loop.stop()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            self._free_held([k for k, h in self._held.items() if h.expires < now])
+            if self.metrics is not None:
+                await self._export_gauges()
+
+    # ---- RPCs -----------------------------------------------------------------------------------------
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        params = await self._params(request.sampling, context)
+        one = params.model_copy(update={"max_tokens": len(request.output_prefix) + 1})
+        rid = request.request_id or uuid.uuid4().hex
+        try:
+            seed, events = await self.loop.submit(rid, list(request.prompt), one,
+                                                  output_prefix=list(request.output_prefix),
+                                                  deterministic=request.deterministic, hold_kv=True)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        first = [ev async for ev in events]
+        if len(first) != 1:
+            await context.abort(grpc.StatusCode.ABORTED, f"prefill of {rid} produced {len(first)} tokens")
+        ev = first[0]
+        # The engine ends the one-token request with "length"; the real request is finished only if its own
+        # limits say so.
+        produced = len(request.output_prefix) + 1
+        finished = ev.finish_reason == "stop" or produced >= params.max_tokens
+        ev.finish_reason = ev.finish_reason if finished else None
+        handle, kv_tokens = (b"", 0) if finished else await self._export(rid)
+        if finished:
+            await self.loop.call(self.loop.engine.release, rid)
+        return pb.PrefillResponse(first=event_to_proto(ev, seed), kv_handle=handle, kv_tokens=kv_tokens)
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
+        params = await self._params(request.sampling, context)
+        rid = request.request_id or uuid.uuid4().hex
+        kv, outcome = (None, "") if not request.kv_handle else await self._fetch(request.kv_handle, request)
+        try:
+            seed, events = await self.loop.submit(rid, list(request.prompt), params,
+                                                  output_prefix=list(request.output_prefix),
+                                                  deterministic=request.deterministic, kv=kv)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        first = True
+        async for ev in events:
+            yield event_to_proto(ev, seed if first else None, outcome if first else "")
+            first = False
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        return pb.CancelResponse(cancelled=await self.loop.cancel(request.request_id))
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        broken = self.loop.error
+        detail = self.failed or (f"engine failed: {broken!r}" if broken is not None else "")
+        return pb.HealthResponse(healthy=not detail, role=self.role, group_id=self.group_id, detail=detail)
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        return await self.loop.call(self._stats)
+
+    # ---- KV handoff -----------------------------------------------------------------------------------
+    async def _export(self, rid: str) -> tuple[bytes, int]:
+        import ray
+
+        kv: KVHandoff = await self.loop.call(self.loop.engine.export_kv, rid)
+        if not ray.is_initialized():
+            return b"", 0
+        ref = ray.put(kv)
+        self._held[rid] = _HeldKV(ref, time.monotonic() + self.kv_ttl_s)
+        return ray.cloudpickle.dumps(ref), len(kv.tokens)
+
+    async def _fetch(self, handle: bytes, request: pb.DecodeRequest) -> tuple[KVHandoff | None, str]:
+        """The handed-off KV, or None (re-prefill) with the outcome the router counts."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                raise RuntimeError("this group is not connected to Ray")
+            ref = ray.cloudpickle.loads(handle)
+            kv = await asyncio.wait_for(asyncio.wrap_future(ref.future()), KV_FETCH_TIMEOUT_S)
+            self._check_handoff(kv, list(request.prompt) + list(request.output_prefix))
+        except Exception as e:  # any failure to fetch means: recompute the prompt here
+            log.warning("group %s: KV handoff for %s failed, re-prefilling: %s", self.group_id, request.request_id, e)
+            self.handoffs.fallback += 1
+            return None, "fallback"
+        self.handoffs.ok += 1
+        return kv, "ok"
+
+    def _check_handoff(self, kv: object, tokens: list[int]) -> None:
+        if not isinstance(kv, KVHandoff):
+            raise TypeError(f"kv_handle holds a {type(kv).__name__}, not a KVHandoff")
+        if kv.block_size != self.block_size:
+            raise ValueError(f"handed-off block size {kv.block_size} != {self.block_size}")
+        if kv.data.dim() != 4 or kv.data.shape[1] * kv.block_size < len(kv.tokens):
+            raise ValueError(f"handed-off KV of shape {tuple(kv.data.shape)} does not cover {len(kv.tokens)} tokens")
+        if kv.tokens != tokens[: len(kv.tokens)]:
+            raise ValueError("handed-off KV belongs to a different prompt")
+
+    def _free_held(self, keys: list[str]) -> None:
+        refs = [self._held.pop(k).ref for k in keys]
+        if refs:
+            from ray._private.internal_api import free
+
+            free(refs)
+
+    # ---- stats ----------------------------------------------------------------------------------------
+    async def _params(self, s: pb.SamplingParams, context: grpc.aio.ServicerContext) -> SamplingParams:
+        try:
+            return sampling_from_proto(s)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad sampling parameters: {e}")
+            raise  # abort raises; this keeps type checkers aware
+
+    def _stats(self) -> pb.StatsResponse:
+        """Runs on the engine thread (consistent snapshot between steps)."""
+        eng = self.loop.engine
+        return pb.StatsResponse(
+            group_id=self.group_id, role=self.role, running=len(eng.running), waiting=len(eng.waiting),
+            kv_blocks_used=eng.blocks.num_used_blocks, kv_blocks_free=eng.blocks.num_free_blocks,
+            prefill_tokens=eng.stats.prefill_tokens, decode_tokens=eng.stats.decode_tokens,
+            prefix_hit_tokens=eng.blocks.prefix_hit_tokens, kv_handoffs_ok=self.handoffs.ok,
+            kv_handoffs_fallback=self.handoffs.fallback)
+
+    async def _export_gauges(self) -> None:
+        assert self.metrics is not None
+        s = await self.loop.call(self._stats)
+        m, labels = self.metrics, {"role": self.role, "group": self.group_id}
+        m.running.labels(**labels).set(s.running)
+        m.queue_depth.labels(**labels).set(s.waiting)
+        m.kv_blocks_used.labels(**labels).set(s.kv_blocks_used)
+        m.kv_blocks_free.labels(**labels).set(s.kv_blocks_free)
+        m.group_healthy.labels(**labels).set(0 if self.loop.error is not None or self.failed else 1)
+        for key, counter, value in (("prefill", m.prefill_tokens, s.prefill_tokens),
+                                    ("decode", m.decode_tokens, s.decode_tokens),
+                                    ("prefix", m.prefix_hit_tokens, s.prefix_hit_tokens)):
+            counter.labels(**labels).inc(max(0, value - self._reported[key]))
+            self._reported[key] = value
