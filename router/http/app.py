@@ -20,10 +20,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
+from k2serve.router.chains import ToolCall
 from k2serve.router.http import openai_models as om
 from k2serve.router.http.auth import bearer_guard, load_api_keys
 from k2serve.router.http.errors import APIError, error_body, install_error_handlers
-from k2serve.router.http.observe import ARRIVED_KEY, Generation, RequestMetrics
+from k2serve.router.http.observe import Generation, RequestMetrics
 from k2serve.router.http.prompts import chat_prompt, check_model, completion_prompt, sampling_params
 from k2serve.router.http.stream import (ChunkWriter, TokenStep, TurnAssembler, chat_logprobs, chat_message,
                                         completion_logprobs, event_id, parse_event_id, sse_event, usage)
@@ -57,6 +58,8 @@ class _Api:
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=True, top=top)
         prompt = chat_prompt(self.core.tokenizer, body)
+        if chain or body.chain_id:
+            await self._record_tool_results(chain or body.chain_id or "", body.messages)
         return await self._generate(request, body, prompt, chain, chat=True, top=top)
 
     async def completions(self, body: om.CompletionRequest, request: Request, chain: ChainHeader = None,
@@ -78,11 +81,8 @@ class _Api:
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
         tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
                                     deterministic=deterministic, request_meta=meta)
-        gen = await Generation.start(tokens, core=self.core, metrics=self.metrics, state=request.scope["state"],
-                                     arrived=request.scope["state"][ARRIVED_KEY], live=True)
-        self.metrics.prompt_tokens.inc(len(prompt))
-        return await self._respond(request, body, gen, chat=chat, top=top, prompt_tokens=len(prompt),
-                                   created=int(time.time()), resume_at=0)
+        gen = await Generation.start(tokens, core=self.core, state=request.scope["state"])
+        return await self._respond(request, body, gen, chat=chat, top=top, created=int(time.time()), resume_at=0)
 
     async def _replay(self, request: Request, body: om.SamplingRequest, last_event_id: str, *, chat: bool,
                       top: int | None) -> Response:
@@ -93,8 +93,8 @@ class _Api:
             raise APIError(400, str(e), param="Last-Event-ID") from e
         turn = await self._latest_turn(chain_id)
         gen = await self._resumed(request, chain_id)
-        return await self._respond(request, body, gen, chat=chat, top=top, prompt_tokens=len(turn.prompt_tokens),
-                                   created=int(turn.created_at), resume_at=last + 1)
+        return await self._respond(request, body, gen, chat=chat, top=top, created=int(turn.created_at),
+                                   resume_at=last + 1)
 
     async def chain_stream(self, chain_id: str, request: Request,
                            start: Annotated[int, Query(alias="from", ge=0, description="First token index.")] = 0,
@@ -134,9 +134,7 @@ class _Api:
 
     async def _resumed(self, request: Request, chain_id: str) -> Generation:
         # From token 0: the detokenizer and parser state at any index is a function of the tokens before it.
-        return await Generation.start(self.core.resume(chain_id, 0), core=self.core, metrics=self.metrics,
-                                      state=request.scope["state"], arrived=request.scope["state"][ARRIVED_KEY],
-                                      live=False)
+        return await Generation.start(self.core.resume(chain_id, 0), core=self.core, state=request.scope["state"])
 
     async def _latest_turn(self, chain_id: str) -> Any:
         chain = await self._chain(chain_id)
@@ -145,7 +143,7 @@ class _Api:
         return chain.turns[-1]
 
     async def _respond(self, request: Request, body: om.SamplingRequest, gen: Generation, *, chat: bool,
-                       top: int | None, prompt_tokens: int, created: int, resume_at: int) -> Response:
+                       top: int | None, created: int, resume_at: int) -> Response:
         tokenizer = self.core.tokenizer
         asm = TurnAssembler(tokenizer, stop_token_ids=set(tokenizer.eos_ids), stop_strings=body.stop_strings,
                             chat=chat, top_logprobs=top)
@@ -154,8 +152,7 @@ class _Api:
         headers = {CHAIN_HEADER: gen.chain_id}
         if body.stream:
             writer = ChunkWriter(completion_id, created, model, chat=chat, logprobs=top is not None)
-            events = self._sse(gen, asm, writer, resume_at=resume_at, prompt_tokens=prompt_tokens,
-                               include_usage=body.include_usage)
+            events = self._sse(gen, asm, writer, resume_at=resume_at, include_usage=body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
         steps = await self._collect(request, gen, asm)
         if steps is None:
@@ -169,20 +166,22 @@ class _Api:
                        "logprobs": completion_logprobs(steps) if top is not None else None}
         return JSONResponse({"id": completion_id, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": model, "choices": [choice],
-                             "usage": usage(prompt_tokens, asm.generated)}, headers=headers)
+                             "usage": usage(gen.prompt_tokens, asm.generated)}, headers=headers)
 
     async def _sse(self, gen: Generation, asm: TurnAssembler, writer: ChunkWriter, *, resume_at: int,
-                   prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+                   include_usage: bool) -> AsyncIterator[bytes]:
         outcome = "cancelled"
         try:
             async for tok in gen:
                 step = asm.push(tok)
-                if step.index >= resume_at and (chunk := writer.step_chunk(step)) is not None:
+                chunk = writer.step_chunk(step)  # also for skipped steps: the writer's state follows every token
+                if chunk is not None and step.index >= resume_at:
                     yield sse_event(chunk, event_id(gen.chain_id, step.index))
                 if asm.done:
                     break
+            await self._record_tool_calls(gen, asm)
             if include_usage:
-                yield sse_event(writer.usage_chunk(prompt_tokens, asm.generated))
+                yield sse_event(writer.usage_chunk(gen.prompt_tokens, asm.generated))
             outcome = "ok" if asm.done else "server_error"
             yield sse_event("[DONE]")
         except Exception as e:  # the response has started: the error becomes an event, as vLLM sends it
@@ -216,6 +215,7 @@ class _Api:
                 return None
             steps = work.result()
             outcome = "ok" if asm.done else "server_error"
+            await self._record_tool_calls(gen, asm)
             return steps
         finally:
             for task in (work, watch):
@@ -223,6 +223,25 @@ class _Api:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await gen.close(outcome)
+
+    async def _record_tool_calls(self, gen: Generation, asm: TurnAssembler) -> None:
+        """A finished turn's tool calls into the chain's transcript (idempotent, so replays may repeat it)."""
+        calls = asm.tool_calls()
+        if calls and asm.done:
+            await self.core.record_tool_calls(gen.chain_id, gen.turn,
+                                              [ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls])
+
+    async def _record_tool_results(self, chain_id: str, messages: list[dict[str, Any]]) -> None:
+        """Tool results the client sends back, for the chain's calls that have none yet; results for calls the
+        chain never generated (the client wrote them) have no transcript entry and are left out."""
+        sent = {m["tool_call_id"]: m.get("content") for m in messages
+                if m.get("role") == "tool" and isinstance(m.get("tool_call_id"), str)}
+        if not sent:
+            return
+        chain = await self._chain(chain_id)
+        results = {c.id: _text(sent[c.id]) for c in chain.tool_calls if c.result is None and c.id in sent}
+        if results:
+            await self.core.record_tool_results(chain_id, results)
 
     # ---- chains, models, probes
 
@@ -253,6 +272,13 @@ class _Api:
 
     async def prometheus(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _text(content: Any) -> str:
+    """A message's content as text: a string, or the text parts of a content list."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
 
 
 def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> FastAPI:

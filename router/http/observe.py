@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -14,7 +13,6 @@ from k2serve.router.http.errors import APIError
 from k2serve.router.http.stream import TokenLike
 
 OUTCOME_KEY = "k2serve_outcome"  # in the request's ASGI state: a generation's own verdict on how it ended
-ARRIVED_KEY = "k2serve_arrived"  # in the request's ASGI state: time.monotonic() when the request came in
 
 
 class Canceller(Protocol):
@@ -22,7 +20,7 @@ class Canceller(Protocol):
 
 
 class RequestMetrics:
-    """ASGI middleware: `k2serve_requests_total{endpoint, outcome}` and, for requests that generated, e2e time.
+    """ASGI middleware: `k2serve_requests_total{endpoint, outcome}`.
 
     The endpoint label is the matched route's path template (bounded); unmatched paths count as `other`."""
 
@@ -34,7 +32,6 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.monotonic()
         status: list[int] = []
 
         async def send_status(message: Message) -> None:
@@ -43,7 +40,6 @@ class RequestMetrics:
             await send(message)
 
         state: dict[str, Any] = scope.setdefault("state", {})
-        state[ARRIVED_KEY] = started
         outcome = "server_error"
         try:
             await self.app(scope, receive, send_status)
@@ -57,36 +53,28 @@ class RequestMetrics:
             route = scope.get("route")
             endpoint = getattr(route, "path", "other")
             self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
-            if OUTCOME_KEY in state and outcome == "ok":
-                self.metrics.e2e.observe(time.monotonic() - started)
 
 
 class Generation:
-    """One turn's token stream: the first token is pulled at `start` (so bad input is a 400 before any response
-    is sent, and the chain id is known for the response header); iterating records TTFT, inter-token latency
-    and token counts; `close` cancels the turn in the core if it did not finish (client gone)."""
+    """One turn's token stream as a response consumes it. The first token is pulled at `start`, so bad input
+    is a 4xx before any response is sent and the chain id is known for the response header; `close` cancels
+    the turn in the core if it did not finish (client gone, stop string hit). Token timings and counts are the
+    core's to record (it sees every token, whichever front asked)."""
 
-    def __init__(self, tokens: AsyncIterator[Any], first: TokenLike, *, core: Canceller, metrics: Metrics,
-                 state: dict[str, Any], arrived: float, live: bool) -> None:
+    def __init__(self, tokens: AsyncIterator[Any], first: TokenLike, *, core: Canceller,
+                 state: dict[str, Any]) -> None:
         self.chain_id = first.chain_id
         self.turn = first.turn
+        self.prompt_tokens: int = first.prompt_tokens
         self._first: TokenLike | None = first
         self._tokens = tokens
         self._core = core
-        self._metrics = metrics
         self._state = state
-        self._last = arrived
-        self._live = live  # a replay of stored tokens says nothing about latency
         self._finished = False
         self._closed = False
-        metrics.router_queue.inc()
-        if live:
-            metrics.ttft.observe(time.monotonic() - arrived)
-            self._last = time.monotonic()
 
     @classmethod
-    async def start(cls, tokens: AsyncIterator[Any], *, core: Canceller, metrics: Metrics, state: dict[str, Any],
-                    arrived: float, live: bool) -> Generation:
+    async def start(cls, tokens: AsyncIterator[Any], *, core: Canceller, state: dict[str, Any]) -> Generation:
         try:
             first = await anext(tokens)
         except StopAsyncIteration:
@@ -95,24 +83,16 @@ class Generation:
             raise APIError(400, str(e)) from e
         except KeyError as e:
             raise APIError(404, f"no such chain: {e.args[0] if e.args else e}", code="chain_not_found") from e
-        return cls(tokens, first, core=core, metrics=metrics, state=state, arrived=arrived, live=live)
+        return cls(tokens, first, core=core, state=state)
 
     async def __aiter__(self) -> AsyncIterator[TokenLike]:
         if self._first is not None:
             first, self._first = self._first, None
-            yield self._count(first, first_token=True)
+            self._finished = first.finish_reason is not None
+            yield first
         async for tok in self._tokens:
-            yield self._count(tok, first_token=False)
-
-    def _count(self, tok: TokenLike, first_token: bool) -> TokenLike:
-        if self._live:
-            now = time.monotonic()
-            if not first_token:
-                self._metrics.itl.observe(now - self._last)
-            self._last = now
-            self._metrics.generation_tokens.inc()
-        self._finished = tok.finish_reason is not None
-        return tok
+            self._finished = tok.finish_reason is not None
+            yield tok
 
     async def close(self, outcome: str) -> None:
         """`outcome` (ok, cancelled, server_error) labels the request; a turn the core has not finished (client
@@ -121,9 +101,12 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        self._metrics.router_queue.dec()
         self._state[OUTCOME_KEY] = outcome
         with anyio.CancelScope(shield=True):
-            if not self._finished:
+            if self._finished:
+                # Run the core's iterator to its end, so it records the turn as finished rather than abandoned.
+                async for _ in self._tokens:
+                    pass
+            else:
                 await self._core.cancel(self.chain_id)
             await self._tokens.aclose()  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from k2serve.router.http.k2_parse import K2StreamParser, StreamDelta, _held_tail, merge_deltas
+from k2serve.router.http.k2_parse import K2StreamParser, ParsedToolCall, StreamDelta, _held_tail, merge_deltas
 from k2serve.worker.tokenizer import K2Tokenizer
 
 
@@ -23,9 +23,10 @@ class TokenLike(Protocol):
     turn: int
     index: int
     token: int
-    logprob: float
+    logprob: float | None  # None for tokens replayed from the chain store
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class TurnAssembler:
         self._stops = StopStrings(stop_strings)
         self._parser = K2StreamParser() if chat else None
         self._top_logprobs = top_logprobs  # None: no logprobs at all
-        self.tool_calls = 0
+        self._call_deltas: list[StreamDelta] = []
         self.generated = 0  # tokens consumed, stop tokens included (usage counts them, as vLLM does)
         self.done = False
 
@@ -99,14 +100,19 @@ class TurnAssembler:
             deltas = self._parser.feed(text)
             if finish is not None:
                 deltas += self._parser.finish()
-            self.tool_calls += sum(1 for d in deltas if d.tool_call and d.tool_call.id is not None)
-            if finish == "stop" and self.tool_calls:
+            self._call_deltas += [d for d in deltas if d.tool_call is not None]
+            if finish == "stop" and self._call_deltas:
                 finish = "tool_calls"
         self.done = finish is not None
-        logprob = None if is_stop_token or self._top_logprobs is None else self._logprob(tok)
+        logprob = None if is_stop_token or self._top_logprobs is None or tok.logprob is None else self._logprob(tok)
         return TokenStep(tok.index, text, deltas, logprob, finish)
 
+    def tool_calls(self) -> list[ParsedToolCall]:
+        """The calls parsed so far (chat)."""
+        return merge_deltas(self._call_deltas).tool_calls
+
     def _logprob(self, tok: TokenLike) -> Logprob:
+        assert tok.logprob is not None
         top = [(*self._token_text(t), lp) for t, lp in (tok.top_logprobs or [])[:self._top_logprobs]]
         return Logprob(*self._token_text(tok.token), tok.logprob, top)  # type: ignore[arg-type]
 
@@ -136,7 +142,10 @@ def completion_logprobs(steps: list[TokenStep], text_offset: int = 0) -> dict[st
         if s.logprob is not None:
             tokens.append(s.logprob.token)
             values.append(s.logprob.logprob)
-            tops.append({t: v for t, _, v in s.logprob.top})
+            top: dict[str, float] = {}
+            for t, _, v in s.logprob.top:  # tokens that decode alike (partial UTF-8) keep the likeliest
+                top.setdefault(t, v)
+            tops.append(top)
             offsets.append(text_offset)
         text_offset += len(s.text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

@@ -30,6 +30,7 @@ class Tok:
     logprob: float
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None
+    prompt_tokens: int = 3
 
 
 def _tokens(ids: list[int], finish: str = "stop") -> list[Tok]:
