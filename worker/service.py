@@ -2,7 +2,7 @@
 
 Prefill runs the prompt as a one-token request that holds its KV, exports that KV, puts it in Ray's object
 store and returns the serialized ObjectRef as `kv_handle`; the ref stays pinned here until a TTL passes, then
-the object is freed. Decode fetches the handle's object and hands it to the engine; an unusable handle (bad
+is unpinned (the decode group's borrow, if any, keeps the object alive while it is fetched). Decode fetches the handle's object and hands it to the engine; an unusable handle (bad
 bytes, object gone, shape that does not fit) makes the engine re-prefill instead, so a failed handoff costs
 time, never tokens. Without a Ray connection Prefill returns an empty handle and Decode always re-prefills.
 """
@@ -206,11 +206,14 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
             raise ValueError("handed-off KV belongs to a different prompt")
 
     def _free_held(self, keys: list[str]) -> None:
-        refs = [self._held.pop(k).ref for k in keys]
-        if refs:
-            from ray._private.internal_api import free
+        """Undoes the pin that pickling the ref out of band took (Ray pins such objects for the owner's
+        lifetime), so the object store frees the KV once the decode group's borrow ends too."""
+        import ray
 
-            free(refs)
+        for key in keys:
+            held = self._held.pop(key)
+            if ray.is_initialized():
+                ray._private.worker.global_worker.core_worker.remove_object_ref_reference(held.ref)
 
     # ---- stats ----------------------------------------------------------------------------------------
     async def _params(self, s: pb.SamplingParams, context: grpc.aio.ServicerContext) -> SamplingParams:
