@@ -1,0 +1,90 @@
+"""The router process: gRPC `Router` service and the OpenAI HTTP front over one `RouterCore`.
+
+`python -m k2serve.router.serve --config PATH --group ID=ROLE@HOST:PORT ...` serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import signal
+import sys
+from collections.abc import Callable
+
+from k2serve.config import ServingConfig
+from k2serve.metrics import Metrics
+from k2serve.router.chains import open_store
+from k2serve.router.core import RouterCore
+from k2serve.router.schedule import GroupAddress, GroupDirectory, StaticDirectory
+from k2serve.router.server import start_router_server
+from k2serve.worker.loader import resolve_model
+from k2serve.worker.tokenizer import K2Tokenizer
+
+GROUP_SPEC = re.compile(r"(?P<id>[^=]+)=(?P<role>prefill|decode|both)@(?P<addr>[^:]+:\d+)")
+
+
+def parse_group(spec: str) -> GroupAddress:
+    m = GROUP_SPEC.fullmatch(spec)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad --group {spec!r}: expected ID=ROLE@HOST:PORT with ROLE one of "
+                                         "prefill, decode, both")
+    return GroupAddress(m["id"], m["role"], m["addr"])  # type: ignore[arg-type]
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (the caller tears down in order instead of dying mid-write)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_router(config: ServingConfig, directory: GroupDirectory, stop: asyncio.Event,
+                     on_ready: Callable[[str, int], None] | None = None, metrics: Metrics | None = None) -> None:
+    """Serves gRPC and HTTP until `stop` is set; `on_ready(http_url, grpc_port)` once both listen."""
+    from k2serve.router.http.app import create_app  # the HTTP front is optional for gRPC-only embedding
+    from k2serve.router.http.server import serving
+
+    metrics = metrics or Metrics()
+    tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
+    store = open_store(config.chain_store)
+    core = RouterCore(config, tokenizer, store, metrics, directory)
+    grpc_server = None
+    try:
+        await core.start()
+        grpc_server, grpc_port = await start_router_server(core, config.router.host, config.router.grpc_port)
+        async with serving(create_app(core, config, metrics), config.router.host, config.router.http_port) as url:
+            if on_ready is not None:
+                on_ready(url, grpc_port)
+            await stop.wait()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(1.0)
+        await core.aclose()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m k2serve.router.serve", description=__doc__)
+    ap.add_argument("--config", required=True, help="serving config (YAML or JSON)")
+    ap.add_argument("--group", action="append", type=parse_group, default=[], metavar="ID=ROLE@HOST:PORT",
+                    help="a worker group's gRPC address (repeat for each group)")
+    args = ap.parse_args(argv)
+    if not args.group:
+        ap.error("at least one --group is required")
+    config = ServingConfig.load(args.config)
+
+    def ready(url: str, grpc_port: int) -> None:
+        print(f"k2serve router: HTTP {url}/v1  gRPC {config.router.host}:{grpc_port}", flush=True)
+
+    async def go() -> None:
+        await run_router(config, StaticDirectory(args.group), stop_on_signals(), ready)
+
+    asyncio.run(go())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
