@@ -1,0 +1,76 @@
+"""`k2serve chat "…"`: one streamed chat request to a running stack; prints the thinking, the tool calls and
+the answer as they arrive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+
+def stream_chat(client: httpx.Client, body: dict[str, Any], out: TextIO) -> dict[str, Any]:
+    """Streams one chat completion to `out`; returns {"reasoning", "content", "tool_calls", "finish_reason"}."""
+    result: dict[str, Any] = {"reasoning": "", "content": "", "tool_calls": {}, "finish_reason": None}
+    section = ""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[len("data: "):]).get("choices", []):
+                delta = choice.get("delta", {})
+                for key, title in (("reasoning_content", "thinking"), ("content", "answer")):
+                    if delta.get(key):
+                        if section != title:
+                            out.write(f"\n[{title}]\n")
+                            section = title
+                        out.write(delta[key])
+                        result["reasoning" if key == "reasoning_content" else "content"] += delta[key]
+                for call in delta.get("tool_calls") or []:
+                    slot = result["tool_calls"].setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+                    fn = call.get("function", {})
+                    slot["id"] = call.get("id") or slot["id"]
+                    slot["name"] = fn.get("name") or slot["name"]
+                    slot["arguments"] += fn.get("arguments") or ""
+                result["finish_reason"] = choice.get("finish_reason") or result["finish_reason"]
+                out.flush()
+    for i, call in sorted(result["tool_calls"].items()):
+        out.write(f"\n[tool call {i}] {call['name']}({call['arguments']}) id={call['id']}")
+    out.write(f"\n[finish: {result['finish_reason']}]\n")
+    result["tool_calls"] = [c for _, c in sorted(result["tool_calls"].items())]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="k2serve chat", description=__doc__.splitlines()[0])
+    ap.add_argument("message")
+    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
+    ap.add_argument("--model", help="model name (default: the first in /v1/models)")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--tools", type=Path, help="JSON file with an OpenAI `tools` list")
+    ap.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"), help="bearer key ($K2SERVE_API_KEY)")
+    args = ap.parse_args(argv)
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(600, connect=5)) as client:
+            model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+            body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": args.message}],
+                                    "max_tokens": args.max_tokens, "temperature": args.temperature}
+            if args.seed is not None:
+                body["seed"] = args.seed
+            if args.tools:
+                body["tools"] = json.loads(args.tools.read_text())
+            stream_chat(client, body, sys.stdout)
+    except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
+        print(f"k2serve chat: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,57 @@
+"""`k2serve up` as a user runs it: a subprocess that prints its endpoint, serves chat completions through
+prefill → KV handoff → decode, answers `k2serve chat`, and tears everything down on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from k2serve.router.chat import main as chat_main
+
+
+def wait_for_endpoint(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"k2serve up exited ({proc.poll()}):\n{''.join(lines)}")
+        lines.append(line)
+        m = re.search(r"serving \S+ at (http://\S+)/v1", line)
+        if m:
+            return m.group(1)
+    raise TimeoutError(f"k2serve up printed no endpoint in {timeout_s}s:\n{''.join(lines)}")
+
+
+def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> None:
+    env = {**os.environ, "K2SERVE_CONFIG": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "k2serve.cli", "up", "--port", "0", "--chain-store",
+                             str(tmp_path / "chains.sqlite3")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, cwd=tmp_path)
+    try:
+        url = wait_for_endpoint(proc, 120)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-k2"
+            body = {"model": "tiny-k2", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 7,
+                    "temperature": 0}
+            reply = client.post("/v1/chat/completions", json=body).json()
+            assert reply["usage"]["completion_tokens"] == 7
+            metrics = client.get("/metrics").text
+        assert re.search(r'k2serve_kv_handoffs_total\{outcome="ok"\} [1-9]', metrics), metrics
+        assert chat_main(["hello", "--url", url, "--max-tokens", "5", "--seed", "3"]) == 0
+        assert "[finish: length]" in capsys.readouterr().out  # type: ignore[attr-defined]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "k2serve up: stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
