@@ -119,6 +119,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
     # ---- RPCs -----------------------------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         params = await self._params(request.sampling, context)
+        limit = self.loop.engine.max_model_len
+        if len(request.prompt) + params.max_tokens > limit:  # the one-token request below would not notice
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(request.prompt)} prompt tokens + max_tokens "
+                                f"{params.max_tokens} exceed the context limit {limit}")
         one = params.model_copy(update={"max_tokens": len(request.output_prefix) + 1})
         rid = request.request_id or uuid.uuid4().hex
         try:
