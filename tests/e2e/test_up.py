@@ -55,3 +55,13 @@ def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bench_serve_smoke() -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| k2serve P/D (gRPC router) | 4 | 4 | 16 |" in done.stdout
+    assert "| transformers generate (static batches) | 4 | 4 | 16 |" in done.stdout
+    assert "router overhead on ITL p50" in done.stdout

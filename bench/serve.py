@@ -1,0 +1,205 @@
+"""Serving benchmark: tokens/s, TTFT and inter-token latency at several concurrencies through the full stack
+(gRPC router → prefill group → KV handoff via Ray's object store → decode group), Hugging Face transformers
+`generate` in static batches on the same architecture and prompts as the baseline, and the router's overhead
+(the same load streamed straight from an aggregated group vs through the router).
+
+    python bench/serve.py [--smoke] [--json out.json]
+
+The transformers baseline runs `DeepseekV3ForCausalLM` built from the served model's config with dense float
+experts (transformers cannot run the INT4 pack-quantized experts here), every request forced to its full
+max_tokens like ours (ignore_eos) — the same work, shapes and prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from k2serve.config import ServingConfig
+from k2serve.proto import k2serve_pb2 as pb
+from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.router.local import start_local_stack
+from k2serve.router.server import start_router_server
+from k2serve.worker.engine.sampling import SamplingParams
+from k2serve.worker.service import sampling_to_proto
+
+
+@dataclass
+class Row:
+    system: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    tok_per_s: float
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p50_ms: float | None
+    itl_p99_ms: float | None
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return 1000 * s[min(len(s) - 1, int(q * len(s)))]
+
+
+def prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+async def drive(open_stream, items: list[list[int]], concurrency: int, label: str) -> Row:
+    """Runs every prompt through `open_stream(prompt)` (an async iterator of tokens), `concurrency` at once."""
+    sem = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    itls: list[float] = []
+    counts: list[int] = []
+
+    async def one(prompt: list[int]) -> None:
+        async with sem:
+            start = last = time.perf_counter()
+            n = 0
+            async for _ in open_stream(prompt):
+                now = time.perf_counter()
+                (itls if n else ttfts).append(now - last)
+                last, n = now, n + 1
+            counts.append(n)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in items))
+    wall = time.perf_counter() - t0
+    total = sum(counts)
+    return Row(label, concurrency, len(items), total, wall, total / wall, pct(ttfts, 0.5), pct(ttfts, 0.99),
+               pct(itls, 0.5), pct(itls, 0.99))
+
+
+def serving_config(tmp: Path, aggregated: bool) -> ServingConfig:
+    return ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / f"chains-{aggregated}.sqlite3")},
+                                         "router": {"aggregated": aggregated},
+                                         "prefill": {"max_running": 64}, "decode": {"max_running": 64}})
+
+
+async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int
+                      ) -> tuple[list[Row], list[Row]]:
+    params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    rows: list[Row] = []
+    overhead: list[Row] = []
+    for aggregated in (False, True):
+        stack = await start_local_stack(serving_config(tmp, aggregated))
+        server, port = await start_router_server(stack.core, "127.0.0.1", 0)
+        vocab = stack.core.tokenizer.vocab_size
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                router = pb_grpc.RouterStub(ch)
+
+                async def via_router(prompt: list[int]):  # noqa: ANN202 - an async generator
+                    async for chunk in router.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=params)):
+                        yield chunk.token
+
+                if not aggregated:
+                    for c in levels:
+                        items = prompts(per_level * c, *lens, vocab, seed=c)
+                        rows.append(await drive(via_router, items, c, "k2serve P/D (gRPC router)"))
+                    continue
+                group = stack.groups[0]
+                async with grpc.aio.insecure_channel(group.address) as gch:
+                    worker = pb_grpc.WorkerGroupStub(gch)
+
+                    async def direct(prompt: list[int]):  # noqa: ANN202 - an async generator
+                        async for ev in worker.Decode(pb.DecodeRequest(prompt=prompt, sampling=params)):
+                            yield ev.token
+
+                    c = levels[min(1, len(levels) - 1)]
+                    items = prompts(per_level * c, *lens, vocab, seed=100 + c)
+                    overhead.append(await drive(direct, items, c, "aggregated group, direct"))
+                    overhead.append(await drive(via_router, items, c, "aggregated group, via router"))
+        finally:
+            await server.stop(0)
+            await stack.aclose()
+    return rows, overhead
+
+
+def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int, vocab: int
+                       ) -> list[Row]:
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from k2serve.worker.loader import resolve_model
+    from k2serve.worker.model.config import K2Config
+
+    fields = K2Config.from_dir(resolve_model("builtin:tiny-k2")).to_hf_dict()
+    for key in ("model_type", "architectures", "quantization_config"):
+        fields.pop(key, None)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**fields)).eval()
+    rows = []
+    for c in levels:
+        items = prompts(per_level * c, *lens, vocab, seed=c)
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(0, len(items), c):  # static batches: every batch waits for its longest member
+            batch = items[i:i + c]
+            width = max(map(len, batch))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # [B, width], left-padded
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                     min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+            total += (out.shape[1] - width) * len(batch)
+        wall = time.perf_counter() - t0
+        rows.append(Row("transformers generate (static batches)", c, len(items), total, wall, total / wall,
+                        None, None, None, None))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    def f(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    out = ["| system | conc. | requests | tokens | s | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r.system} | {r.concurrency} | {r.requests} | {r.tokens} | {r.seconds:.2f} | {r.tok_per_s:.1f} | "
+            f"{f(r.ttft_p50_ms)} | {f(r.ttft_p99_ms)} | {f(r.itl_p50_ms)} | {f(r.itl_p99_ms)} |" for r in rows]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (numbers mean nothing)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    levels, per_level, lens, max_tokens = ([1, 4], 1, (4, 24), 4) if args.smoke else ([1, 8, 32], 2, (16, 256), 64)
+
+    import ray
+
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens))
+    finally:
+        ray.shutdown()
+    rows += bench_transformers(levels, per_level, lens, max_tokens, vocab=512)
+    print(table(rows))
+    print()
+    print(table(overhead))
+    direct, routed = overhead
+    if direct.itl_p50_ms and routed.itl_p50_ms:
+        print(f"\nrouter overhead on ITL p50: {100 * (routed.itl_p50_ms - direct.itl_p50_ms) / direct.itl_p50_ms:+.1f}%")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows + overhead], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
