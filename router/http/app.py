@@ -38,8 +38,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-ChainHeader = Annotated[str | None, Header(alias=CHAIN_HEADER, description="Continue this chain.")]
-LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", description="Resume a stream: `<chain>:<index>`.")]
+ChainHeader = Annotated[str | None, Header(alias=CHAIN_HEADER, min_length=1, max_length=128,
+                                          description="Continue this chain.")]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", pattern=r"^.+:[0-9]+$",
+                                           description="Resume a stream after this event: `<chain>:<index>`.")]
 
 
 class _Api:
@@ -59,7 +61,7 @@ class _Api:
             return await self._replay(request, body, last_event_id, chat=True, top=top)
         prompt = chat_prompt(self.core.tokenizer, body)
         if chain or body.chain_id:
-            await self._record_tool_results(chain or body.chain_id or "", body.messages)
+            await self._record_tool_results(chain or body.chain_id or "", body.template_messages())
         return await self._generate(request, body, prompt, chain, chat=True, top=top)
 
     async def completions(self, body: om.CompletionRequest, request: Request, chain: ChainHeader = None,

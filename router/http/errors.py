@@ -49,7 +49,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if e.get("type") == "json_invalid":
             parts.append(f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
         else:
-            parts.append(f"{param}: {e.get('msg')}" if param else str(e.get("msg")))
+            parts.append(f"{param or 'request body'}: {e.get('msg')}")
     return "; ".join(parts) or "invalid request", first_param
 
 

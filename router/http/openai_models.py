@@ -6,7 +6,7 @@ bad value is a 400 that names the field. `chain_id` and `deterministic` are k2se
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,6 +14,10 @@ from k2serve.worker.engine.sampling import MAX_TOP_LOGPROBS
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
+
+
+_Text = Annotated[str, Field(min_length=1)]
+_Ids = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -36,11 +40,6 @@ class ToolSpec(_Request):
     function: FunctionSpec
 
 
-class NamedToolChoice(_Request):
-    type: Literal["function"] = "function"
-    function: dict[str, str]
-
-
 class SamplingRequest(_Request):
     """The parameters both endpoints share."""
 
@@ -52,22 +51,13 @@ class SamplingRequest(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 means off.")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    n: int = Field(1, description="Only 1 is supported.")
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=4)] | None = None
     ignore_eos: bool = False
     chain_id: str | None = Field(None, min_length=1, max_length=128,
                                  description="k2serve: continue this chain (same as header X-K2-Chain-Id).")
     deterministic: bool | None = Field(None, description="k2serve: batch-invariant decoding for this request.")
-
-    @model_validator(mode="after")
-    def _stop_list(self) -> SamplingRequest:
-        if self.n != 1:
-            raise ValueError(f"n: only n=1 is supported, got {self.n}")
-        if isinstance(self.stop, list) and (len(self.stop) > 4 or any(not s for s in self.stop)):
-            raise ValueError("stop: at most 4 non-empty strings")
-        if self.stop == "":
-            raise ValueError("stop: must not be empty")
-        return self
 
     @property
     def stop_strings(self) -> list[str]:
@@ -84,10 +74,41 @@ class SamplingRequest(_Request):
         return self.max_tokens
 
 
+class TextPart(_Request):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class MessageIn(BaseModel):
+    """A conversation message as OpenAI clients send it; the chat template checks the combinations (a tool
+    message needs tool_call_id, ...) and ignores the extra fields clients echo back."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = Field(None, description="An assistant turn's thinking, sent back in history.")
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[MessageIn] = Field(min_length=1)
     tools: list[ToolSpec] | None = None
-    tool_choice: Literal["none", "auto"] | NamedToolChoice | Literal["required"] | None = None
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="'required' and named tools are not "
+                                                                         "supported.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins if both.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -96,13 +117,14 @@ class ChatCompletionRequest(SamplingRequest):
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs=true")
-        if self.tool_choice is not None and self.tool_choice not in ("none", "auto"):
-            raise ValueError("tool_choice: only 'auto' and 'none' are supported")
         return self
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools the prompt shows the model: none when tool_choice is 'none'."""
@@ -112,26 +134,14 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: _Text | _Ids | Annotated[list[_Text], Field(min_length=1, max_length=1)] | Annotated[
+        list[_Ids], Field(min_length=1, max_length=1)] = Field(
         description="Text or token ids; a list of one prompt is accepted, several are not (n=1)."
     )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool = Field(False, description="Only false is supported.")
-    best_of: int | None = Field(None, description="Only 1 is supported.")
-
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo: not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError(f"best_of: only 1 is supported, got {self.best_of}")
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise ValueError(f"prompt: one prompt per request, got {len(self.prompt)}")
-        if self.prompt in ("", []) or self.prompt in ([""], [[]]):
-            raise ValueError("prompt: must not be empty")
-        return self
+    echo: Literal[False] = Field(False, description="Only false is supported.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt

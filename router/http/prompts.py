@@ -17,7 +17,7 @@ def check_model(requested: str | None, served: str) -> None:
 
 def chat_prompt(tokenizer: K2Tokenizer, req: ChatCompletionRequest) -> list[int]:
     try:
-        return tokenizer.encode_chat(req.messages, req.template_tools())
+        return tokenizer.encode_chat(req.template_messages(), req.template_tools())
     except ChatTemplateError as e:
         param = "tools" if str(e).startswith("tools") else "messages"
         raise APIError(400, str(e), param=param) from e
