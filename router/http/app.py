@@ -111,7 +111,6 @@ class _Api:
                 raise APIError(400, f"Last-Event-ID names chain {event_chain!r}, the path {chain_id!r}",
                                param="Last-Event-ID")
             start = last + 1
-        await self._latest_turn(chain_id)
         gen = await self._resumed(request, chain_id)
         asm = TurnAssembler(self.core.tokenizer, stop_token_ids=set(), stop_strings=[], chat=False, top_logprobs=0)
 

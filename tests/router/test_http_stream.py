@@ -154,7 +154,8 @@ def test_requests_to_sampling() -> None:
                            top_logprobs=None).max_tokens == 90
     with pytest.raises(APIError) as err:
         sampling_params(chat, prompt_len=98, max_context=100, top_logprobs=None)
-    assert err.value.status == 400 and err.value.code == "context_length_exceeded" and "98 in the prompt" in str(err.value)
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+    assert "98 in the prompt" in str(err.value)
     with pytest.raises(APIError, match="maximum context length is 100"):
         sampling_params(ChatCompletionRequest(messages=[{"role": "user"}]), 100, 100, top_logprobs=None)
     with pytest.raises(APIError) as err:

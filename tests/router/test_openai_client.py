@@ -13,6 +13,8 @@ import openai
 import pytest
 
 from k2serve.config import ChainStoreConfig, RouterConfig, ServingConfig
+from k2serve.router.chains import ToolCall
+from k2serve.router.chains.sqlite_store import SqliteChainStore
 from k2serve.router.http.server import BackgroundServer, local_app
 
 MODEL = "tiny-k2"
@@ -29,8 +31,13 @@ def _config(tmp: Path, **router: Any) -> ServingConfig:
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with BackgroundServer(lambda: local_app(_config(tmp_path_factory.mktemp("http")))) as base:
+def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("http")
+
+
+@pytest.fixture(scope="module")
+def url(stack_dir: Path) -> Iterator[str]:
+    with BackgroundServer(lambda: local_app(_config(stack_dir))) as base:
         yield base
 
 
@@ -159,6 +166,25 @@ def test_chain_header_round_trip_and_delete(client: openai.OpenAI, url: str) -> 
     assert httpx.delete(f"{url}/v1/chains/{chain_id}").status_code == 200
     assert httpx.get(f"{url}/v1/chains/{chain_id}").status_code == 404
     assert httpx.delete(f"{url}/v1/chains/{chain_id}").status_code == 404
+
+
+def test_tool_results_go_into_the_transcript(url: str, stack_dir: Path) -> None:
+    first = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, "tools": TOOLS})
+    chain_id = first.headers["x-k2-chain-id"]
+    call = ToolCall(id="functions.get_weather:0", name="get_weather", arguments='{"city": "Paris"}')
+    # The tiny model emits no real calls: record one as if turn 0 had, through a second handle on the store.
+    with SqliteChainStore(stack_dir / "chains.sqlite3") as store:
+        store.record_tool_calls(chain_id, 0, [call])
+    history = MESSAGES + [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": call.id, "type": "function", "function": {
+            "name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": [{"type": "text", "text": "sunny, 21 C"}]},
+        {"role": "tool", "tool_call_id": "functions.unknown:9", "content": "not ours"}]
+    second = httpx.post(f"{url}/v1/chat/completions", headers={"X-K2-Chain-Id": chain_id},
+                        json={"messages": history, "max_tokens": 3, "tools": TOOLS})
+    assert second.status_code == 200, second.text
+    chain = httpx.get(f"{url}/v1/chains/{chain_id}").json()
+    assert [(c["id"], c["turn"], c["result"]) for c in chain["tool_calls"]] == [(call.id, 0, "sunny, 21 C")]
 
 
 def test_resume_by_last_event_id_and_from(url: str) -> None:
