@@ -4,12 +4,10 @@ its failure falls back to re-prefill, and both give the single engine's greedy t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-import ray
 from helpers.tiny import run_all, tiny_engine
 
 from k2serve.config import ServingConfig
@@ -24,17 +22,6 @@ PROMPT = [(7 * i + 3) % 500 for i in range(45)]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    """The session's Ray if one is up (the `ray_cluster` fixture), else a local one for this module."""
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    if owned:
-        ray.shutdown()
-
-
 def config(tmp_path: Path, **router: object) -> ServingConfig:
     return ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp_path / "chains.sqlite3")},
                                          "router": router})
@@ -46,7 +33,7 @@ def single_engine_tokens(prompt: list[int], params: SamplingParams) -> list[int]
     return run_all(engine)["r"]
 
 
-def test_pd_greedy_equals_single_engine_and_uses_the_handoff(ray_session: None, tmp_path: Path) -> None:
+def test_pd_greedy_equals_single_engine_and_uses_the_handoff(ray_cluster: None, tmp_path: Path) -> None:
     async def go() -> tuple[list[int], list[int], Metrics, int]:
         stack = await start_local_stack(config(tmp_path))
         try:
@@ -78,7 +65,7 @@ def test_aggregated_mode_equals_single_engine(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("handle", ["garbage", "other_prompt"])
-def test_failed_handoff_falls_back_to_reprefill(ray_session: None, tmp_path: Path, handle: str) -> None:
+def test_failed_handoff_falls_back_to_reprefill(ray_cluster: None, tmp_path: Path, handle: str) -> None:
     """A decode group given an unusable KV handle recomputes the prompt itself: same tokens, counted as fallback."""
     expected = single_engine_tokens(PROMPT, GREEDY)
 
@@ -107,7 +94,7 @@ def test_failed_handoff_falls_back_to_reprefill(ray_session: None, tmp_path: Pat
     assert events[-1].finish_reason == "length"
 
 
-def test_32_concurrent_streams_complete(ray_session: None, tmp_path: Path) -> None:
+def test_32_concurrent_streams_complete(ray_cluster: None, tmp_path: Path) -> None:
     lengths = [3 + (5 * i) % 40 for i in range(32)]
     max_tokens = [1 + (3 * i) % 11 for i in range(32)]
 
