@@ -1,0 +1,239 @@
+"""An expert-parallel worker group: N `RankWorker` actors in one placement group, joined in one
+`torch.distributed` group, driven as one stepping engine (`add_request/cancel/has_work/step/export_kv/release`)
+so an `EngineLoop` and the worker gRPC service run over it exactly as over a single-process `Engine`.
+
+Attention is data-parallel: each request lives on one rank (the least loaded when it arrives). Every `step`
+steps all ranks at once — they meet in the MoE all-to-alls of every layer; a rank without work joins with an
+empty batch. A rank's death (Ray reports it within about a second) or a collective timeout (a hung rank:
+its peers' collectives time out) fails the group with the ids of every request it held; `rebuild` replaces
+all ranks on a fresh placement group and rendezvous port.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from k2serve.worker.engine.engine import EngineConfig, KVHandoff, TokenEvent
+from k2serve.worker.model.config import K2Config
+from k2serve.worker.parallel.ep import expert_range
+from k2serve.worker.parallel.rank import RankSnapshot, RankWorker
+
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+@dataclass
+class GroupSpec:
+    model_dir: str
+    world_size: int
+    engine: EngineConfig
+    eos_ids: list[int]
+    deterministic: bool = False
+    placement: Placement = "PACK"
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    collective_timeout_s: float = 30.0  # longest a rank waits for its peers inside one collective
+    start_timeout_s: float = 120.0  # placement, weight loading and rendezvous
+
+
+class GroupFailed(RuntimeError):
+    """The group lost a rank or a collective timed out; `request_ids` are the sequences it held."""
+
+    def __init__(self, detail: str, request_ids: list[str]) -> None:
+        super().__init__(f"worker group failed ({detail}); lost requests: {', '.join(request_ids) or 'none'}")
+        self.detail = detail
+        self.request_ids = request_ids
+
+
+@dataclass
+class GroupBlocks:
+    """KV blocks of all ranks together (the `Engine.blocks` fields the worker service reads)."""
+
+    num_used_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_hit_tokens: int = 0
+
+
+@dataclass
+class GroupStats:
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    steps: int = 0
+    all_to_all_bytes: int = 0
+
+
+class ExpertParallelGroup:
+    def __init__(self, spec: GroupSpec) -> None:
+        num_experts = K2Config.from_dir(spec.model_dir).n_routed_experts
+        expert_range(0, spec.world_size, num_experts)  # N must divide E: fail before any actor starts
+        self.spec = spec
+        self.ranks: list[Any] = []  # RankWorker actor handles
+        self.pids: list[int] = []
+        self.expert_bytes: list[int] = []  # resident routed-expert bytes per rank
+        self.max_model_len = 0
+        self.owner: dict[str, int] = {}  # request id -> rank, for every request added and not yet dropped
+        self.active: set[str] = set()  # requests still generating
+        self.blocks = GroupBlocks()
+        self.stats = GroupStats()
+        self.expert_load: torch.Tensor | None = None  # [num_moe_layers, E] since the last take
+        self.failed: GroupFailed | None = None
+        self._snaps: list[RankSnapshot] = []
+        self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
+        self._pg: PlacementGroup | None = None
+        self.build()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Places N fresh ranks and joins them in a new process group on a fresh port."""
+        s = self.spec
+        bundle = {"CPU": s.num_cpus_per_actor, **({"GPU": s.num_gpus_per_actor} if s.num_gpus_per_actor else {}),
+                  **s.resources}
+        self._pg = placement_group([dict(bundle) for _ in range(s.world_size)], strategy=s.placement)
+        if not self._pg.wait(s.start_timeout_s):
+            raise RuntimeError(f"placement group of {s.world_size} × {bundle} not placed in {s.start_timeout_s} s")
+        actor = ray.remote(RankWorker)
+        self.ranks = [
+            actor.options(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor, resources=s.resources,
+                          max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                              self._pg, placement_group_bundle_index=r)).remote(r, s.world_size)
+            for r in range(s.world_size)
+        ]
+        host, port = ray.get(self.ranks[0].rendezvous_address.remote(), timeout=s.start_timeout_s)
+        self.pids = ray.get([r.pid.remote() for r in self.ranks], timeout=s.start_timeout_s)
+        self.expert_bytes = ray.get(
+            [r.setup.remote(s.model_dir, host, port, s.engine, s.eos_ids, s.deterministic, s.collective_timeout_s)
+             for r in self.ranks], timeout=s.start_timeout_s)
+        self.max_model_len = ray.get(self.ranks[0].max_model_len.remote(), timeout=s.start_timeout_s)
+        self.owner.clear()
+        self.active.clear()
+        self._token_base = (self.stats.prefill_tokens, self.stats.decode_tokens)
+        self._snaps = []
+        self.failed = None
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
+        self.ranks = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def rebuild(self) -> None:
+        self.shutdown()
+        self.build()
+
+    # ---- the stepping-engine surface ------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: list[int], params: Any, **kwargs: Any) -> int:
+        self._check()
+        if request_id in self.owner:
+            raise ValueError(f"request {request_id!r} is already in this group")
+        load = [0] * len(self.ranks)
+        for rid in self.active:
+            load[self.owner[rid]] += 1
+        rank = min(range(len(self.ranks)), key=lambda r: (load[r], r))
+        seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs))
+        self.owner[request_id] = rank
+        self.active.add(request_id)
+        return seed
+
+    def cancel(self, request_id: str) -> bool:
+        rank = self.owner.pop(request_id, None)
+        self.active.discard(request_id)
+        if rank is None or self.failed is not None:
+            return False
+        return bool(self._get(self.ranks[rank].cancel.remote(request_id)))
+
+    def has_work(self) -> bool:
+        return bool(self.active) and self.failed is None
+
+    def export_kv(self, request_id: str) -> KVHandoff:
+        self._check()
+        rank = self.owner.pop(request_id, None)
+        if rank is None:
+            raise KeyError(f"no held KV for request {request_id!r}")
+        return self._get(self.ranks[rank].export_kv.remote(request_id))
+
+    def release(self, request_id: str) -> bool:
+        rank = self.owner.pop(request_id, None)
+        if rank is None or self.failed is not None:
+            return False
+        return bool(self._get(self.ranks[rank].release.remote(request_id)))
+
+    @property
+    def running(self) -> list[None]:
+        """One entry per running sequence (the service only counts them)."""
+        return [None] * sum(s.running for s in self._snaps)
+
+    @property
+    def waiting(self) -> list[None]:
+        return [None] * sum(s.waiting for s in self._snaps)
+
+    def step(self) -> list[TokenEvent]:
+        self._check()
+        refs = [r.step.remote() for r in self.ranks]
+        results = self._gather(refs)
+        events = [ev for evs, _ in results for ev in evs]
+        for ev in events:
+            if ev.finish_reason is not None:
+                self.active.discard(ev.request_id)
+        self._absorb([snap for _, snap in results])
+        return events
+
+    def take_expert_load(self) -> torch.Tensor | None:
+        """[num_moe_layers, E] tokens routed to each expert, all ranks together, since the last take."""
+        out, self.expert_load = self.expert_load, None
+        return out
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+
+    def _fail(self, detail: str) -> GroupFailed:
+        self.failed = GroupFailed(detail, sorted(self.owner))
+        return self.failed
+
+    def _get(self, ref: Any) -> Any:
+        """One rank call; a dead rank fails the group."""
+        try:
+            return ray.get(ref, timeout=self.spec.collective_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise self._fail(f"rank call failed: {type(e).__name__}") from e
+
+    def _gather(self, refs: list[Any]) -> list[tuple[list[TokenEvent], RankSnapshot]]:
+        """Waits for every rank's step, failing as soon as any one fails (its peers may hang in a collective
+        until their timeout: don't wait for them)."""
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        pending = list(refs)
+        # A hung peer shows as a collective timeout on the others; this bound only catches a rank that
+        # hangs outside any collective.
+        deadline = time.monotonic() + 2 * self.spec.collective_timeout_s + 60.0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise self._fail(f"ranks {sorted(rank_of[p] for p in pending)} did not finish a step")
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                raise self._fail(f"rank {rank_of[ready[0]]} died") from e
+            except ray.exceptions.RayTaskError as e:  # a collective timed out or broke on that rank
+                raise self._fail(f"rank {rank_of[ready[0]]} step failed: {e.cause!r}") from e
+        return ray.get(refs)
+
+    def _absorb(self, snaps: list[RankSnapshot]) -> None:
+        self._snaps = snaps
+        self.blocks = GroupBlocks(sum(s.kv_blocks_used for s in snaps), sum(s.kv_blocks_free for s in snaps),
+                                  sum(s.prefix_hit_tokens for s in snaps))
+        self.stats.prefill_tokens = self._token_base[0] + sum(s.prefill_tokens for s in snaps)
+        self.stats.decode_tokens = self._token_base[1] + sum(s.decode_tokens for s in snaps)
+        self.stats.steps += 1
+        self.stats.all_to_all_bytes += sum(s.all_to_all_bytes for s in snaps)
+        load = torch.stack([s.expert_load for s in snaps]).sum(0)  # [num_moe_layers, E]
+        self.expert_load = load if self.expert_load is None else self.expert_load + load

@@ -1,0 +1,115 @@
+"""One rank of an expert-parallel group, as a Ray actor: the non-expert weights, one expert shard of every MoE
+layer, its own `Engine` (attention data-parallel: it owns the sequences assigned to it and their KV cache), and
+its place in the group's `torch.distributed` process group."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, TokenEvent
+from k2serve.worker.loader import load_weights
+from k2serve.worker.model.config import K2Config
+from k2serve.worker.model.k2 import K2Model
+from k2serve.worker.parallel.ep import ExpertParallelMoE, expert_range
+from k2serve.worker.quant.moe import select_moe_backend
+
+
+@dataclass
+class RankSnapshot:
+    """What a rank reports after every step, so the group answers Stats without another round trip."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_hit_tokens: int
+    prefill_tokens: int
+    decode_tokens: int
+    all_to_all_bytes: int  # since the previous snapshot
+    expert_load: torch.Tensor  # [num_moe_layers, E] tokens routed since the previous snapshot
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class RankWorker:
+    """Constructed cheaply; `setup` loads the shard and joins the process group (it blocks until every rank
+    of the group has called it, so the group calls it on all ranks at once)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        torch.set_num_threads(1)  # several ranks share a node's cores; intra-op threads would oversubscribe
+        self.rank = rank
+        self.world_size = world_size
+        self.engine: Engine | None = None
+        self.executor: ExpertParallelMoE | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's free port on this node: the address every rank of the group connects to."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, model_dir: str, host: str, port: int, engine_config: EngineConfig, eos_ids: list[int],
+              deterministic: bool, timeout_s: float) -> int:
+        """Loads weights + this rank's experts and joins the group; returns resident routed-expert bytes."""
+        cuda = torch.cuda.is_available()
+        if host.startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        dtype = torch.bfloat16 if cuda else torch.float32
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+        rng = expert_range(self.rank, self.world_size, K2Config.from_dir(model_dir).n_routed_experts)
+        w = load_weights(model_dir, expert_range=rng, dtype=dtype, device=device)
+        self.executor = ExpertParallelMoE(w.experts, select_moe_backend(device), self.rank, self.world_size,
+                                          deterministic)
+        model = K2Model(w.config, w.dense, self.executor, deterministic=deterministic)
+        config = EngineConfig(**{**engine_config.__dict__, "lockstep": True, "deterministic": deterministic})
+        self.engine = Engine(model, config, eos_token_ids=eos_ids)
+        return sum(s.nbytes() for s in w.experts.values())
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError(f"rank {self.rank} is not set up")
+        return self.engine
+
+    def max_model_len(self) -> int:
+        return self._engine().max_model_len
+
+    def add_request(self, request_id: str, prompt: list[int], params: Any, kwargs: dict[str, Any]) -> int:
+        return self._engine().add_request(request_id, prompt, params, **kwargs)
+
+    def cancel(self, request_id: str) -> bool:
+        return self._engine().cancel(request_id)
+
+    def export_kv(self, request_id: str) -> KVHandoff:
+        return self._engine().export_kv(request_id)
+
+    def release(self, request_id: str) -> bool:
+        return self._engine().release(request_id)
+
+    def step(self) -> tuple[list[TokenEvent], RankSnapshot]:
+        """One lockstep step (an empty forward when this rank has nothing to run)."""
+        eng = self._engine()
+        events = eng.step()
+        executor = self.executor
+        if executor is None:
+            raise RuntimeError(f"rank {self.rank} is not set up")
+        snap = RankSnapshot(len(eng.running), len(eng.waiting), eng.blocks.num_used_blocks,
+                            eng.blocks.num_free_blocks, eng.blocks.prefix_hit_tokens, eng.stats.prefill_tokens,
+                            eng.stats.decode_tokens, executor.counter.take(), eng.model.expert_load.take())
+        return events, snap
