@@ -139,3 +139,28 @@ def test_bad_requests_get_clear_errors(prompt: list[int], params: SamplingParams
     with pytest.raises(ValueError, match=match):
         engine.add_request("x", prompt, params)
     assert not engine.has_work()
+
+
+def test_batched_decode_attention_matches_one_sequence_at_a_time() -> None:
+    """The default mode attends for all decoding sequences in one padded batch; it must agree with attending
+    for each alone (up to float rounding)."""
+    from k2serve.worker.model.batch import ForwardBatch, SeqSlice
+    from k2serve.worker.model.k2 import K2Model
+
+    w = tiny_weights()
+    model = K2Model(w.config, w.dense, w.experts)
+    kv = LatentKVCache(w.config, 64, 16, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 37, 16, 90]
+    bases = [i * 256 for i in range(len(lengths))]  # disjoint slot ranges
+    for base, n in zip(bases, lengths):  # prefill each sequence's context into the cache
+        ids = torch.randint(0, 256, (n,), generator=g)
+        model.forward(ForwardBatch(ids, torch.arange(n), [SeqSlice(0, n, 0, torch.arange(base, base + n))],
+                                   torch.tensor([n - 1])), kv)
+    nxt = torch.randint(0, 256, (len(lengths),), generator=g)
+    seqs = [SeqSlice(i, 1, n, torch.arange(base, base + n + 1)) for i, (base, n) in enumerate(zip(bases, lengths))]
+    together = model.forward(ForwardBatch(nxt, torch.tensor(lengths), seqs, torch.arange(len(lengths))), kv)
+    for i, s in enumerate(seqs):
+        alone = model.forward(ForwardBatch(nxt[i : i + 1], torch.tensor([lengths[i]]), [SeqSlice(0, 1, s.start_pos, s.slots)],
+                                           torch.tensor([0])), kv)
+        torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-5)

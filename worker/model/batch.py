@@ -7,7 +7,7 @@ MLA caches, per token and layer, only the normalised compressed latent (kv_lora_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,24 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64
     seqs: list[SeqSlice]
     logits_rows: torch.Tensor  # [B] int64: rows whose next-token logits the step returns
+    _decode: "DecodeGather | None" = field(default=None, repr=False)
+
+    def decode_gather(self) -> "DecodeGather | None":
+        """The one-token sequences of the step, padded to a common context so every layer attends for all of
+        them at once (computed once per step, shared by the layers)."""
+        if self._decode is None:
+            decodes = [s for s in self.seqs if s.num_new == 1]
+            if len(decodes) < 2:
+                return None
+            longest = max(s.context_len for s in decodes)
+            slots = torch.zeros(len(decodes), longest, dtype=torch.int64)  # [B, L]; padding reads slot 0, masked
+            pad = torch.ones(len(decodes), longest, dtype=torch.bool)  # [B, L] True where there is no key
+            for i, s in enumerate(decodes):
+                slots[i, : s.context_len] = s.slots[: s.context_len]
+                pad[i, : s.context_len] = False
+            rows = torch.tensor([s.row for s in decodes], dtype=torch.int64)
+            self._decode = DecodeGather(rows, slots, pad, {id(s) for s in decodes})
+        return self._decode
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +65,14 @@ class ForwardBatch:
         if not self.seqs:
             return torch.empty(0, dtype=torch.int64)
         return torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs])
+
+
+@dataclass
+class DecodeGather:
+    rows: torch.Tensor  # [B] rows of the flattened batch
+    slots: torch.Tensor  # [B, L] cache slots of each sequence's keys, padded
+    pad: torch.Tensor  # [B, L] True for padding
+    seq_ids: set[int]  # id() of the SeqSlices covered
 
 
 class LatentKVCache:

@@ -63,7 +63,19 @@ class MLAttention:
         kv.write(self.layer, batch.write_slots, latent, k_rope)
 
         out = x.new_empty(T, self.heads, self.kv_lora_rank)  # [T, H, c]
+        gather = None if self.det else batch.decode_gather()
+        if gather is not None:
+            keys = kv.data[self.layer, gather.slots.to(x.device)]  # [B, L, c + r]
+            c_keys, r_keys = keys[..., : self.kv_lora_rank], keys[..., self.kv_lora_rank :]
+            rows = gather.rows.to(x.device)
+            scores = (torch.einsum("bhc,blc->bhl", q_lat[rows], c_keys)
+                      + torch.einsum("bhr,blr->bhl", q_rope[rows], r_keys)) * self.scale  # [B, H, L]
+            scores = scores.masked_fill(gather.pad.to(x.device).unsqueeze(1), float("-inf"))
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c_keys.dtype)
+            out[rows] = torch.einsum("bhl,blc->bhc", probs, c_keys)
         for s in batch.seqs:
+            if gather is not None and id(s) in gather.seq_ids:
+                continue
             rows = slice(s.row, s.row + s.num_new)
             c_all, r_all = kv.read(self.layer, s.slots[: s.context_len])  # [ctx, c], [ctx, r]
             if self.det:
