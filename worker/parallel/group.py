@@ -71,8 +71,9 @@ class GroupStats:
 
 class ExpertParallelGroup:
     def __init__(self, spec: GroupSpec) -> None:
-        num_experts = K2Config.from_dir(spec.model_dir).n_routed_experts
-        expert_range(0, spec.world_size, num_experts)  # N must divide E: fail before any actor starts
+        model = K2Config.from_dir(spec.model_dir)
+        expert_range(0, spec.world_size, model.n_routed_experts)  # N must divide E: fail before any actor starts
+        self.moe_layers: list[int] = list(model.moe_layers)  # rows of `expert_load`
         self.spec = spec
         self.ranks: list[Any] = []  # RankWorker actor handles
         self.pids: list[int] = []
@@ -80,6 +81,7 @@ class ExpertParallelGroup:
         self.max_model_len = 0
         self.owner: dict[str, int] = {}  # request id -> rank, for every request added and not yet dropped
         self.active: set[str] = set()  # requests still generating
+        self.holding: set[str] = set()  # hold_kv requests: their rank keeps the KV after they finish
         self.blocks = GroupBlocks()
         self.stats = GroupStats()
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, E] since the last take
@@ -113,6 +115,7 @@ class ExpertParallelGroup:
         self.max_model_len = ray.get(self.ranks[0].max_model_len.remote(), timeout=s.start_timeout_s)
         self.owner.clear()
         self.active.clear()
+        self.holding.clear()
         self._token_base = (self.stats.prefill_tokens, self.stats.decode_tokens)
         self._snaps = []
         self.failed = None
@@ -141,11 +144,12 @@ class ExpertParallelGroup:
         seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs))
         self.owner[request_id] = rank
         self.active.add(request_id)
+        if kwargs.get("hold_kv"):
+            self.holding.add(request_id)
         return seed
 
     def cancel(self, request_id: str) -> bool:
-        rank = self.owner.pop(request_id, None)
-        self.active.discard(request_id)
+        rank = self._drop(request_id)
         if rank is None or self.failed is not None:
             return False
         return bool(self._get(self.ranks[rank].cancel.remote(request_id)))
@@ -155,13 +159,13 @@ class ExpertParallelGroup:
 
     def export_kv(self, request_id: str) -> KVHandoff:
         self._check()
-        rank = self.owner.pop(request_id, None)
+        rank = self._drop(request_id)
         if rank is None:
             raise KeyError(f"no held KV for request {request_id!r}")
         return self._get(self.ranks[rank].export_kv.remote(request_id))
 
     def release(self, request_id: str) -> bool:
-        rank = self.owner.pop(request_id, None)
+        rank = self._drop(request_id)
         if rank is None or self.failed is not None:
             return False
         return bool(self._get(self.ranks[rank].release.remote(request_id)))
@@ -183,6 +187,8 @@ class ExpertParallelGroup:
         for ev in events:
             if ev.finish_reason is not None:
                 self.active.discard(ev.request_id)
+                if ev.request_id not in self.holding:
+                    self.owner.pop(ev.request_id, None)
         self._absorb([snap for _, snap in results])
         return events
 
@@ -192,6 +198,11 @@ class ExpertParallelGroup:
         return out
 
     # ---- internals ------------------------------------------------------------------------------------
+    def _drop(self, request_id: str) -> int | None:
+        self.active.discard(request_id)
+        self.holding.discard(request_id)
+        return self.owner.pop(request_id, None)
+
     def _check(self) -> None:
         if self.failed is not None:
             raise self.failed

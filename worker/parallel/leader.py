@@ -1,0 +1,211 @@
+"""The group leader, a Ray actor: builds its `ExpertParallelGroup`, drives it with an `EngineLoop` and serves the
+`WorkerGroup` gRPC service over it. When the group fails (a rank died, a collective timed out) every in-flight
+stream ends with an error naming the lost requests, Health reports unhealthy, and the leader rebuilds the group
+(fresh ranks, placement group and rendezvous) and serves again on the same address.
+
+It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process,
+`kill_group` every rank's and then its own — by PID, so the same faults work in a real cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from k2serve.config import FaultSpec, PoolConfig, ServingConfig
+from k2serve.metrics import Metrics
+from k2serve.worker.engine.engine import EngineConfig, TokenEvent
+from k2serve.worker.engine.loop import EngineLoop
+from k2serve.worker.loader import resolve_model
+from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
+from k2serve.worker.service import Role, WorkerService
+from k2serve.worker.tokenizer import K2Tokenizer
+
+log = logging.getLogger(__name__)
+
+Pool = Literal["prefill", "decode"]
+DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks unset
+SUPERVISE_INTERVAL_S = 0.05
+EXPERT_LOAD_EXPORT_S = 1.0
+REBUILD_BACKOFF_S = 1.0
+
+
+@dataclass
+class Failure:
+    at: float  # time.time() when the leader saw it
+    detail: str
+    request_ids: list[str]
+    recovered_at: float | None = None
+
+
+@dataclass
+class _ArmedFault:
+    spec: FaultSpec
+    fired: int = 0
+    tokens: int = 0  # produced since it last fired
+
+
+def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s: float = 30.0) -> GroupSpec:
+    model_dir = resolve_model(config.model.source)
+    engine = EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
+                          max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
+                          max_model_len=config.model.max_context, deterministic=config.deterministic)
+    return GroupSpec(model_dir=str(model_dir), world_size=pool.expert_parallel, engine=engine,
+                     eos_ids=K2Tokenizer.from_dir(model_dir).eos_ids, deterministic=config.deterministic,
+                     placement=pool.placement, num_cpus_per_actor=pool.num_cpus_per_actor,
+                     num_gpus_per_actor=pool.num_gpus_per_actor, resources=dict(pool.ray_resources),
+                     collective_timeout_s=collective_timeout_s)
+
+
+class GroupLeader:
+    """Use as a Ray actor (`ray.remote(GroupLeader)`); `start()` must be awaited before anything else."""
+
+    def __init__(self, config: ServingConfig, pool: Pool, index: int, role: Role, *,
+                 collective_timeout_s: float = 30.0) -> None:
+        self.config = config
+        self.pool = pool
+        self.role: Role = role
+        self.group_id = f"{role}-{index}"
+        self.spec = group_spec(config, getattr(config, pool), collective_timeout_s=collective_timeout_s)
+        self.faults = [_ArmedFault(f) for f in config.faults
+                       if f.pool == pool and f.group == index and f.kind in ("kill_actor", "kill_group")]
+        self.metrics = Metrics()
+        self.failures: list[Failure] = []
+        self.address = ""
+        self.metrics_port = 0
+        self._group: ExpertParallelGroup | None = None
+        self._service: WorkerService | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._last_load_export = 0.0
+
+    async def start(self) -> dict[str, Any]:
+        import ray
+
+        if self._service is not None:
+            return self.info()
+        host = ray.util.get_node_ip_address()
+        self._group = await asyncio.to_thread(ExpertParallelGroup, self.spec)
+        self._service = WorkerService(EngineLoop(self._group, self._on_step), group_id=self.group_id,
+                                      role=self.role, block_size=self.spec.engine.block_size, metrics=self.metrics)
+        self.address = await self._service.start(host, 0)
+        self.metrics_port = self.metrics.serve(0, host)
+        self.metrics.group_healthy.labels(role=self.role, group=self.group_id).set(1)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        return self.info()
+
+    def info(self) -> dict[str, Any]:
+        """What the registry publishes for routers (plus what operators and tests look at)."""
+        return {"group_id": self.group_id, "role": self.role, "pool": self.pool, "address": self.address,
+                "metrics_port": self.metrics_port, "world_size": self.spec.world_size,
+                "healthy": self._service is not None and self._service.failed is None,
+                "leader_pid": os.getpid(), "rank_pids": self.rank_pids(), "restarts": len(self.failures)}
+
+    def rank_pids(self) -> list[int]:
+        return list(self._group.pids) if self._group is not None else []
+
+    def expert_bytes(self) -> list[int]:
+        return list(self._group.expert_bytes) if self._group is not None else []
+
+    def failure_log(self) -> list[dict[str, Any]]:
+        return [asdict(f) for f in self.failures]
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
+        if self._service is not None:
+            await self._stop_service(self._service)
+            self._service = None
+        if self._group is not None:
+            await asyncio.to_thread(self._group.shutdown)
+            self._group = None
+
+    # ---- supervision ----------------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(SUPERVISE_INTERVAL_S)
+            service, group = self._service, self._group
+            if service is None or group is None or service.loop.error is None:
+                continue
+            err = service.loop.error
+            lost = err.request_ids if isinstance(err, GroupFailed) else sorted(group.owner)
+            failure = Failure(time.time(), str(err), lost)
+            self.failures.append(failure)
+            service.failed = str(err)
+            log.warning("group %s failed, rebuilding: %s", self.group_id, err)
+            await self._rebuild(group)
+            old, service.loop = service.loop, EngineLoop(group, self._on_step)
+            service.loop.start()
+            await self._stop_loop(old)
+            service.failed = None
+            failure.recovered_at = time.time()
+            self.metrics.group_restarts.labels(role=self.role).inc()
+
+    @staticmethod
+    async def _stop_loop(loop: EngineLoop) -> None:
+        """`EngineLoop.stop` re-raises the error its engine failed with: that one is already handled."""
+        try:
+            await loop.stop()
+        except Exception as e:
+            if e is not loop.error:
+                raise
+
+    async def _stop_service(self, service: WorkerService) -> None:
+        try:
+            await service.stop()
+        except Exception as e:
+            if e is not service.loop.error:
+                raise
+
+    async def _rebuild(self, group: ExpertParallelGroup) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(group.rebuild)
+                return
+            except Exception:  # e.g. no room for the placement group yet: keep trying, stay unhealthy
+                log.exception("group %s: rebuild failed, retrying", self.group_id)
+                await asyncio.sleep(REBUILD_BACKOFF_S)
+
+    def _on_step(self, events: list[TokenEvent]) -> None:
+        """Runs between steps (the engine thread is idle), so reading the group is safe."""
+        group = self._group
+        if group is None:
+            return
+        labels = {"role": self.role, "group": self.group_id}
+        self.metrics.all_to_all_bytes.labels(**labels).inc(group.stats.all_to_all_bytes)
+        group.stats.all_to_all_bytes = 0
+        now = time.monotonic()
+        if now - self._last_load_export >= EXPERT_LOAD_EXPORT_S:
+            self._last_load_export = now
+            self._export_expert_load(group)
+        for fault in self.faults:
+            fault.tokens += len(events)
+            if fault.fired < fault.spec.times and fault.tokens >= fault.spec.after_tokens:
+                fault.fired += 1
+                fault.tokens = 0
+                self._fire(fault.spec, group)
+
+    def _export_expert_load(self, group: ExpertParallelGroup) -> None:
+        load = group.take_expert_load()  # [num_moe_layers, E]
+        if load is None:
+            return
+        for layer, row in zip(group.moe_layers, load.tolist()):
+            for expert, n in enumerate(row):
+                if n:
+                    self.metrics.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(n)
+
+    def _fire(self, fault: FaultSpec, group: ExpertParallelGroup) -> None:
+        log.warning("group %s: injecting fault %s", self.group_id, fault)
+        if fault.kind == "kill_actor":
+            if fault.rank >= len(group.pids):
+                raise ValueError(f"fault {fault}: group {self.group_id} has only {len(group.pids)} ranks")
+            os.kill(group.pids[fault.rank], signal.SIGKILL)
+            return
+        for pid in group.pids:
+            os.kill(pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)

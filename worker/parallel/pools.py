@@ -1,0 +1,226 @@
+"""The pool controller (`k2serve pools`, a Ray driver; in-process under `k2serve up`): keeps
+`prefill.groups` + `decode.groups` group leaders (aggregated mode: `prefill.groups` leaders serving both roles)
+alive as named, detached actors, replaces one that died, and publishes every group's gRPC address, role and id
+in the `k2serve-registry` actor, where routers read them (`registry_groups`).
+
+Leaders are named `k2serve-<role>-<i>` in the controller's namespace, so a restarted controller adopts the
+groups that are still alive instead of starting twins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import ray
+
+from k2serve.config import FaultSpec, ServingConfig
+from k2serve.worker.parallel.leader import GroupLeader, Pool
+from k2serve.worker.service import Role
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "k2serve"
+REGISTRY_NAME = "k2serve-registry"
+LEADER_CPUS = 0.1  # a leader only relays requests and steps its ranks
+START_TIMEOUT_S = 180.0
+CALL_TIMEOUT_S = 5.0
+NAME_RELEASE_TIMEOUT_S = 30.0  # a dead actor's name is freed asynchronously
+
+
+class GroupRegistry:
+    """Ray actor holding what routers need to reach the groups."""
+
+    def __init__(self) -> None:
+        self._groups: list[dict[str, Any]] = []
+
+    def set(self, groups: list[dict[str, Any]]) -> None:
+        self._groups = groups
+
+    def groups(self) -> list[dict[str, Any]]:
+        return self._groups
+
+
+def registry_groups(namespace: str = NAMESPACE, role: Role | None = None) -> list[dict[str, Any]]:
+    """The published groups (`group_id`, `role`, `address`, `healthy`, ...), from any Ray driver or actor."""
+    registry = ray.get_actor(REGISTRY_NAME, namespace=namespace)
+    groups: list[dict[str, Any]] = ray.get(registry.groups.remote(), timeout=CALL_TIMEOUT_S)
+    return [g for g in groups if role is None or g["role"] == role]
+
+
+class _Slot:
+    def __init__(self, pool: Pool, index: int, role: Role) -> None:
+        self.pool, self.index, self.role = pool, index, role
+        self.group_id = f"{role}-{index}"
+        self.leader: Any = None  # actor handle
+        self.info: dict[str, Any] | None = None
+
+
+class PoolController:
+    def __init__(self, config: ServingConfig, *, namespace: str = NAMESPACE, check_interval_s: float = 1.0,
+                 collective_timeout_s: float = 30.0) -> None:
+        self.config = config
+        self.namespace = namespace
+        self.check_interval_s = check_interval_s
+        self.collective_timeout_s = collective_timeout_s
+        self.replacements = 0
+        if config.router.aggregated:
+            self._slots = [_Slot("prefill", i, "both") for i in range(config.prefill.groups)]
+        else:
+            self._slots = [_Slot("prefill", i, "prefill") for i in range(config.prefill.groups)] + [
+                _Slot("decode", i, "decode") for i in range(config.decode.groups)]
+        # kill_group faults kill the leader that fired them: count firings here so a replacement doesn't
+        # fire them again.
+        self._faults_left = [f.times for f in config.faults]
+        self._registry: Any = None
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ---- public API -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts (or adopts) every group, publishes them, and keeps them alive from a background thread."""
+        if not ray.is_initialized():
+            raise RuntimeError("PoolController.start needs a Ray connection (ray.init first)")
+        self._registry = ray.remote(GroupRegistry).options(
+            name=REGISTRY_NAME, namespace=self.namespace, lifetime="detached", num_cpus=0,
+            get_if_exists=True).remote()
+        pending = {slot.group_id: self._adopt_or_launch(slot) for slot in self._slots}
+        for slot in self._slots:
+            slot.info = ray.get(pending[slot.group_id], timeout=START_TIMEOUT_S)
+        self._publish()
+        self._monitor = threading.Thread(target=self._watch, name="k2serve-pool-controller", daemon=True)
+        self._monitor.start()
+
+    def groups(self, role: Role | None = None) -> list[dict[str, Any]]:
+        """The live groups this controller manages (`role`: only that role)."""
+        with self._lock:
+            return [dict(s.info) for s in self._slots if s.info is not None and role in (None, s.role)]
+
+    def read_registry(self) -> list[dict[str, Any]]:
+        return registry_groups(self.namespace)
+
+    def stop(self) -> None:
+        """Stops watching, then stops and kills every leader (their ranks go with them) and the registry."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join()
+            self._monitor = None
+        for slot in self._slots:
+            if slot.leader is None:
+                continue
+            try:
+                ray.get(slot.leader.stop.remote(), timeout=CALL_TIMEOUT_S * 6)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # already dead or stuck: killed below either way
+            ray.kill(slot.leader)
+            slot.leader, slot.info = None, None
+        if self._registry is not None:
+            ray.kill(self._registry)
+            self._registry = None
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _adopt_or_launch(self, slot: _Slot) -> Any:
+        """A ref to the slot's leader info: the running leader's, or a freshly started one's."""
+        try:
+            slot.leader = ray.get_actor(self._name(slot), namespace=self.namespace)
+            return slot.leader.start.remote()  # start() is idempotent: a running leader answers its info
+        except ValueError:
+            return self._launch(slot)
+
+    def _name(self, slot: _Slot) -> str:
+        return f"k2serve-{slot.group_id}"
+
+    def _launch(self, slot: _Slot) -> Any:
+        config = self.config.model_copy(update={"faults": self._faults_for(slot)})
+        deadline = time.monotonic() + NAME_RELEASE_TIMEOUT_S
+        while True:
+            try:
+                slot.leader = ray.remote(GroupLeader).options(
+                    name=self._name(slot), namespace=self.namespace, lifetime="detached", num_cpus=LEADER_CPUS,
+                    max_restarts=0).remote(config, slot.pool, slot.index, slot.role,
+                                           collective_timeout_s=self.collective_timeout_s)
+                return slot.leader.start.remote()
+            except ValueError:  # the dead leader's name is not released yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _faults_for(self, slot: _Slot) -> list[FaultSpec]:
+        return [f.model_copy(update={"times": left}) for f, left in zip(self.config.faults, self._faults_left)
+                if left > 0 and f.pool == slot.pool and f.group == slot.index]
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.check_interval_s):
+            changed = False
+            for slot in self._slots:
+                if self._stop.is_set():
+                    return
+                try:
+                    info = ray.get(slot.leader.info.remote(), timeout=CALL_TIMEOUT_S)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    log.warning("group %s lost (%s): replacing it", slot.group_id, type(e).__name__)
+                    info = self._replace(slot)
+                    if info is None:
+                        continue
+                changed |= info != slot.info
+                with self._lock:
+                    slot.info = info
+            if changed:
+                self._publish()
+
+    def _replace(self, slot: _Slot) -> dict[str, Any] | None:
+        with self._lock:
+            slot.info = None
+        self._publish()  # routers stop seeing the dead address at once
+        ray.kill(slot.leader)
+        for i, f in enumerate(self.config.faults):
+            if f.kind == "kill_group" and f.pool == slot.pool and f.group == slot.index and self._faults_left[i]:
+                self._faults_left[i] -= 1
+        try:
+            info: dict[str, Any] = ray.get(self._launch(slot), timeout=START_TIMEOUT_S)
+        except Exception:  # no room yet, a start error: try again on the next round
+            log.exception("replacing group %s failed", slot.group_id)
+            return None
+        self.replacements += 1
+        return info
+
+    def _publish(self) -> None:
+        ray.get(self._registry.set.remote(self.groups()), timeout=CALL_TIMEOUT_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="k2serve pools", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
+    ap.add_argument("--local", action="store_true", help="start a local Ray (loopback, no dashboard) instead of "
+                    "joining the cluster at address=auto")
+    ap.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of leaders and registry ({NAMESPACE})")
+    args = ap.parse_args(argv)
+    try:
+        config = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
+    except ValueError as e:
+        print(f"k2serve pools: {e}", file=sys.stderr)
+        return 2
+    if args.local:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    else:
+        ray.init(address="auto", namespace=args.namespace)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    controller = PoolController(config, namespace=args.namespace)
+    try:
+        controller.start()
+        for g in controller.groups():
+            print(json.dumps(g), flush=True)
+        stop.wait()
+    finally:
+        controller.stop()
+        ray.shutdown()
+    return 0
