@@ -22,6 +22,7 @@ import grpc
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.router.faults import GroupFaults
 from k2serve.worker.engine.engine import KVHandoff, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
@@ -69,8 +70,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
     (`add_request/cancel/has_work/step/export_kv`, and `running`, `waiting`, `blocks`, `stats` for Stats)."""
 
     def __init__(self, loop: EngineLoop, *, group_id: str, role: Role, block_size: int,
-                 metrics: Metrics | None = None, kv_ttl_s: float = 60.0) -> None:
+                 metrics: Metrics | None = None, kv_ttl_s: float = 60.0, faults: GroupFaults | None = None) -> None:
         self.loop = loop
+        self.faults = faults
+        self.dead = asyncio.Event()  # set once a fault killed this group (its host may start a new one)
         self.group_id = group_id
         self.role: Role = role
         self.block_size = block_size
@@ -143,6 +146,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         handle, kv_tokens = (b"", 0) if finished else await self._export(rid)
         if finished:
             await self.loop.call(self.loop.engine.release, rid)
+        await self._maybe_die(context)
         return pb.PrefillResponse(first=event_to_proto(ev, seed), kv_handle=handle, kv_tokens=kv_tokens)
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
@@ -159,6 +163,20 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         async for ev in events:
             yield event_to_proto(ev, seed if first else None, outcome if first else "")
             first = False
+            await self._maybe_die(context)
+
+    async def _maybe_die(self, context: grpc.aio.ServicerContext) -> None:
+        """Injected group death (`kill_group`/`kill_actor`): the whole group stops serving, every stream of it
+        fails, as when its process or one of its actors dies."""
+        kind = self.faults.token() if self.faults is not None else None
+        if kind is None:
+            return
+        asyncio.get_running_loop().create_task(self._die())
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker group {self.group_id}: {kind} (fault injection)")
+
+    async def _die(self) -> None:
+        await self.stop()
+        self.dead.set()
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         return pb.CancelResponse(cancelled=await self.loop.cancel(request.request_id))

@@ -60,9 +60,8 @@ class _Api:
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=True, top=top)
         prompt = chat_prompt(self.core.tokenizer, body)
-        if chain or body.chain_id:
-            await self._record_tool_results(chain or body.chain_id or "", body.template_messages())
-        return await self._generate(request, body, prompt, chain, chat=True, top=top)
+        return await self._generate(request, body, prompt, chain, chat=True, top=top,
+                                    history=body.template_messages())
 
     async def completions(self, body: om.CompletionRequest, request: Request, chain: ChainHeader = None,
                           last_event_id: LastEventId = None) -> Response:
@@ -74,7 +73,7 @@ class _Api:
         return await self._generate(request, body, prompt, chain, chat=False, top=top)
 
     async def _generate(self, request: Request, body: om.SamplingRequest, prompt: list[int], header_chain: str | None,
-                        *, chat: bool, top: int | None) -> Response:
+                        *, chat: bool, top: int | None, history: list[dict[str, Any]] | None = None) -> Response:
         if header_chain and body.chain_id and header_chain != body.chain_id:
             raise APIError(400, f"chain_id {body.chain_id!r} differs from header {CHAIN_HEADER} {header_chain!r}",
                            param="chain_id")
@@ -84,6 +83,8 @@ class _Api:
         tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
                                     deterministic=deterministic, request_meta=meta)
         gen = await Generation.start(tokens, core=self.core, state=request.scope["state"])
+        if history:
+            await self._record_transcript(gen, history)
         return await self._respond(request, body, gen, chat=chat, top=top, created=int(time.time()), resume_at=0)
 
     async def _replay(self, request: Request, body: om.SamplingRequest, last_event_id: str, *, chat: bool,
@@ -190,10 +191,11 @@ class _Api:
             yield sse_event(error_body(500, f"generation failed: {type(e).__name__}: {e}"))
             yield sse_event("[DONE]")
         finally:
-            await gen.close(outcome)
+            await gen.close(outcome, stop=asm.done)  # a stop string ends the turn; a gone client does not
 
     async def _collect(self, request: Request, gen: Generation, asm: TurnAssembler) -> list[TokenStep] | None:
-        """The whole turn, or None if the client disconnected first (the turn is then cancelled)."""
+        """The whole turn, or None if the client disconnected first (the turn generates on: the client may
+        read it later from the chain)."""
 
         async def collect() -> list[TokenStep]:
             steps: list[TokenStep] = []
@@ -223,7 +225,7 @@ class _Api:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await gen.close(outcome)
+            await gen.close(outcome, stop=asm.done)
 
     async def _record_tool_calls(self, gen: Generation, asm: TurnAssembler) -> None:
         """A finished turn's tool calls into the chain's transcript (idempotent, so replays may repeat it)."""
@@ -232,17 +234,22 @@ class _Api:
             await self.core.record_tool_calls(gen.chain_id, gen.turn,
                                               [ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls])
 
-    async def _record_tool_results(self, chain_id: str, messages: list[dict[str, Any]]) -> None:
-        """Tool results the client sends back, for the chain's calls that have none yet; results for calls the
-        chain never generated (the client wrote them) have no transcript entry and are left out."""
+    async def _record_transcript(self, gen: Generation, messages: list[dict[str, Any]]) -> None:
+        """The conversation's tool calls into the chain's transcript, in conversation order: calls the client
+        wrote itself (an agent replaying or scripting assistant turns) are recorded under the chain's previous
+        turn, calls already recorded are skipped; then the tool results sent for calls that have none yet."""
+        calls = [ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"].get("arguments") or "")
+                 for m in messages if m.get("role") == "assistant" for c in m.get("tool_calls") or ()]
+        if calls:
+            await self.core.record_tool_calls(gen.chain_id, max(gen.turn - 1, 0), calls)
         sent = {m["tool_call_id"]: m.get("content") for m in messages
                 if m.get("role") == "tool" and isinstance(m.get("tool_call_id"), str)}
         if not sent:
             return
-        chain = await self._chain(chain_id)
+        chain = await self._chain(gen.chain_id)
         results = {c.id: _text(sent[c.id]) for c in chain.tool_calls if c.result is None and c.id in sent}
         if results:
-            await self.core.record_tool_results(chain_id, results)
+            await self.core.record_tool_results(gen.chain_id, results)
 
     # ---- chains, models, probes
 
@@ -254,6 +261,11 @@ class _Api:
 
     async def get_chain(self, chain_id: str) -> JSONResponse:
         return JSONResponse((await self._chain(chain_id)).model_dump(mode="json"))
+
+    async def cancel_chain(self, chain_id: str) -> JSONResponse:
+        """Stops the chain's turn if this router generates it (a disconnect does not: chains are durable)."""
+        await self._chain(chain_id)
+        return JSONResponse({"id": chain_id, "object": "chain.cancel", "cancelled": await self.core.cancel(chain_id)})
 
     async def delete_chain(self, chain_id: str) -> JSONResponse:
         if not await self.core.delete_chain(chain_id):
@@ -304,6 +316,7 @@ def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> Fas
     v1.add_api_route("/models", api.models, methods=["GET"], response_model=om.ModelList)
     v1.add_api_route("/chains/{chain_id}", api.get_chain, methods=["GET"])
     v1.add_api_route("/chains/{chain_id}", api.delete_chain, methods=["DELETE"])
+    v1.add_api_route("/chains/{chain_id}/cancel", api.cancel_chain, methods=["POST"])
     v1.add_api_route("/chains/{chain_id}/stream", api.chain_stream, methods=["GET"],
                      response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     app.include_router(v1)

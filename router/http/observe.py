@@ -57,9 +57,8 @@ class RequestMetrics:
 
 class Generation:
     """One turn's token stream as a response consumes it. The first token is pulled at `start`, so bad input
-    is a 4xx before any response is sent and the chain id is known for the response header; `close` cancels
-    the turn in the core if it did not finish (client gone, stop string hit). Token timings and counts are the
-    core's to record (it sees every token, whichever front asked)."""
+    is a 4xx before any response is sent and the chain id is known for the response header. Token timings and
+    counts are the core's to record (it sees every token, whichever front asked)."""
 
     def __init__(self, tokens: AsyncIterator[Any], first: TokenLike, *, core: Canceller,
                  state: dict[str, Any]) -> None:
@@ -94,19 +93,16 @@ class Generation:
             self._finished = tok.finish_reason is not None
             yield tok
 
-    async def close(self, outcome: str) -> None:
-        """`outcome` (ok, cancelled, server_error) labels the request; a turn the core has not finished (client
-        gone, a stop string hit, an error) is cancelled there. Idempotent; safe in a `finally` of a cancelled
-        task (the core's cancel runs shielded)."""
+    async def close(self, outcome: str, *, stop: bool = False) -> None:
+        """`outcome` (ok, cancelled, server_error) labels the request. `stop`: the reader ended the turn on
+        purpose (a stop string hit) — an unfinished turn is cancelled in the core; otherwise (client gone,
+        an error here) the turn generates on, durable, for a later reader. Idempotent; safe in a `finally`
+        of a cancelled task (the core's cancel runs shielded)."""
         if self._closed:
             return
         self._closed = True
         self._state[OUTCOME_KEY] = outcome
         with anyio.CancelScope(shield=True):
-            if self._finished:
-                # Run the core's iterator to its end, so it records the turn as finished rather than abandoned.
-                async for _ in self._tokens:
-                    pass
-            else:
+            if stop and not self._finished:
                 await self._core.cancel(self.chain_id)
             await self._tokens.aclose()  # type: ignore[attr-defined]

@@ -217,18 +217,27 @@ def test_resume_by_last_event_id_and_from(url: str) -> None:
     assert bad.status_code == 400
 
 
-def test_disconnect_cancels(url: str) -> None:
+def test_disconnect_leaves_the_turn_generating_until_cancelled(url: str) -> None:
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
         chain_id = r.headers["x-k2-chain-id"]
         next(r.iter_lines())
-    # The server notices the closed connection, cancels the turn: it stops far short of 2000 tokens.
-    for _ in range(200):
-        turn = httpx.get(f"{url}/v1/chains/{chain_id}").json()["turns"][-1]
-        if turn["status"] != "running":
-            break
-        httpx.get(f"{url}/healthz")
-    assert turn["status"] == "cancelled" and len(turn["generated"]) < 2000
+    # The chain is durable: the closed connection does not stop it, and a second reader follows it live.
+    with httpx.stream("GET", f"{url}/v1/chains/{chain_id}/stream", params={"from": 0}, timeout=60) as r:
+        got: list[int] = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:])["index"])
+                if len(got) == 40:
+                    break
+    assert got == list(range(40))
+    assert httpx.get(f"{url}/v1/chains/{chain_id}").json()["turns"][-1]["status"] == "running"
+    cancel = httpx.post(f"{url}/v1/chains/{chain_id}/cancel")
+    assert cancel.status_code == 200 and cancel.json()["cancelled"] is True
+    turn = httpx.get(f"{url}/v1/chains/{chain_id}").json()["turns"][-1]
+    assert turn["status"] == "cancelled" and 40 <= len(turn["generated"]) < 2000
+    assert httpx.post(f"{url}/v1/chains/{chain_id}/cancel").json()["cancelled"] is False
+    assert httpx.post(f"{url}/v1/chains/no-such-chain/cancel").status_code == 404
 
 
 def test_probes_and_metrics(client: openai.OpenAI, url: str) -> None:
