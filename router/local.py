@@ -5,6 +5,11 @@ exactly as it reaches remote ones."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -13,6 +18,7 @@ from k2serve.config import PoolConfig, ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import open_store
 from k2serve.router.core import RouterCore
+from k2serve.router.faults import GroupFaults
 from k2serve.router.schedule import GroupAddress, Role, StaticDirectory
 from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.loop import EngineLoop
@@ -21,6 +27,7 @@ from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.service import WorkerService
 from k2serve.worker.tokenizer import K2Tokenizer
 
+log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BLOCKS = 2048
 
 
@@ -41,22 +48,52 @@ def build_engine(model_dir: Path, pool: PoolConfig, config: ServingConfig, eos_i
 
 @dataclass
 class LocalGroup:
+    """A group served from this process. With `restart_after_s`, a group killed by an injected fault is
+    started again (fresh engine, same id and port) after that delay, as a supervisor restarts a dead pod."""
+
     service: WorkerService
     address: str
+    build: Callable[[], WorkerService]
+    restart_after_s: float | None = None
+    restarts: int = 0
+    _watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, model_dir: Path, pool: PoolConfig, config: ServingConfig, *, group_id: str, role: Role,
-                    eos_ids: list[int], metrics: Metrics | None = None, host: str = "127.0.0.1") -> "LocalGroup":
-        engine = build_engine(model_dir, pool, config, eos_ids)
-        service = WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
-                                metrics=metrics)
-        return cls(service, await service.start(host, 0))
+                    eos_ids: list[int], metrics: Metrics | None = None, host: str = "127.0.0.1",
+                    restart_after_s: float | None = None) -> "LocalGroup":
+        faults = GroupFaults(config.faults, group_id, role)  # one counter across restarts: `times` is total
+
+        def build() -> WorkerService:
+            engine = build_engine(model_dir, pool, config, eos_ids)
+            return WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
+                                 metrics=metrics, faults=faults)
+
+        service = build()
+        group = cls(service, await service.start(host, 0), build, restart_after_s)
+        group._watcher = asyncio.get_running_loop().create_task(group._supervise())
+        return group
 
     @property
     def group_address(self) -> GroupAddress:
         return GroupAddress(self.service.group_id, self.service.role, self.address)
 
+    async def _supervise(self) -> None:
+        while True:
+            await self.service.dead.wait()
+            if self.restart_after_s is None:
+                return
+            await asyncio.sleep(self.restart_after_s)
+            host, port = self.address.rsplit(":", 1)
+            self.service = self.build()
+            await self.service.start(host, int(port))
+            self.restarts += 1
+            log.warning("group %s restarted on %s", self.service.group_id, self.address)
+
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         await self.service.stop()
 
 
@@ -72,7 +109,8 @@ class LocalStack:
         self.core.store.close()
 
 
-async def start_local_groups(config: ServingConfig, metrics: Metrics | None = None) -> list[LocalGroup]:
+async def start_local_groups(config: ServingConfig, metrics: Metrics | None = None, *,
+                             restart_after_s: float | None = None) -> list[LocalGroup]:
     """`config.prefill.groups` prefill + `config.decode.groups` decode groups (aggregated: the prefill pool's
     groups serve both roles and the decode pool is not started)."""
     model_dir = resolve_model(config.model.source)
@@ -83,7 +121,8 @@ async def start_local_groups(config: ServingConfig, metrics: Metrics | None = No
     else:
         specs += [(f"prefill-{i}", "prefill", config.prefill) for i in range(config.prefill.groups)]
         specs += [(f"decode-{i}", "decode", config.decode) for i in range(config.decode.groups)]
-    return [await LocalGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics)
+    return [await LocalGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics,
+                                   restart_after_s=restart_after_s)
             for gid, role, pool in specs]
 
 
@@ -96,3 +135,40 @@ async def start_local_stack(config: ServingConfig, metrics: Metrics | None = Non
                       StaticDirectory([g.group_address for g in groups]))
     await core.start()
     return LocalStack(core, groups)
+
+
+async def serve_groups(config: ServingConfig, stop: asyncio.Event, restart_after_s: float | None) -> None:
+    """The groups of `config` in this process until `stop`; prints `GROUP ID=ROLE@HOST:PORT` per group (the
+    router's `--group` syntax), then `READY`."""
+    groups = await start_local_groups(config, Metrics(), restart_after_s=restart_after_s)
+    try:
+        for g in groups:
+            a = g.group_address
+            print(f"GROUP {a.group_id}={a.role}@{a.address}", flush=True)
+        print("READY", flush=True)
+        await stop.wait()
+    finally:
+        for g in groups:
+            await g.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m k2serve.router.local", description=(
+        "Worker groups in one process, outliving any router (no Ray: the router's P/D decode re-prefills)."))
+    ap.add_argument("--config", required=True, help="serving config (YAML or JSON); its faults apply here")
+    ap.add_argument("--restart-after", type=float, default=None, metavar="S",
+                    help="restart a group killed by an injected fault after S seconds (default: it stays dead)")
+    args = ap.parse_args(argv)
+    config = ServingConfig.load(args.config)
+
+    async def go() -> None:
+        from k2serve.router.serve import stop_on_signals
+
+        await serve_groups(config, stop_on_signals(), args.restart_after)
+
+    asyncio.run(go())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import open_store
-from k2serve.router.core import RouterCore
+from k2serve.router.core import STALL_TIMEOUT_S, RouterCore
 from k2serve.router.schedule import GroupAddress, GroupDirectory, StaticDirectory
 from k2serve.router.server import start_router_server
 from k2serve.worker.loader import resolve_model
@@ -42,7 +42,8 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def run_router(config: ServingConfig, directory: GroupDirectory, stop: asyncio.Event,
-                     on_ready: Callable[[str, int], None] | None = None, metrics: Metrics | None = None) -> None:
+                     on_ready: Callable[[str, int], None] | None = None, metrics: Metrics | None = None, *,
+                     stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
     """Serves gRPC and HTTP until `stop` is set; `on_ready(http_url, grpc_port)` once both listen."""
     from k2serve.router.http.app import create_app  # the HTTP front is optional for gRPC-only embedding
     from k2serve.router.http.server import serving
@@ -50,7 +51,7 @@ async def run_router(config: ServingConfig, directory: GroupDirectory, stop: asy
     metrics = metrics or Metrics()
     tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
     store = open_store(config.chain_store)
-    core = RouterCore(config, tokenizer, store, metrics, directory)
+    core = RouterCore(config, tokenizer, store, metrics, directory, stall_timeout_s=stall_timeout_s)
     grpc_server = None
     try:
         await core.start()
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="serving config (YAML or JSON)")
     ap.add_argument("--group", action="append", type=parse_group, default=[], metavar="ID=ROLE@HOST:PORT",
                     help="a worker group's gRPC address (repeat for each group)")
+    ap.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S, metavar="S",
+                    help=f"a group stream silent S seconds after its first token is re-dispatched ({STALL_TIMEOUT_S})")
     args = ap.parse_args(argv)
     if not args.group:
         ap.error("at least one --group is required")
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"k2serve router: HTTP {url}/v1  gRPC {config.router.host}:{grpc_port}", flush=True)
 
     async def go() -> None:
-        await run_router(config, StaticDirectory(args.group), stop_on_signals(), ready)
+        await run_router(config, StaticDirectory(args.group), stop_on_signals(), ready,
+                         stall_timeout_s=args.stall_timeout)
 
     asyncio.run(go())
     return 0

@@ -1,7 +1,13 @@
 """Session-wide test settings shared by every folder."""
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +28,66 @@ def ray_cluster() -> Iterator[None]:
              configure_logging=False)
     yield
     ray.shutdown()
+
+
+# A real redis-server on a free loopback port, in a temp dir, with AOF fsync on every write (chain store tests).
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process that a test may kill (SIGKILL) and start again on the same port and data."""
+
+    dir: Path
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+             "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:  # refused, or still replaying the AOF (BusyLoadingError)
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.dir / "redis.log").read_text() if (self.dir / "redis.log").exists() else ""
+                    raise RuntimeError(f"redis-server on port {self.port} did not come up:\n{log[-2000:]}")
+                time.sleep(0.02)
+        client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (Debian: apt-get install -y redis-server)")
+    server = RedisServer(tmp_path / "redis")
+    server.dir.mkdir()
+    server.start()
+    yield server
+    server.stop()
