@@ -105,10 +105,11 @@ def test_compressed_tensors_decompresses_to_our_weights(bf16_dir: Path, quantize
     ours = load_weights(quantized_dir, dtype=torch.float32)
     i = CONFIG.moe_intermediate_size
     for layer, shard in ours.experts.items():
+        all_w13, all_w2 = shard.expert_weights(list(range(shard.num_local)))  # exact (float32) [E, 2I, H], [E, H, I]
         for e in range(shard.num_local):
             # compressed-tensors multiplies in the scale's dtype (bf16): our exact product rounded once to bf16
             # must be what it gets.
-            w13, w2 = shard.expert_weights(e)  # exact (float32) [2I, H], [H, I]
+            w13, w2 = all_w13[e], all_w2[e]
             for proj, w in (("gate_proj", w13[:i]), ("up_proj", w13[i:]), ("down_proj", w2)):
                 name = expert_module(layer, e, proj) + ".weight"
                 assert torch.equal(theirs[name], w.to(torch.bfloat16)), name

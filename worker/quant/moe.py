@@ -59,12 +59,13 @@ class ExpertShard:
         tensors = [self.w13, self.w2, self.w13_scale, self.w2_scale]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def expert_weights(self, local: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense float32 (w13 [2I, H], w2 [H, I]) of one local expert; dequantized on the fly so the resident
-        copy stays INT4."""
+    def expert_weights(self, local: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense float32 (w13 [n, 2I, H], w2 [n, H, I]) of the given local experts; dequantized on the fly (all
+        of them in one call) so the resident copy stays INT4."""
+        idx = torch.tensor(local, dtype=torch.int64, device=self.w13.device)
         if self.w13_scale is None or self.w2_scale is None:
-            return self.w13[local].float(), self.w2[local].float()
-        return dequantize(self.w13[local], self.w13_scale[local]), dequantize(self.w2[local], self.w2_scale[local])
+            return self.w13[idx].float(), self.w2[idx].float()
+        return dequantize(self.w13[idx], self.w13_scale[idx]), dequantize(self.w2[idx], self.w2_scale[idx])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
@@ -91,11 +92,14 @@ def reference_moe(
     slots = x.new_zeros(T, k, shard.hidden_size, dtype=torch.float32)  # [T, k, H]
     local_ids = topk_ids - shard.start  # [T, k]
     owned = (local_ids >= 0) & (local_ids < shard.num_local)
-    for e in torch.unique(local_ids[owned]).tolist():
+    hit = torch.unique(local_ids[owned]).tolist()
+    if not hit:
+        return slots.to(x.dtype) if not combine else slots.sum(1).to(x.dtype)
+    w13_all, w2_all = shard.expert_weights(hit)  # [n_hit, 2I, H], [n_hit, H, I]
+    for i, e in enumerate(hit):
         tok, slot = torch.nonzero(local_ids == e, as_tuple=True)
-        w13, w2 = shard.expert_weights(e)
-        gate, up = linear(x[tok].float(), w13, deterministic).chunk(2, dim=-1)  # [n, I] each
-        y = linear(F.silu(gate) * up, w2, deterministic)  # [n, H]
+        gate, up = linear(x[tok].float(), w13_all[i], deterministic).chunk(2, dim=-1)  # [n, I] each
+        y = linear(F.silu(gate) * up, w2_all[i], deterministic)  # [n, H]
         slots[tok, slot] = y * topk_weights[tok, slot].float().unsqueeze(-1)
     if not combine:
         return slots.to(x.dtype)
