@@ -91,3 +91,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch with one intra-op thread for the test: next to Ray actors (or other busy processes) on 2 cores,
+    two spinning OpenMP threads make a tiny model run ~20× slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -35,8 +35,8 @@ def group_spec(world_size: int) -> GroupSpec:
                      deterministic=True, num_cpus_per_actor=0.5, collective_timeout_s=20.0)
 
 
-@pytest.fixture(scope="module")
-def reference() -> dict[str, list[int]]:
+@pytest.fixture
+def reference(one_torch_thread: None) -> dict[str, list[int]]:
     engine = tiny_engine(deterministic=True, max_batch_tokens=512)
     for i, p in enumerate(mixed_prompts(NUM_REQUESTS, seed=5)):
         engine.add_request(str(i), p, params(i))

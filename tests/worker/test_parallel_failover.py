@@ -74,7 +74,7 @@ def wait_until(cond: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_killed_rank_fails_group_fast_and_group_serves_again(ray_cluster: None) -> None:
+def test_killed_rank_fails_group_fast_and_group_serves_again(ray_cluster: None, one_torch_thread: None) -> None:
     config = ServingConfig(deterministic=True, decode=pool(ep=2))
     leader = ray.remote(GroupLeader).options(num_cpus=0.1).remote(config, "decode", 0, "decode",
                                                                     collective_timeout_s=10.0)
@@ -119,7 +119,7 @@ def test_killed_rank_fails_group_fast_and_group_serves_again(ray_cluster: None) 
         ray.kill(leader)
 
 
-def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None) -> None:
+def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_torch_thread: None) -> None:
     config = ServingConfig(deterministic=True, prefill=pool(ep=1, groups=0), decode=pool(ep=2, groups=2),
                            faults=[FaultSpec(kind="kill_group", pool="decode", group=0, after_tokens=5)])
     controller = PoolController(config, namespace="k2serve-test-pools", check_interval_s=0.2)
