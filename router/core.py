@@ -452,12 +452,15 @@ class RouterCore:
         """A group for `role`; with none healthy, waits (re-polling) for one to come back or be replaced."""
         deadline = time.monotonic() + GROUP_WAIT_S
         while True:
-            try:
-                state = self.scheduler.pick(self._states(), role, tokens, exclude)  # type: ignore[arg-type]
-                return self._groups[state.addr.group_id]
-            except NoGroupAvailable:
-                if time.monotonic() > deadline:
-                    raise
+            # A group this turn saw fail is avoided while another is healthy, not forever: it may be back
+            # (restarted) and the only one of its role.
+            for avoid in (exclude, set()):
+                try:
+                    state = self.scheduler.pick(self._states(), role, tokens, avoid)  # type: ignore[arg-type]
+                    return self._groups[state.addr.group_id]
+                except NoGroupAvailable:
+                    if time.monotonic() > deadline and not avoid:
+                        raise
             await asyncio.sleep(REFRESH_S)
             await self.refresh()
 
