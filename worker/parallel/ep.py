@@ -34,7 +34,8 @@ def expert_range(rank: int, world_size: int, num_experts: int) -> tuple[int, int
 
 @dataclass
 class AllToAllCounter:
-    """Bytes this rank sent through all_to_all (payload only: counts, rows, routing, results)."""
+    """Bytes this rank sent to other ranks through all_to_all (counts, rows, routing, results; its own
+    slice stays in memory and is not counted)."""
 
     bytes: int = 0
     calls: int = 0
@@ -59,7 +60,8 @@ class ExpertParallelMoE:
     def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         out = send.new_empty((sum(recv_splits), *send.shape[1:]))
         dist.all_to_all_single(out, send.contiguous(), recv_splits, send_splits, group=self.group)
-        self.counter.bytes += send.numel() * send.element_size()
+        row_bytes = send[0].numel() * send.element_size() if send.shape[0] else 0
+        self.counter.bytes += (sum(send_splits) - send_splits[self.rank]) * row_bytes
         self.counter.calls += 1
         return out
 
