@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    from k2serve.localray import init_local_ray
+
+    init_local_ray()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens))

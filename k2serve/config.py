@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG_ENV = "K2SERVE_CONFIG"
+# Where the pool controller publishes worker groups and routers find them: a named Ray actor.
+RAY_NAMESPACE = "k2serve"
+GROUP_REGISTRY_ACTOR = "k2serve-registry"
 
 
 class _Strict(BaseModel):

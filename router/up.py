@@ -1,8 +1,9 @@
-"""`k2serve up`: the whole stack on this machine — a local Ray (loopback, no dashboard), prefill and decode
-worker groups, the router's gRPC service and the OpenAI HTTP front — until Ctrl-C (SIGINT) or SIGTERM.
+"""`k2serve up`: the whole stack on this machine — a local Ray (loopback, no dashboard), the pool controller
+with its prefill and decode worker groups (Ray actors, expert-parallel when `--ep` > 1), the router's gRPC
+service and the OpenAI HTTP front — until Ctrl-C (SIGINT) or SIGTERM.
 
-Worker groups run in this process (`router/local.py`), as Ray's driver, so prefill→decode KV handoffs go
-through Ray's object store exactly as between remote groups; the router reaches them over gRPC.
+The same pool controller runs in the Ray head pod of a cluster (`k2serve pools`); here it runs in this process,
+and the router finds the groups through the controller's registry exactly as a router pod does.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import asyncio
 import sys
 from pathlib import Path
 
+import math
+import os
+
 from k2serve.config import ServingConfig
-from k2serve.router.local import start_local_groups
-from k2serve.router.schedule import StaticDirectory
+from k2serve.localray import init_local_ray
+from k2serve.router.directory import RegistryDirectory
 from k2serve.router.serve import run_router, stop_on_signals
 
 
@@ -37,30 +41,35 @@ def build_config(args: argparse.Namespace) -> ServingConfig:
     return ServingConfig.model_validate(data)
 
 
+def logical_cpus(config: ServingConfig) -> int:
+    """Ray places actors by logical CPUs: reserve enough for every rank actor (and the leaders' fractions)
+    even on a 2-core laptop; the OS shares the real cores."""
+    pools = [config.prefill] if config.router.aggregated else [config.prefill, config.decode]
+    wanted = sum(p.groups * p.expert_parallel * p.num_cpus_per_actor for p in pools) + 1
+    return max(os.cpu_count() or 1, math.ceil(wanted))
+
+
 async def run(config: ServingConfig) -> None:
     import ray
 
-    for pool in (config.prefill, config.decode):
-        if pool.expert_parallel > 1:
-            raise SystemExit("k2serve up: --ep > 1 needs expert-parallel groups from the pool controller "
-                             "(k2serve.worker.parallel), which this build's `up` does not start yet")
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    from k2serve.worker.parallel.pools import PoolController
+
+    init_local_ray(logical_cpus(config))
     stop = stop_on_signals()
-    groups = []
+    controller = PoolController(config)
     try:
-        groups = await start_local_groups(config)
-        for g in groups:
-            print(f"k2serve up: {g.service.role} group {g.service.group_id} on {g.address}", flush=True)
+        await asyncio.to_thread(controller.start)
+        for g in controller.groups():
+            print(f"k2serve up: {g['role']} group {g['group_id']} (EP {g['world_size']}) on {g['address']}, "
+                  f"metrics on :{g['metrics_port']}", flush=True)
 
         def ready(url: str, grpc_port: int) -> None:
             print(f"k2serve up: serving {config.model.source} at {url}/v1 (gRPC {config.router.host}:{grpc_port}); "
                   "Ctrl-C stops", flush=True)
 
-        await run_router(config, StaticDirectory([g.group_address for g in groups]), stop, ready)
+        await run_router(config, RegistryDirectory(controller.namespace), stop, ready)
     finally:
-        for g in groups:
-            await g.stop()
+        await asyncio.to_thread(controller.stop)
         ray.shutdown()
         print("k2serve up: stopped", flush=True)
 

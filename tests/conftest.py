@@ -24,8 +24,9 @@ def ray_cluster() -> Iterator[None]:
     logical CPUs than the 2 cores so several groups fit (actors ask for fractions too)."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    from k2serve.localray import init_local_ray
+
+    init_local_ray(8)
     yield
     ray.shutdown()
 

@@ -20,14 +20,15 @@ from typing import Any
 
 import ray
 
+from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
+from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import FaultSpec, ServingConfig
+from k2serve.localray import init_local_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.service import Role
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "k2serve"
-REGISTRY_NAME = "k2serve-registry"
 LEADER_CPUS = 0.1  # a leader only relays requests and steps its ranks
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 5.0
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"k2serve pools: {e}", file=sys.stderr)
         return 2
     if args.local:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        init_local_ray()
     else:
         ray.init(address="auto", namespace=args.namespace)
     stop = threading.Event()
