@@ -51,6 +51,9 @@ class EngineLoop:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            except Exception as e:  # the engine's failure: already in self.error and sent to every stream
+                if e is not self.error:
+                    raise
             self._task = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 

@@ -119,7 +119,7 @@ class GroupLeader:
             self._supervisor.cancel()
             self._supervisor = None
         if self._service is not None:
-            await self._stop_service(self._service)
+            await self._service.stop()
             self._service = None
         if self._group is not None:
             await asyncio.to_thread(self._group.shutdown)
@@ -141,26 +141,11 @@ class GroupLeader:
             await self._rebuild(group)
             old, service.loop = service.loop, EngineLoop(group, self._on_step)
             service.loop.start()
-            await self._stop_loop(old)
+            await old.stop()
             service.failed = None
             failure.recovered_at = time.time()
             self.metrics.group_restarts.labels(role=self.role).inc()
 
-    @staticmethod
-    async def _stop_loop(loop: EngineLoop) -> None:
-        """`EngineLoop.stop` re-raises the error its engine failed with: that one is already handled."""
-        try:
-            await loop.stop()
-        except Exception as e:
-            if e is not loop.error:
-                raise
-
-    async def _stop_service(self, service: WorkerService) -> None:
-        try:
-            await service.stop()
-        except Exception as e:
-            if e is not service.loop.error:
-                raise
 
     async def _rebuild(self, group: ExpertParallelGroup) -> None:
         while True:
