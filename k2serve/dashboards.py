@@ -106,6 +106,7 @@ def _pool_vars() -> list[gd.QueryVariable]:
 
 def serving_overview() -> gd.Dashboard:
     by = "role, group"
+    restarts = _sel("k2serve_worker_group_restarts_total", 'role=~"$role"')  # per role: no group label
     return (_dashboard("k2serve-serving", "k2serve / Serving overview",
                        "SLOs, throughput and saturation of the router and the worker groups.", _pool_vars())
             .with_row(gd.Row("SLOs"))
@@ -150,11 +151,17 @@ def serving_overview() -> gd.Dashboard:
                 "Fraction of each group's KV cache blocks in use (free includes evictable prefix blocks).", THIRD))
             .with_panel(_timeseries("Worker groups healthy", "short",
                                     [_q(f"sum by (role) ({_sel('k2serve_worker_group_healthy')})", "{{role}}")],
-                                    "Groups serving, per role (a failed group reports 0 until it is rebuilt)."))
+                                    "Groups serving, per role (a failed group reports 0 until it is rebuilt).",
+                                    THIRD))
+            .with_panel(_timeseries("Worker group restarts", "short",
+                                    [_q(f"sum by (role) (increase({restarts}[{RATE}]))", "{{role}}")],
+                                    "Groups rebuilt by their leader after a rank died or a collective failed.",
+                                    THIRD))
             .with_panel(_timeseries("All-to-all traffic", "Bps",
                                     [_q(f"sum by ({by}) (rate({_sel('k2serve_all_to_all_bytes_total')}[{RATE}]))",
                                         "{{role}}/{{group}}")],
-                                    "Bytes per second moved by expert-parallel all-to-all inside each group.")))
+                                    "Bytes per second moved by expert-parallel all-to-all inside each group.",
+                                    THIRD)))
 
 
 def _expert_rate(by: str) -> str:

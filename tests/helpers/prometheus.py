@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ class Prometheus:
         """Label sets of every stored series matching the selector."""
         return list(self._get("/api/v1/series", **{"match[]": match}))
 
+    def label_values(self, label: str, match: str) -> list[str]:
+        """Values of `label` on series matching the selector (what Grafana's `label_values()` variables list)."""
+        return list(self._get(f"/api/v1/label/{label}/values", **{"match[]": match}))
+
     def targets(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/targets")["activeTargets"])
 
@@ -62,6 +67,22 @@ class Prometheus:
             time.sleep(0.2)
         raise TimeoutError(f"targets not scraped {count} times in {timeout}s: {self.targets()}\n"
                            f"{self.log.read_text()[-3000:]}")
+
+
+    def wait_for_scrape_after(self, t: float, timeout: float = 20.0) -> None:
+        """Until every target is up and has been scraped after unix time `t` (so samples taken then are stored)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            targets = self.targets()
+            if targets and all(tg["health"] == "up" and _unix(tg["lastScrape"]) > t for tg in targets):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"targets not scraped after {t} in {timeout}s: {self.targets()}\n"
+                           f"{self.log.read_text()[-3000:]}")
+
+
+def _unix(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 def scrape_config(jobs: dict[str, list[str]], interval: str) -> dict[str, Any]:
