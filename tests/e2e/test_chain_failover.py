@@ -6,7 +6,18 @@ router), the router process (`python -m k2serve.router.serve`), a real SQLite fi
 - the router process killed mid-stream by a configured fault: a new router process on the same store resumes,
   the client reconnects by chain id and gets the identical, complete turn;
 - redis-server restarted mid-run: no chain lost;
-- a scripted agent: 300 tool-call turns in one chain through the HTTP stack with 6 kinds of faults.
+- a scripted agent: 300 tool-call turns in one chain through the HTTP stack with 5 kinds of faults.
+
+The agent: runs 300 sequential tool-call turns in one chain through the HTTP stack (groups process,
+router process, redis-server) while faults of five kinds hit it: a group killed by a configured fault
+(restarted 0.3 s later), a stalled group stream (configured hang → deadline → re-dispatch),
+a client disconnect (reconnect by Last-Event-ID), the router process SIGKILLed mid-turn (a new router resumes;
+reconnect by `GET /v1/chains/{id}/stream?from=N`), and redis-server restarted. Every turn completes and the
+chain's transcript holds all 300 tool calls with their results, in order.
+
+The random tiny model emits no real tool calls: the agent writes each assistant tool-call turn into the
+conversation itself. It keeps its context under the model's 16384 tokens the way agents do, by dropping old
+turns in blocks of 25 (so the prompt prefix stays stable, and cached, between drops).
 """
 
 from __future__ import annotations
@@ -223,6 +234,7 @@ def test_router_killed_mid_stream_new_router_resumes(tmp_path: Path, cluster: Cl
                       headers={"Last-Event-ID": seen[-1][0]}) as r:
         rest = [(i, d) for i, d in sse_events(r) if d != "[DONE]"]
     tokens = [t["token"] for t in raw_tokens(url2, chain_id)]
+    assert 'k2serve_chain_resumes_total{cause="router"} 1.0' in httpx.get(f"{url2}/metrics").text
     with httpx.stream("POST", f"{url2}/v1/chat/completions", json=body, timeout=120) as r:  # fault-free
         reference = [(i, d) for i, d in sse_events(r) if d != "[DONE]"]
     chain_ref = reference[0][0].rsplit(":", 1)[0]
@@ -232,3 +244,134 @@ def test_router_killed_mid_stream_new_router_resumes(tmp_path: Path, cluster: Cl
         (int(i.rsplit(":", 1)[1]), delta_text(d)) for i, d in reference]
     turn = httpx.get(f"{url2}/v1/chains/{chain_id}").json()["turns"][0]
     assert turn["status"] == "finished" and turn["generated"] == tokens
+
+
+def test_redis_restart_mid_run_loses_no_chain(tmp_path: Path, redis_server: Any) -> None:
+    import asyncio
+
+    from k2serve.router.local import start_local_stack
+    from k2serve.worker.engine.sampling import SamplingParams
+
+    cfg = ServingConfig.model_validate(base_config(tmp_path, router={"aggregated": True}, chain_store={
+        "backend": "redis", "redis_url": redis_server.url, "checkpoint_every": 4}))
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=64, ignore_eos=True)
+
+    async def go() -> tuple[list[list[int]], list[list[int]], list[str]]:
+        stack = await start_local_stack(cfg)
+        try:
+            prompts = [[3 + i, 40, 41, 42, 43] for i in range(3)]
+            refs = [[t.token async for t in stack.core.generate(p, params)] for p in prompts]
+
+            async def run(prompt: list[int], restart: bool) -> list[int]:
+                out = []
+                async for tok in stack.core.generate(prompt, params):
+                    out.append(tok.token)
+                    if restart and len(out) == 10:
+                        redis_server.kill()  # SIGKILL: only the fsynced AOF survives
+                        await asyncio.sleep(0.5)
+                        redis_server.start()
+                return out
+
+            got = await asyncio.gather(*(run(p, i == 0) for i, p in enumerate(prompts)))
+            chains = await asyncio.to_thread(lambda: [stack.core.store.get_chain(c.chain_id)
+                                                      for c in stack.core.store.list_chains()])
+            return refs, list(got), [c.turns[0].status for c in chains if len(c.turns[0].generated) == 64]
+        finally:
+            await stack.aclose()
+
+    refs, got, statuses = asyncio.run(go())
+    assert got == refs
+    assert statuses == ["finished"] * 6  # the 3 reference chains and the 3 that ran through the outage
+    with open_store(cfg.chain_store) as store:
+        assert len(store.list_chains()) == 6
+
+
+TURNS = 300
+WINDOW = 25
+TOOLS = [{"type": "function", "function": {"name": "t", "description": "step",
+                                           "parameters": {"type": "object", "properties": {}}}}]
+DISCONNECT_AT, ROUTER_KILL_AT, REDIS_RESTART_AT = 40, 150, 220
+
+
+def call_id(i: int) -> str:
+    return f"functions.t:{i}"
+
+
+def conversation(i: int) -> list[dict[str, Any]]:
+    """Turn i's messages: the task, then the agent's calls and their results, older blocks dropped."""
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "go"}]
+    for k in range(max(0, (i // WINDOW - 1) * WINDOW), i):
+        msgs.append({"role": "assistant", "content": "", "tool_calls": [
+            {"id": call_id(k), "type": "function", "function": {"name": "t", "arguments": str(k)}}]})
+        msgs.append({"role": "tool", "tool_call_id": call_id(k), "content": str(k)})
+    return msgs
+
+
+def test_agent_300_tool_call_turns_through_faults(tmp_path: Path, redis_server: Any) -> None:
+    store = {"backend": "redis", "redis_url": redis_server.url}
+    # Aggregated (2 groups serving both roles): a P/D turn without Ray re-prefills on the decode group too.
+    common = {"deterministic": False, "router": {"aggregated": True, "http_port": 0}, "chain_store": store,
+              "prefill": {"groups": 2}}
+    groups_cfg = base_config(tmp_path, **common, faults=[
+        {"kind": "kill_group", "pool": "prefill", "group": 0, "after_tokens": 300}])
+    router_cfg = base_config(tmp_path, **common, faults=[
+        {"kind": "hang_group", "pool": "prefill", "group": 1, "after_tokens": 60}])
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_groups(cluster.write("groups.json", groups_cfg))
+        router_path = cluster.write("router.json", router_cfg)
+        router, url = cluster.start_router(router_path, stall_timeout_s=2.0)
+        chain_id = ""
+        for i in range(TURNS + 1):
+            body = {"messages": conversation(i), "tools": TOOLS, "max_tokens": 4, "ignore_eos": True,
+                    "temperature": 0.0, "stream": True}
+            headers = {"X-K2-Chain-Id": chain_id} if chain_id else {}
+            if i == REDIS_RESTART_AT:
+                redis_server.kill()
+                threading.Timer(0.5, redis_server.start).start()
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+                assert r.status_code == 200, (i, r.read())
+                chain_id = r.headers["x-k2-chain-id"]
+                events = sse_events(r)
+                first_id, _ = next(events)
+                if i == ROUTER_KILL_AT:
+                    router.kill()
+                    router, url = cluster.start_router(router_path, stall_timeout_s=2.0)
+                    n = int(first_id.rsplit(":", 1)[1]) + 1
+                    with httpx.stream("GET", f"{url}/v1/chains/{chain_id}/stream", params={"from": n},
+                                      timeout=120) as rr:
+                        rest = [d for _, d in sse_events(rr) if d != "[DONE]"]
+                    assert [d["index"] for d in rest] == list(range(n, 4)) and rest[-1]["finish_reason"]
+                    continue
+                if i == DISCONNECT_AT:
+                    r.close()
+                    headers["Last-Event-ID"] = first_id
+                    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
+                                      timeout=120) as rr:
+                        events = sse_events(rr)
+                        tail = list(events)
+                else:
+                    tail = list(events)
+            finishes = [d["choices"][0]["finish_reason"] for _, d in tail if d != "[DONE]" and d["choices"]]
+            assert tail[-1] == (None, "[DONE]") and finishes[-1] == "length", (i, tail)
+        chain = httpx.get(f"{url}/v1/chains/{chain_id}").json()
+    finally:
+        cluster.close()
+    assert len(chain["turns"]) == TURNS + 1
+    assert all(t["status"] == "finished" and len(t["generated"]) == 4 for t in chain["turns"])
+    assert [(c["id"], c["name"], c["arguments"], c["result"]) for c in chain["tool_calls"]] == [
+        (call_id(k), "t", str(k), str(k)) for k in range(TURNS)]
+    with open_store(ServingConfig.model_validate(router_cfg).chain_store) as s:
+        assert len(s.get_chain(chain_id).tool_calls) == TURNS
+    logs = (tmp_path / "groups.log").read_text() + (tmp_path / "router.log").read_text()
+    for fired in ("kill_group on both-0", "hang_group both-1"):
+        assert f"fault injection: {fired}" in logs, fired
+
+
+def test_bench_failover_smoke() -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "bench" / "failover.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["kills"] == 3 and result["identical"] is True and result["tokens"] == 64
