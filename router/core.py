@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 REFRESH_S = 0.5
 RPC_TIMEOUT_S = 2.0
 GROUP_WAIT_S = 30.0  # how long a request waits for some healthy group of a role
+PICK_POLL_S = 0.1  # health re-polls while a request waits for a group (failover time rides on it)
 STALL_TIMEOUT_S = 30.0  # a group stream silent this long after its first token counts as failed
 LEASE_TTL_S = 2.0  # a dead router's chains become resumable this long after its last renewal
 TAIL_POLL_S = 0.2  # store polling while following a chain another router generates
@@ -136,8 +137,10 @@ class RouterCore:
                 await self._groups.pop(gid).channel.close()
             for gid, addr in known.items():
                 if gid not in self._groups:
+                    # Short reconnect backoff: a restarted group is usable again within ~0.1 s, not gRPC's 1 s+.
                     channel = grpc.aio.insecure_channel(addr.address, options=[
-                        ("grpc.max_receive_message_length", 64 << 20)])
+                        ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
+                        ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
                     self._groups[gid] = _Group(GroupState(addr), channel, pb_grpc.WorkerGroupStub(channel))
         await asyncio.gather(*(self._poll(g) for g in list(self._groups.values())))
 
@@ -461,7 +464,7 @@ class RouterCore:
                 except NoGroupAvailable:
                     if time.monotonic() > deadline and not avoid:
                         raise
-            await asyncio.sleep(REFRESH_S)
+            await asyncio.sleep(PICK_POLL_S)
             await self.refresh()
 
     async def _dispatch(self, prompt: list[int], params: SamplingParams, det: bool, done: list[int],

@@ -80,4 +80,4 @@ def test_valid_generation_requests(case: Any, live: str) -> None:
 def test_the_document_covers_every_route(live: str) -> None:
     paths = set(httpx.get(f"{live}/openapi.json").json()["paths"])
     assert paths == {"/healthz", "/readyz", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models",
-                     "/v1/chains/{chain_id}", "/v1/chains/{chain_id}/stream"}
+                     "/v1/chains/{chain_id}", "/v1/chains/{chain_id}/cancel", "/v1/chains/{chain_id}/stream"}
