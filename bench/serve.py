@@ -30,7 +30,7 @@ from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.local import start_local_stack
 from k2serve.router.server import start_router_server
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.service import sampling_to_proto
+from k2serve.proto.convert import sampling_to_proto
 
 
 @dataclass

@@ -33,13 +33,13 @@ from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.chains import Chain, ChainCheckpointer, ChainStore, ToolCall
-from k2serve.router.faults import RouterFaults
+from k2serve.faults import RouterFaults
 from k2serve.router.live import LiveTurn
 from k2serve.router.schedule import GroupDirectory, GroupState, NoGroupAvailable, Scheduler
-from k2serve.worker.engine.sampling import SamplingParams, resolve_seed
+from k2serve.sampling_params import SamplingParams, resolve_seed
 from k2serve.worker.loader import resolve_model
 from k2serve.worker.model.config import K2Config
-from k2serve.worker.service import sampling_to_proto
+from k2serve.proto.convert import sampling_to_proto
 from k2serve.worker.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from k2serve.config import PoolConfig, ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import open_store
 from k2serve.router.core import RouterCore
-from k2serve.router.faults import GroupFaults
+from k2serve.faults import GroupFaults
 from k2serve.router.schedule import GroupAddress, Role, StaticDirectory
 from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.loop import EngineLoop

@@ -11,7 +11,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.chains import NotFoundError
 from k2serve.router.core import ChainToken, RouterCore
-from k2serve.worker.service import sampling_from_proto
+from k2serve.proto.convert import sampling_from_proto
 
 
 class RouterService(pb_grpc.RouterServicer):

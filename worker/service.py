@@ -22,7 +22,8 @@ import grpc
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
-from k2serve.router.faults import GroupFaults
+from k2serve.proto.convert import sampling_from_proto
+from k2serve.faults import GroupFaults
 from k2serve.worker.engine.engine import KVHandoff, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
@@ -31,20 +32,6 @@ log = logging.getLogger(__name__)
 
 Role = Literal["prefill", "decode", "both"]
 KV_FETCH_TIMEOUT_S = 10.0
-
-
-def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
-    """Proto → engine params; pydantic's validation error (a ValueError) names the bad field."""
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-                          seed=s.seed if s.HasField("seed") else None, max_tokens=s.max_tokens,
-                          stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
-                          top_logprobs=s.top_logprobs)
-
-
-def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
-    return pb.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
-                             max_tokens=p.max_tokens, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
-                             logprobs=p.logprobs, top_logprobs=p.top_logprobs)
 
 
 def event_to_proto(ev: TokenEvent, seed: int | None = None, kv_handoff: str = "") -> pb.TokenEvent:

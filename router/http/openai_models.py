@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from k2serve.worker.engine.sampling import MAX_TOP_LOGPROBS
+from k2serve.sampling_params import MAX_TOP_LOGPROBS
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`

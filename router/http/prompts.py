@@ -5,7 +5,7 @@ from __future__ import annotations
 from k2serve.router.http.errors import APIError
 from k2serve.router.http.openai_models import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from k2serve.worker.chat_template import ChatTemplateError
-from k2serve.worker.engine.sampling import SamplingParams
+from k2serve.sampling_params import SamplingParams
 from k2serve.worker.tokenizer import K2Tokenizer
 
 

@@ -16,7 +16,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.local import start_local_stack
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.service import sampling_to_proto
+from k2serve.proto.convert import sampling_to_proto
 
 PROMPT = [(7 * i + 3) % 500 for i in range(45)]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -12,48 +12,14 @@ the vocabulary), so a row's result does not depend on the other rows.
 from __future__ import annotations
 
 import hashlib
-import secrets
 import struct
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_TOP_LOGPROBS = 20
+from k2serve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, resolve_seed
 
-
-class SamplingParams(BaseModel):
-    """Per-request sampling settings (cross the router → worker boundary)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    temperature: float = Field(default=1.0, ge=0.0, description="0 means greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 means off")
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    max_tokens: int = Field(default=16, ge=1)
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: bool = False
-    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @model_validator(mode="after")
-    def _check(self) -> SamplingParams:
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids}")
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs > 0 requires logprobs=True")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def resolve_seed(params: SamplingParams) -> int:
-    """The seed a request samples with: its own, or a fresh one the caller must record to replay the request."""
-    return params.seed if params.seed is not None else secrets.randbits(63)
-
+__all__ = ["MAX_TOP_LOGPROBS", "SamplingParams", "resolve_seed", "sample", "draw_uniform", "SampleOutput"]
 
 def draw_uniform(seed: int, position: int) -> float:
     """The uniform number in [0, 1) that the token at `position` of a `seed`ed sequence is drawn with."""
