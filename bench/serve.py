@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -68,7 +67,7 @@ async def drive(open_stream, items: list[list[int]], concurrency: int, label: st
 
     async def one(prompt: list[int]) -> None:
         async with sem:
-            start = last = time.perf_counter()
+            last = time.perf_counter()
             n = 0
             async for _ in open_stream(prompt):
                 now = time.perf_counter()

@@ -22,31 +22,24 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.proto import k2serve_pb2 as pb
-from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.chains import Chain, ChainCheckpointer, ChainStore, ToolCall
 from k2serve.faults import RouterFaults
 from k2serve.router.live import LiveTurn
-from k2serve.router.schedule import GroupDirectory, GroupState, NoGroupAvailable, Scheduler
+from k2serve.router.dispatch import Dispatcher, GroupFailed
+from k2serve.router.schedule import GroupDirectory
 from k2serve.sampling_params import SamplingParams, resolve_seed
 from k2serve.worker.loader import resolve_model
 from k2serve.worker.model.config import K2Config
-from k2serve.proto.convert import sampling_to_proto
 from k2serve.worker.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
-RPC_TIMEOUT_S = 2.0
-GROUP_WAIT_S = 30.0  # how long a request waits for some healthy group of a role
-PICK_POLL_S = 0.1  # health re-polls while a request waits for a group (failover time rides on it)
 STALL_TIMEOUT_S = 30.0  # a group stream silent this long after its first token counts as failed
 LEASE_TTL_S = 2.0  # a dead router's chains become resumable this long after its last renewal
 TAIL_POLL_S = 0.2  # store polling while following a chain another router generates
@@ -65,19 +58,6 @@ class ChainToken:
     prompt_tokens: int
 
 
-class GroupFailed(Exception):
-    def __init__(self, group_id: str, detail: str) -> None:
-        self.group_id = group_id
-        super().__init__(f"worker group {group_id}: {detail}")
-
-
-@dataclass
-class _Group:
-    state: GroupState
-    channel: grpc.aio.Channel
-    stub: pb_grpc.WorkerGroupStub
-
-
 class RouterCore:
     def __init__(self, config: ServingConfig, tokenizer: K2Tokenizer, store: ChainStore, metrics: Metrics,
                  groups: GroupDirectory, *, router_id: str | None = None,
@@ -91,21 +71,18 @@ class RouterCore:
         self.model_name = config.router.served_model_name or source.removeprefix("builtin:").rstrip("/").split("/")[-1]
         model_max = K2Config.from_dir(resolve_model(source)).max_position_embeddings
         self.max_context = min(config.model.max_context, model_max)
-        self.scheduler = Scheduler(config.router.routing_policy, config.decode.block_size)
-        self._groups: dict[str, _Group] = {}
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:12]}"  # the owner name of its chain leases
         self.faults = RouterFaults(config.faults)
-        self.stall_timeout_s = stall_timeout_s
+        self.dispatcher = Dispatcher(config, groups, metrics, self.faults, stall_timeout_s)
         self._live: dict[str, LiveTurn] = {}
         self._background: list[asyncio.Task[None]] = []
-        self._lock = asyncio.Lock()
         self._starting = asyncio.Lock()  # serializes claiming a chain and registering its live turn
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Learns the groups once, then keeps their health and load fresh in the background."""
         if not self._background:
-            await self.refresh()
+            await self.dispatcher.refresh()
             loop = asyncio.get_running_loop()
             self._background = [loop.create_task(self._refresh_forever()), loop.create_task(self._renew_forever()),
                                 loop.create_task(self._purge_forever())]
@@ -122,41 +99,16 @@ class RouterCore:
                 live.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await live.task
-        for g in self._groups.values():
-            await g.channel.close()
-        self._groups.clear()
+        await self.dispatcher.aclose()
 
     def ready(self) -> bool:
-        states = [g.state for g in self._groups.values()]
-        return any(s.serves("prefill") for s in states) and any(s.serves("decode") for s in states)
-
-    async def refresh(self) -> None:
-        async with self._lock:
-            known = {a.group_id: a for a in await self.directory.list_groups()}
-            for gid in [g for g in self._groups if g not in known or self._groups[g].state.addr != known[g]]:
-                await self._groups.pop(gid).channel.close()
-            for gid, addr in known.items():
-                if gid not in self._groups:
-                    # Short reconnect backoff: a restarted group is usable again within ~0.1 s, not gRPC's 1 s+.
-                    channel = grpc.aio.insecure_channel(addr.address, options=[
-                        ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
-                        ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
-                    self._groups[gid] = _Group(GroupState(addr), channel, pb_grpc.WorkerGroupStub(channel))
-        await asyncio.gather(*(self._poll(g) for g in list(self._groups.values())))
-
-    async def _poll(self, g: _Group) -> None:
-        try:
-            health = await g.stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
-            g.state.stats = await g.stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
-            g.state.healthy = health.healthy
-        except grpc.aio.AioRpcError:
-            g.state.healthy = False
+        return self.dispatcher.ready()
 
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
-                await self.refresh()
+                await self.dispatcher.refresh()
             except Exception:  # a flaky registry must not stop health tracking
                 log.exception("refreshing worker groups failed")
 
@@ -372,7 +324,7 @@ class RouterCore:
         status, reason = "failed", "error"
         try:
             while True:
-                stream = self._dispatch(prompt, params, det, tokens, live, exclude)
+                stream = self.dispatcher.dispatch(prompt, params, det, tokens, live, exclude)
                 try:
                     async for ev in stream:
                         if ev.index < len(tokens):
@@ -409,7 +361,7 @@ class RouterCore:
                     if live.cancelled:
                         raise asyncio.CancelledError from e
                     migrations += 1
-                    self._mark_failed(e.group_id)
+                    self.dispatcher.mark_failed(e.group_id)
                     exclude.add(e.group_id)
                     if migrations > self.config.chain_store.migration_limit:
                         raise RuntimeError(f"chain {chain_id}: gave up after {migrations - 1} re-dispatches; "
@@ -442,104 +394,3 @@ class RouterCore:
             self.metrics.chain_checkpoints.inc()
         except Exception:  # the store is down: the turn stays "running" and can be resumed later
             log.exception("chain %s: could not finish turn %d", ckpt.chain_id, ckpt.turn)
-
-    def _mark_failed(self, group_id: str) -> None:
-        g = self._groups.get(group_id)
-        if g is not None:
-            g.state.healthy = False  # the next successful health poll brings it back
-
-    def _states(self) -> list[GroupState]:
-        return [g.state for g in self._groups.values()]
-
-    async def _pick(self, role: str, tokens: list[int], exclude: set[str]) -> _Group:
-        """A group for `role`; with none healthy, waits (re-polling) for one to come back or be replaced."""
-        deadline = time.monotonic() + GROUP_WAIT_S
-        while True:
-            # A group this turn saw fail is avoided while another is healthy, not forever: it may be back
-            # (restarted) and the only one of its role.
-            for avoid in (exclude, set()):
-                try:
-                    state = self.scheduler.pick(self._states(), role, tokens, avoid)  # type: ignore[arg-type]
-                    return self._groups[state.addr.group_id]
-                except NoGroupAvailable:
-                    if time.monotonic() > deadline and not avoid:
-                        raise
-            await asyncio.sleep(PICK_POLL_S)
-            await self.refresh()
-
-    async def _dispatch(self, prompt: list[int], params: SamplingParams, det: bool, done: list[int],
-                        live: LiveTurn, exclude: set[str]) -> AsyncIterator[pb.TokenEvent]:
-        """The token events of one attempt, from index len(done) on; group failures raise GroupFailed."""
-        sampling = sampling_to_proto(params)
-        prefix = list(done)
-        kv_handle = b""
-        if not self.config.router.aggregated:
-            g = await self._pick("prefill", prompt + prefix, exclude)
-            resp = await self._call(g, live, g.stub.Prefill, pb.PrefillRequest(
-                request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling, deterministic=det,
-                output_prefix=prefix))
-            yield resp.first
-            if resp.first.finish_reason:
-                return
-            prefix.append(resp.first.token)
-            kv_handle = resp.kv_handle
-            g = await self._pick("decode", [], exclude)
-        else:
-            g = await self._pick("prefill", prompt + prefix, exclude)
-        request = pb.DecodeRequest(request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling,
-                                   deterministic=det, output_prefix=prefix, kv_handle=kv_handle)
-        call = g.stub.Decode(request, timeout=self.config.router.request_timeout_s)
-        first = True
-        events = aiter(call)
-        with self._tracked(g, live, call):
-            while True:
-                try:
-                    # The first event waits for a whole prefill; later ones only for a decode step.
-                    ev = await asyncio.wait_for(self._next_event(g, events),
-                                                None if first else self.stall_timeout_s)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise GroupFailed(g.state.addr.group_id, f"stream stalled for {self.stall_timeout_s} s") from None
-                if first and ev.kv_handoff:
-                    self.metrics.kv_handoffs.labels(outcome=ev.kv_handoff).inc()
-                first = False
-                yield ev
-
-    async def _next_event(self, g: _Group, events: AsyncIterator[pb.TokenEvent]) -> pb.TokenEvent:
-        ev = await anext(events)
-        await self.faults.stream_event(g.state.addr.group_id, g.state.addr.role)
-        return ev
-
-    async def _call(self, g: _Group, live: LiveTurn, method: Any, request: Any) -> Any:
-        call = method(request, timeout=self.config.router.request_timeout_s)
-        with self._tracked(g, live, call):
-            resp = await call
-            try:
-                await asyncio.wait_for(self.faults.stream_event(g.state.addr.group_id, g.state.addr.role),
-                                       self.stall_timeout_s)
-            except TimeoutError:
-                raise GroupFailed(g.state.addr.group_id, f"call stalled for {self.stall_timeout_s} s") from None
-            return resp
-
-    @contextlib.contextmanager
-    def _tracked(self, g: _Group, live: LiveTurn, call: Any) -> Iterator[None]:
-        """Load accounting and `cancel()` reach for one RPC; its failures become GroupFailed (or ValueError)."""
-        gid = g.state.addr.group_id
-        live.calls.add(call)
-        live.group_id = gid
-        g.state.inflight += 1
-        try:
-            yield
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(e.details()) from e
-            raise GroupFailed(gid, f"{e.code().name}: {e.details()}") from e
-        except asyncio.CancelledError:
-            if live.cancelled:  # `cancel()` stopped the call, not our caller
-                raise GroupFailed(gid, "cancelled") from None
-            raise
-        finally:
-            g.state.inflight -= 1
-            live.calls.discard(call)
-            call.cancel()

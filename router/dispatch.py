@@ -1,0 +1,192 @@
+"""How the router reaches worker groups: it learns them from a `GroupDirectory`, keeps their health and load
+fresh, picks one per role through the `Scheduler`, and runs one dispatch attempt of a turn — P/D: `Prefill`
+on a prefill group, then a `Decode` stream on a decode group that takes the KV handle; aggregated: one
+`Decode` stream. Any group failure (RPC error, stall past the deadline) surfaces as `GroupFailed`, which
+`RouterCore` answers by re-dispatching the rest of the turn elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from k2serve.config import ServingConfig
+from k2serve.faults import RouterFaults
+from k2serve.metrics import Metrics
+from k2serve.proto import k2serve_pb2 as pb
+from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.proto.convert import sampling_to_proto
+from k2serve.router.live import LiveTurn
+from k2serve.router.schedule import GroupDirectory, GroupState, NoGroupAvailable, Scheduler
+from k2serve.sampling_params import SamplingParams
+
+RPC_TIMEOUT_S = 2.0
+GROUP_WAIT_S = 30.0  # how long a request waits for some healthy group of a role
+PICK_POLL_S = 0.1  # health re-polls while a request waits for a group (failover time rides on it)
+
+
+class GroupFailed(Exception):
+    def __init__(self, group_id: str, detail: str) -> None:
+        self.group_id = group_id
+        super().__init__(f"worker group {group_id}: {detail}")
+
+
+@dataclass
+class GroupClient:
+    """A worker group as the router sees it: its state (health, load, cached prefixes) and gRPC stub."""
+
+    state: GroupState
+    channel: grpc.aio.Channel
+    stub: pb_grpc.WorkerGroupStub
+
+
+class Dispatcher:
+    def __init__(self, config: ServingConfig, directory: GroupDirectory, metrics: Metrics, faults: RouterFaults,
+                 stall_timeout_s: float) -> None:
+        self.config = config
+        self.directory = directory
+        self.metrics = metrics
+        self.faults = faults
+        self.stall_timeout_s = stall_timeout_s
+        self.scheduler = Scheduler(config.router.routing_policy, config.decode.block_size)
+        self._groups: dict[str, GroupClient] = {}
+        self._lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        for g in self._groups.values():
+            await g.channel.close()
+        self._groups.clear()
+
+    def ready(self) -> bool:
+        states = [g.state for g in self._groups.values()]
+        return any(s.serves("prefill") for s in states) and any(s.serves("decode") for s in states)
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            known = {a.group_id: a for a in await self.directory.list_groups()}
+            for gid in [g for g in self._groups if g not in known or self._groups[g].state.addr != known[g]]:
+                await self._groups.pop(gid).channel.close()
+            for gid, addr in known.items():
+                if gid not in self._groups:
+                    # Short reconnect backoff: a restarted group is usable again within ~0.1 s, not gRPC's 1 s+.
+                    channel = grpc.aio.insecure_channel(addr.address, options=[
+                        ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
+                        ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
+                    self._groups[gid] = GroupClient(GroupState(addr), channel, pb_grpc.WorkerGroupStub(channel))
+        await asyncio.gather(*(self._poll(g) for g in list(self._groups.values())))
+
+    async def _poll(self, g: GroupClient) -> None:
+        try:
+            health = await g.stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
+            g.state.stats = await g.stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
+            g.state.healthy = health.healthy
+        except grpc.aio.AioRpcError:
+            g.state.healthy = False
+
+    def mark_failed(self, group_id: str) -> None:
+        g = self._groups.get(group_id)
+        if g is not None:
+            g.state.healthy = False  # the next successful health poll brings it back
+
+    def _states(self) -> list[GroupState]:
+        return [g.state for g in self._groups.values()]
+
+    async def pick(self, role: str, tokens: list[int], exclude: set[str]) -> GroupClient:
+        """A group for `role`; with none healthy, waits (re-polling) for one to come back or be replaced."""
+        deadline = time.monotonic() + GROUP_WAIT_S
+        while True:
+            # A group this turn saw fail is avoided while another is healthy, not forever: it may be back
+            # (restarted) and the only one of its role.
+            for avoid in (exclude, set()):
+                try:
+                    state = self.scheduler.pick(self._states(), role, tokens, avoid)  # type: ignore[arg-type]
+                    return self._groups[state.addr.group_id]
+                except NoGroupAvailable:
+                    if time.monotonic() > deadline and not avoid:
+                        raise
+            await asyncio.sleep(PICK_POLL_S)
+            await self.refresh()
+
+    async def dispatch(self, prompt: list[int], params: SamplingParams, det: bool, done: list[int],
+                        live: LiveTurn, exclude: set[str]) -> AsyncIterator[pb.TokenEvent]:
+        """The token events of one attempt, from index len(done) on; group failures raise GroupFailed."""
+        sampling = sampling_to_proto(params)
+        prefix = list(done)
+        kv_handle = b""
+        if not self.config.router.aggregated:
+            g = await self.pick("prefill", prompt + prefix, exclude)
+            resp = await self._call(g, live, g.stub.Prefill, pb.PrefillRequest(
+                request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling, deterministic=det,
+                output_prefix=prefix))
+            yield resp.first
+            if resp.first.finish_reason:
+                return
+            prefix.append(resp.first.token)
+            kv_handle = resp.kv_handle
+            g = await self.pick("decode", [], exclude)
+        else:
+            g = await self.pick("prefill", prompt + prefix, exclude)
+        request = pb.DecodeRequest(request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling,
+                                   deterministic=det, output_prefix=prefix, kv_handle=kv_handle)
+        call = g.stub.Decode(request, timeout=self.config.router.request_timeout_s)
+        first = True
+        events = aiter(call)
+        with self._tracked(g, live, call):
+            while True:
+                try:
+                    # The first event waits for a whole prefill; later ones only for a decode step.
+                    ev = await asyncio.wait_for(self._next_event(g, events),
+                                                None if first else self.stall_timeout_s)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise GroupFailed(g.state.addr.group_id, f"stream stalled for {self.stall_timeout_s} s") from None
+                if first and ev.kv_handoff:
+                    self.metrics.kv_handoffs.labels(outcome=ev.kv_handoff).inc()
+                first = False
+                yield ev
+
+    async def _next_event(self, g: GroupClient, events: AsyncIterator[pb.TokenEvent]) -> pb.TokenEvent:
+        ev = await anext(events)
+        await self.faults.stream_event(g.state.addr.group_id, g.state.addr.role)
+        return ev
+
+    async def _call(self, g: GroupClient, live: LiveTurn, method: Any, request: Any) -> Any:
+        call = method(request, timeout=self.config.router.request_timeout_s)
+        with self._tracked(g, live, call):
+            resp = await call
+            try:
+                await asyncio.wait_for(self.faults.stream_event(g.state.addr.group_id, g.state.addr.role),
+                                       self.stall_timeout_s)
+            except TimeoutError:
+                raise GroupFailed(g.state.addr.group_id, f"call stalled for {self.stall_timeout_s} s") from None
+            return resp
+
+    @contextlib.contextmanager
+    def _tracked(self, g: GroupClient, live: LiveTurn, call: Any) -> Iterator[None]:
+        """Load accounting and `cancel()` reach for one RPC; its failures become GroupFailed (or ValueError)."""
+        gid = g.state.addr.group_id
+        live.calls.add(call)
+        live.group_id = gid
+        g.state.inflight += 1
+        try:
+            yield
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(e.details()) from e
+            raise GroupFailed(gid, f"{e.code().name}: {e.details()}") from e
+        except asyncio.CancelledError:
+            if live.cancelled:  # `cancel()` stopped the call, not our caller
+                raise GroupFailed(gid, "cancelled") from None
+            raise
+        finally:
+            g.state.inflight -= 1
+            live.calls.discard(call)
+            call.cancel()
