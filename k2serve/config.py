@@ -65,6 +65,8 @@ class RouterConfig(_Strict):
     api_keys_file: str | None = Field(None, description="File with one bearer API key per line; none: open.")
     served_model_name: str | None = Field(None, description="Name in /v1/models; default from the model source.")
     request_timeout_s: float = Field(600.0, gt=0)
+    stall_timeout_s: float = Field(30.0, gt=0, description="A group stream silent this long after its first "
+                                   "token counts as a failed group; the turn is re-dispatched.")
 
 
 class ChainStoreConfig(_Strict):
@@ -77,6 +79,8 @@ class ChainStoreConfig(_Strict):
     checkpoint_every: int = Field(16, ge=1, description="Generated tokens between durable appends.")
     ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="Retention of finished chains.")
     migration_limit: int = Field(3, ge=0, description="Re-dispatches of one generation after group failures.")
+    lease_ttl_s: float = Field(2.0, gt=0, description="A dead router's chains become resumable by another "
+                               "router this long after its last lease renewal.")
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "ChainStoreConfig":

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import open_store
-from k2serve.router.core import STALL_TIMEOUT_S, RouterCore
+from k2serve.router.core import RouterCore
 from k2serve.router.schedule import GroupAddress, GroupDirectory, StaticDirectory
 from k2serve.router.server import start_router_server
 from k2serve.worker.loader import resolve_model
@@ -43,7 +43,7 @@ def stop_on_signals() -> asyncio.Event:
 
 async def run_router(config: ServingConfig, directory: GroupDirectory, stop: asyncio.Event,
                      on_ready: Callable[[str, int], None] | None = None, metrics: Metrics | None = None, *,
-                     stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+                     stall_timeout_s: float | None = None) -> None:
     """Serves gRPC and HTTP until `stop` is set; `on_ready(http_url, grpc_port)` once both listen."""
     from k2serve.router.http.app import create_app  # the HTTP front is optional for gRPC-only embedding
     from k2serve.router.http.server import serving
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="serving config (YAML or JSON)")
     ap.add_argument("--group", action="append", type=parse_group, default=[], metavar="ID=ROLE@HOST:PORT",
                     help="a worker group's gRPC address (repeat for each group)")
-    ap.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S, metavar="S",
-                    help=f"a group stream silent S seconds after its first token is re-dispatched ({STALL_TIMEOUT_S})")
+    ap.add_argument("--stall-timeout", type=float, default=None, metavar="S",
+                    help="a group stream silent S seconds after its first token is re-dispatched "
+                         "(default: the config's router.stall_timeout_s)")
     args = ap.parse_args(argv)
     if not args.group:
         ap.error("at least one --group is required")

@@ -44,12 +44,6 @@ K2D = k.Ref(GROUP, VERSION, PLURAL, "K2Deployment")
 WINDOW = "5m"  # $__rate_interval and friends: wide enough to cover the whole run
 # Any label with more values than this after a short load is unbounded (K2's 384 experts are the widest domain).
 MAX_LABEL_VALUES = 384
-# Series defined in k2serve.metrics that no process observes yet: panels reading them must stay empty, so this
-# test fails (and names the entry to delete) the moment the producer lands.
-AWAITING_PRODUCER = {
-    "k2serve_tool_calls_per_chain": "router (router/core.py or router/http/app.py): observe len(chain.tool_calls) "
-                                    "when a chain turn begins",
-}
 SYSTEM = "You are a careful agent. Think step by step, call tools when useful, and report back briefly. " * 2
 GROUP_LINE = re.compile(r"k2serve up: (\w+) group (\S+) \(EP \d+\) on (\S+), metrics on :(\d+)")
 
@@ -207,15 +201,8 @@ def test_every_dashboard_panel_has_data_from_the_real_stack(tmp_path: Path) -> N
 
         docs = {name: json.loads(text) for name, text in dashboards.render().items()}
         queries = [q for name, doc in docs.items() for q in dashboards.panel_queries(name, doc)]
-        awaiting = [q for q in queries if any(series.removesuffix(suffix) in AWAITING_PRODUCER
-                                              for series in dashboards.referenced_metrics(q.expr)
-                                              for suffix in ("_bucket", "_sum", "_count"))]
-        assert {q.panel for q in awaiting} == {"Tool calls per chain"}
-        empty = [f"{q.dashboard} / {q.panel}: {concrete(q.expr)}" for q in queries
-                 if q not in awaiting and not _has_data(prom, q.expr)]
+        empty = [f"{q.dashboard} / {q.panel}: {concrete(q.expr)}" for q in queries if not _has_data(prom, q.expr)]
         assert empty == [], "panels without data:\n" + "\n".join(empty)
-        landed = [f"{q.panel}: {concrete(q.expr)}" for q in awaiting if _has_data(prom, q.expr)]
-        assert landed == [], f"now produced, remove from AWAITING_PRODUCER: {landed}"
 
         variables = [(v["name"], v["query"]) for doc in docs.values() for v in doc["templating"]["list"]
                      if v["type"] == "query"]
