@@ -1,21 +1,26 @@
 """The router process: gRPC `Router` service and the OpenAI HTTP front over one `RouterCore`.
 
-`python -m k2serve.router.serve --config PATH --group ID=ROLE@HOST:PORT ...` serves until SIGINT/SIGTERM.
+`python -m k2serve.router.serve --config PATH --group ID=ROLE@HOST:PORT ...` serves the listed groups;
+without `--group` it connects to the Ray cluster (`--ray-address`, default `$RAY_ADDRESS`, e.g. the Ray Client
+address `ray://HEAD:10001` that the operator sets on router pods) and follows the pool controller's registry.
+It serves until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import sys
 from collections.abc import Callable
 
-from k2serve.config import ServingConfig
+from k2serve.config import RAY_NAMESPACE, ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import open_store
 from k2serve.router.core import RouterCore
+from k2serve.router.directory import RegistryDirectory
 from k2serve.router.schedule import GroupAddress, GroupDirectory, StaticDirectory
 from k2serve.router.server import start_router_server
 from k2serve.worker.loader import resolve_model
@@ -72,19 +77,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="serving config (YAML or JSON)")
     ap.add_argument("--group", action="append", type=parse_group, default=[], metavar="ID=ROLE@HOST:PORT",
                     help="a worker group's gRPC address (repeat for each group)")
+    ap.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                    help="Ray cluster whose pool-controller registry lists the groups (default: $RAY_ADDRESS)")
     ap.add_argument("--stall-timeout", type=float, default=None, metavar="S",
                     help="a group stream silent S seconds after its first token is re-dispatched "
                          "(default: the config's router.stall_timeout_s)")
     args = ap.parse_args(argv)
-    if not args.group:
-        ap.error("at least one --group is required")
+    if not args.group and not args.ray_address:
+        ap.error("give the groups (--group ...) or a Ray cluster to find them in (--ray-address / $RAY_ADDRESS)")
     config = ServingConfig.load(args.config)
+    directory: GroupDirectory
+    if args.group:
+        directory = StaticDirectory(args.group)
+    else:
+        import ray
+
+        ray.init(address=args.ray_address, namespace=RAY_NAMESPACE, log_to_driver=False)
+        directory = RegistryDirectory(RAY_NAMESPACE)
 
     def ready(url: str, grpc_port: int) -> None:
         print(f"k2serve router: HTTP {url}/v1  gRPC {config.router.host}:{grpc_port}", flush=True)
 
     async def go() -> None:
-        await run_router(config, StaticDirectory(args.group), stop_on_signals(), ready,
+        await run_router(config, directory, stop_on_signals(), ready,
                          stall_timeout_s=args.stall_timeout)
 
     asyncio.run(go())

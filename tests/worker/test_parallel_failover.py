@@ -4,6 +4,8 @@ controller, a whole decode group killed by a configured fault leaves the other s
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import signal
 import threading
@@ -16,6 +18,7 @@ import pytest
 import ray
 from helpers.tiny import run_all, tiny_engine
 
+from k2serve.router.directory import RegistryDirectory
 from k2serve.config import FaultSpec, PoolConfig, ServingConfig
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
@@ -143,6 +146,10 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
         wait_until(replaced, 60, "the controller to replace decode-0")
         new = next(g for g in controller.read_registry() if g["group_id"] == "decode-0")
         assert new["leader_pid"] != old["leader_pid"]
+        # What a router process reads (k2serve.router.serve without --group): the replacement's address.
+        listed = asyncio.run(RegistryDirectory("k2serve-test-pools").list_groups())
+        assert {(a.group_id, a.role, a.address) for a in listed} == {
+            ("decode-0", "decode", new["address"]), ("decode-1", "decode", groups["decode-1"]["address"])}
         assert tokens(new["address"], "revived", PROMPT, 12) == want  # fault fired its one time: it serves
         assert controller.replacements == 1
     finally:
