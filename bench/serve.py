@@ -18,14 +18,19 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 
 from k2serve.config import ServingConfig
+from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.router.chains import open_store
+from k2serve.router.core import RouterCore
+from k2serve.router.directory import RegistryDirectory
 from k2serve.router.local import start_local_stack
 from k2serve.router.server import start_router_server
 from k2serve.worker.engine.sampling import SamplingParams
@@ -89,13 +94,49 @@ def serving_config(tmp: Path, aggregated: bool) -> ServingConfig:
                                          "prefill": {"max_running": 64}, "decode": {"max_running": 64}})
 
 
-async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int
-                      ) -> tuple[list[Row], list[Row]]:
+@dataclass
+class Stack:
+    """A router core over worker groups, and the address of one group serving both roles (aggregated)."""
+
+    core: RouterCore
+    group_address: str | None
+    close: Callable[[], Awaitable[None]]
+
+
+async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
+    """`inproc`: groups inside this process (`router/local.py`); `ray`: groups as Ray actors under the pool
+    controller, each in its own process, as `k2serve up` runs them."""
+    if groups_in == "inproc":
+        local = await start_local_stack(config)
+        return Stack(local.core, local.groups[0].address if config.router.aggregated else None, local.aclose)
+    from k2serve.worker.parallel.pools import PoolController
+    from k2serve.worker.tokenizer import K2Tokenizer
+    from k2serve.worker.loader import resolve_model
+
+    controller = PoolController(config, namespace=f"k2serve-bench-{config.router.aggregated}")
+    await asyncio.to_thread(controller.start)
+    tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
+    core = RouterCore(config, tokenizer, open_store(config.chain_store), Metrics(),
+                      RegistryDirectory(controller.namespace))
+    await core.start()
+    both = controller.groups(role="both")
+
+    async def close() -> None:
+        await core.aclose()
+        core.store.close()
+        await asyncio.to_thread(controller.stop)
+
+    return Stack(core, both[0]["address"] if both else None, close)
+
+
+async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int,
+                      groups_in: str) -> tuple[list[Row], list[Row]]:
     params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     rows: list[Row] = []
     overhead: list[Row] = []
+    where = "groups in Ray actors" if groups_in == "ray" else "groups in the router's process"
     for aggregated in (False, True):
-        stack = await start_local_stack(serving_config(tmp, aggregated))
+        stack = await start_stack(serving_config(tmp, aggregated), groups_in)
         server, port = await start_router_server(stack.core, "127.0.0.1", 0)
         vocab = stack.core.tokenizer.vocab_size
         try:
@@ -109,10 +150,10 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
                 if not aggregated:
                     for c in levels:
                         items = prompts(per_level * c, *lens, vocab, seed=c)
-                        rows.append(await drive(via_router, items, c, "k2serve P/D (gRPC router)"))
+                        rows.append(await drive(via_router, items, c, f"k2serve P/D, {where}"))
                     continue
-                group = stack.groups[0]
-                async with grpc.aio.insecure_channel(group.address) as gch:
+                assert stack.group_address is not None
+                async with grpc.aio.insecure_channel(stack.group_address) as gch:
                     worker = pb_grpc.WorkerGroupStub(gch)
 
                     async def direct(prompt: list[int]):  # noqa: ANN202 - an async generator
@@ -121,11 +162,11 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
 
                     c = levels[min(1, len(levels) - 1)]
                     items = prompts(per_level * c, *lens, vocab, seed=100 + c)
-                    overhead.append(await drive(direct, items, c, "aggregated group, direct"))
-                    overhead.append(await drive(via_router, items, c, "aggregated group, via router"))
+                    overhead.append(await drive(direct, items, c, f"aggregated group, direct ({where})"))
+                    overhead.append(await drive(via_router, items, c, f"aggregated group, via router ({where})"))
         finally:
             await server.stop(0)
-            await stack.aclose()
+            await stack.close()
     return rows, overhead
 
 
@@ -177,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (numbers mean nothing)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--groups-in", choices=("ray", "inproc"), default="ray",
+                    help="worker groups as Ray actors (own processes, as `k2serve up`) or inside this process")
     args = ap.parse_args(argv)
     levels, per_level, lens, max_tokens = ([1, 4], 1, (4, 24), 4) if args.smoke else ([1, 8, 32], 2, (16, 256), 64)
 
@@ -184,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from k2serve.localray import init_local_ray
 
-    init_local_ray()
+    init_local_ray(8)  # logical CPUs: the groups' actors must fit on a 2-core machine
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens))
+            rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens, args.groups_in))
     finally:
         ray.shutdown()
     rows += bench_transformers(levels, per_level, lens, max_tokens, vocab=512)
