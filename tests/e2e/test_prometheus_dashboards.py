@@ -23,8 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import pytest
 import yaml
 from helpers.kmock_cluster import running_cluster
 from helpers.prometheus import Prometheus, running_prometheus
+from helpers.up import Stack, k2serve_up, stop, wait_for_line
 
 from k2serve import dashboards
 from k2serve.operator import kube as k
@@ -45,53 +45,6 @@ WINDOW = "5m"  # $__rate_interval and friends: wide enough to cover the whole ru
 # Any label with more values than this after a short load is unbounded (K2's 384 experts are the widest domain).
 MAX_LABEL_VALUES = 384
 SYSTEM = "You are a careful agent. Think step by step, call tools when useful, and report back briefly. " * 2
-GROUP_LINE = re.compile(r"k2serve up: (\w+) group (\S+) \(EP \d+\) on (\S+), metrics on :(\d+)")
-
-
-@dataclass
-class Stack:
-    url: str  # the router's HTTP base (its /metrics too)
-    groups: list[str]  # "ID=ROLE@HOST:PORT" of every group's gRPC service (`k2serve.router.serve --group`)
-    metrics: list[str]  # "host:port" of every group leader's /metrics
-
-
-def _wait_for_line(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout_s: float) -> re.Match[str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if m := re.search(pattern, log.read_text()):
-            return m
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{proc.args}: no {pattern!r} in {timeout_s} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGINT) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def k2serve_up(config: Path, workdir: Path) -> Iterator[Stack]:
-    """`k2serve up --port 0 --config ...` until the block exits (then Ctrl-C, as a user stops it)."""
-    log = workdir / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "k2serve.cli", "up", "--port", "0", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    try:
-        url = _wait_for_line(proc, log, r"serving \S+ at (http://\S+)/v1", 150).group(1)
-        lines = [m.groups() for m in GROUP_LINE.finditer(log.read_text())]
-        yield Stack(url=url, groups=[f"{gid}={role}@{address}" for role, gid, address, _ in lines],
-                    metrics=[f"{address.rsplit(':', 1)[0]}:{port}" for _, _, address, port in lines])
-    finally:
-        _stop(proc)
-
-
 def _config(path: Path, store: Path, faults: list[dict[str, Any]]) -> Path:
     path.write_text(yaml.safe_dump({"router": {"http_port": 0}, "decode": {"groups": 2},
                                     "chain_store": {"sqlite_path": str(store)}, "faults": faults}))
@@ -145,7 +98,7 @@ def _resume_after_router_death(stack: Stack, config: Path, workdir: Path) -> lis
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     try:
-        url2 = _wait_for_line(proc, log, r"HTTP (http://\S+)/v1", 60).group(1)
+        url2 = wait_for_line(proc, log, r"HTTP (http://\S+)/v1", 60).group(1)
         body = {"messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 24, "ignore_eos": True,
                 "stream": True}
         seen: list[str] = []
@@ -155,7 +108,7 @@ def _resume_after_router_death(stack: Stack, config: Path, workdir: Path) -> lis
                     seen.append(event_id or "")
         proc.wait(10)
     finally:
-        _stop(proc, signal.SIGKILL)
+        stop(proc, signal.SIGKILL)
     seen = [e for e in seen if e]  # the role chunk and [DONE] carry no id
     chain, last = seen[-1].rsplit(":", 1)
     with httpx.stream("GET", f"{stack.url}/v1/chains/{chain}/stream", params={"from": int(last) + 1},
