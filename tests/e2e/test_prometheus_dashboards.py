@@ -114,7 +114,12 @@ def _resume_after_router_death(stack: Stack, config: Path, workdir: Path) -> lis
     with httpx.stream("GET", f"{stack.url}/v1/chains/{chain}/stream", params={"from": int(last) + 1},
                       timeout=60) as r:
         rest = [json.loads(data)["index"] for _, data in _sse(r) if data != "[DONE]"]
-    return [int(e.rsplit(":", 1)[1]) for e in seen] + rest
+    # A chat event carries the text of every token since the previous event (a token whose bytes end mid
+    # character or mid special marker has none of its own), so its ids may skip; the chain stream sends every
+    # token. Together: the client holds tokens 0..last from router 2 and last+1.. from the `up` router.
+    first = [int(e.rsplit(":", 1)[1]) for e in seen]
+    assert first == sorted(set(first)), first
+    return list(range(first[-1] + 1)) + rest
 
 
 def concrete(expr: str) -> str:

@@ -62,6 +62,6 @@ def test_bench_serve_smoke() -> None:
     done = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--smoke"], capture_output=True,
                           text=True, timeout=240, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| k2serve P/D (gRPC router) | 4 | 4 | 16 |" in done.stdout
+    assert "| k2serve P/D, groups in Ray actors | 4 | 4 | 16 |" in done.stdout
     assert "| transformers generate (static batches) | 4 | 4 | 16 |" in done.stdout
     assert "router overhead on ITL p50" in done.stdout
