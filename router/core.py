@@ -151,8 +151,9 @@ class RouterCore:
         params = sampling.model_copy(update={"seed": resolve_seed(sampling)})
         det = deterministic or self.config.deterministic
         sampling_doc = {**params.model_dump(mode="json"), "deterministic": det}
+        chain_id = await asyncio.to_thread(self._open_chain, chain_id)
+        await self._await_lease(chain_id)
         async with self._starting:
-            chain_id = await asyncio.to_thread(self._open_chain, chain_id)
             if chain_id in self._live:
                 raise ValueError(f"chain {chain_id} is generating a turn now; wait for it or cancel it")
             if not await asyncio.to_thread(self.store.claim, chain_id, self.router_id, self.lease_ttl_s):
@@ -167,6 +168,16 @@ class RouterCore:
             live = self._launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
         async for tok in live.follow(0):
             yield tok
+
+    async def _await_lease(self, chain_id: str) -> None:
+        """Claims the chain's lease, waiting out at most one lease TTL: a router that died right after finishing
+        its turn leaves a lease nobody renews, and the client's next turn should not fail on it. A lease still
+        held after that belongs to a live router generating the chain (the caller's claim then fails)."""
+        deadline = time.monotonic() + self.lease_ttl_s * 1.5
+        while not await asyncio.to_thread(self.store.claim, chain_id, self.router_id, self.lease_ttl_s):
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(TAIL_POLL_S)
 
     async def resume(self, chain_id: str, from_index: int) -> AsyncIterator[ChainToken]:
         """The latest turn of a chain from generated index `from_index` on. A turn generating here is followed

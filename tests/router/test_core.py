@@ -128,6 +128,37 @@ def test_cancel_ends_the_stream_and_marks_the_turn(tmp_path: Path) -> None:
     assert status == "cancelled" and not again
 
 
+def test_next_turn_waits_out_the_lease_of_a_router_that_died_after_its_turn(tmp_path: Path) -> None:
+    """A router SIGKILLed right after finishing a turn leaves its chain lease unreleased; the client's next
+    turn (on another router) must wait for it to lapse, not fail. A lease somebody keeps renewing still refuses."""
+    cfg = serving(tmp_path, router={"aggregated": True}, chain_store={"lease_ttl_s": 0.6})
+
+    async def body(stack: LocalStack) -> tuple[float, str]:
+        core, store = stack.core, stack.core.store
+        chain_id = (await collect(core.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3))))[0].chain_id
+        assert await asyncio.to_thread(store.claim, chain_id, "dead-router", 0.6)  # never renewed, never released
+        start = asyncio.get_running_loop().time()
+        await collect(core.generate([5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=3), chain_id=chain_id))
+        waited = asyncio.get_running_loop().time() - start
+
+        async def renew() -> None:
+            while True:
+                await asyncio.to_thread(store.claim, chain_id, "live-router", 0.6)
+                await asyncio.sleep(0.1)
+
+        holder = asyncio.create_task(renew())
+        await asyncio.sleep(0.3)
+        try:
+            with pytest.raises(ValueError, match="another router") as refused:
+                await collect(core.generate([5], SamplingParams(max_tokens=1), chain_id=chain_id))
+        finally:
+            holder.cancel()
+        return waited, str(refused.value)
+
+    waited, _ = with_stack(cfg, body)
+    assert 0.3 < waited < 3.0
+
+
 def test_bad_requests_raise_before_any_token(tmp_path: Path) -> None:
     cfg = serving(tmp_path, model={"max_context": 256}, router={"aggregated": True})
 
