@@ -131,7 +131,8 @@ def test_cancel_ends_the_stream_and_marks_the_turn(tmp_path: Path) -> None:
 def test_next_turn_waits_out_the_lease_of_a_router_that_died_after_its_turn(tmp_path: Path) -> None:
     """A router SIGKILLed right after finishing a turn leaves its chain lease unreleased; the client's next
     turn (on another router) must wait for it to lapse, not fail. A lease somebody keeps renewing still refuses."""
-    cfg = serving(tmp_path, router={"aggregated": True}, chain_store={"lease_ttl_s": 0.6})
+    cfg = serving(tmp_path, router={"aggregated": True},
+                  chain_store={"sqlite_path": str(tmp_path / "chains.sqlite3"), "lease_ttl_s": 0.6})
 
     async def body(stack: LocalStack) -> tuple[float, str]:
         core, store = stack.core, stack.core.store
