@@ -6,9 +6,6 @@ in this pytest process, so the selection runs in a child process (this file run 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -34,10 +31,9 @@ def _child() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def chosen() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from helpers.child import run_script_report  # not at the top: this file also runs as a plain script
+
+    return run_script_report(__file__, interpret=False, timeout_s=120)
 
 
 @pytest.mark.parametrize("device", DEVICES)

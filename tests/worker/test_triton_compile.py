@@ -8,10 +8,7 @@ interpreter off; the tests judge its JSON report.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -104,10 +101,9 @@ def _child() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from helpers.child import run_script_report  # not at the top: this file also runs as a plain script
+
+    return run_script_report(__file__, interpret=False, timeout_s=300)
 
 
 def _shipped() -> list[str]:

@@ -9,7 +9,6 @@ max|out - ref| / max|ref| over every output element; every buffer the kernels fi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,10 +130,9 @@ def _child() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from helpers.child import run_script_report  # not at the top: this file also runs as a plain script
+
+    return run_script_report(__file__, interpret=True, timeout_s=300)
 
 
 @pytest.mark.parametrize("name", list(CASES))
