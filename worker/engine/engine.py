@@ -78,7 +78,7 @@ class EngineStats:
     decode_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
-    forward_rows: list[int] = field(default_factory=list)  # tokens per forward, last 1024 steps
+    forward_rows: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # tokens per forward, recent
 
 
 class Engine:
@@ -306,7 +306,7 @@ class Engine:
         model = self._models.get(det) or self._models.setdefault(det, self.model.with_determinism(det))
         batch = ForwardBatch(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), seqs,
                              torch.tensor(logits_rows, dtype=torch.int64))
-        self.stats.forward_rows = (self.stats.forward_rows + [len(ids)])[-1024:]
+        self.stats.forward_rows.append(len(ids))
         return model.forward(batch, self.kv)
 
     def _finish_reason(self, seq: _Seq, token: int) -> str | None:
