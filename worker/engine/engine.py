@@ -53,7 +53,7 @@ class TokenEvent:
     finish_reason: str | None  # "stop" | "length" | None while running
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in` / `remove` on lists must not compare token lists
 class _Seq:
     request_id: str
     prompt: list[int]

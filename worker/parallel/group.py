@@ -89,6 +89,7 @@ class ExpertParallelGroup:
         self._snaps: list[RankSnapshot] = []
         self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
         self._pg: PlacementGroup | None = None
+        self._next: list[Any] | None = None  # the step already submitted to every rank, if any
         self.build()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -118,6 +119,7 @@ class ExpertParallelGroup:
         self.holding.clear()
         self._token_base = (self.stats.prefill_tokens, self.stats.decode_tokens)
         self._snaps = []
+        self._next = None
         self.failed = None
 
     def shutdown(self) -> None:
@@ -180,8 +182,11 @@ class ExpertParallelGroup:
         return [None] * sum(s.waiting for s in self._snaps)
 
     def step(self) -> list[TokenEvent]:
+        """One step of every rank. While requests remain, the following step is submitted before this one's
+        events are returned: a rank runs its calls in order, so it starts that step while the leader streams
+        these tokens, instead of idling for a round trip (calls made meanwhile run after it)."""
         self._check()
-        refs = [r.step.remote() for r in self.ranks]
+        refs, self._next = self._next or [r.step.remote() for r in self.ranks], None
         results = self._gather(refs)
         events = [ev for evs, _ in results for ev in evs]
         for ev in events:
@@ -190,6 +195,8 @@ class ExpertParallelGroup:
                 if ev.request_id not in self.holding:
                     self.owner.pop(ev.request_id, None)
         self._absorb([snap for _, snap in results])
+        if self.active:
+            self._next = [r.step.remote() for r in self.ranks]
         return events
 
     def take_expert_load(self) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, TokenEvent
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.config import K2Config
+from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
 from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.parallel.ep import ExpertParallelMoE, expert_range
 from k2serve.worker.quant.moe import select_moe_backend
@@ -42,12 +43,20 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def reserved_cpus() -> int:
+    """Whole CPUs Ray reserved for this actor (`num_cpus_per_actor`), at least 1."""
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
+    return max(1, int(assigned.get("CPU", 1)))
+
+
 class RankWorker:
     """Constructed cheaply; `setup` loads the shard and joins the process group (it blocks until every rank
     of the group has called it, so the group calls it on all ranks at once)."""
 
     def __init__(self, rank: int, world_size: int) -> None:
-        torch.set_num_threads(1)  # several ranks share a node's cores; intra-op threads would oversubscribe
+        torch.set_num_threads(reserved_cpus())  # ranks share a node's cores: use only what Ray reserved for us
         self.rank = rank
         self.world_size = world_size
         self.engine: Engine | None = None
@@ -71,13 +80,16 @@ class RankWorker:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         dtype = torch.bfloat16 if cuda else torch.float32
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
-                                world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         rng = expert_range(self.rank, self.world_size, K2Config.from_dir(model_dir).n_routed_experts)
+        backend = select_moe_backend(device)
+        if self.world_size > 1:  # a group of one holds every expert: no collectives to join
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                    world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         w = load_weights(model_dir, expert_range=rng, dtype=dtype, device=device)
-        self.executor = ExpertParallelMoE(w.experts, select_moe_backend(device), self.rank, self.world_size,
-                                          deterministic)
-        model = K2Model(w.config, w.dense, self.executor, deterministic=deterministic)
+        experts: MoEExecutor = LocalExperts(w.experts, backend, deterministic)
+        if self.world_size > 1:
+            experts = self.executor = ExpertParallelMoE(w.experts, backend, self.rank, self.world_size, deterministic)
+        model = K2Model(w.config, w.dense, experts, deterministic=deterministic)
         config = EngineConfig(**{**engine_config.__dict__, "lockstep": True, "deterministic": deterministic})
         self.engine = Engine(model, config, eos_token_ids=eos_ids)
         return sum(s.nbytes() for s in w.experts.values())
@@ -106,10 +118,8 @@ class RankWorker:
         """One lockstep step (an empty forward when this rank has nothing to run)."""
         eng = self._engine()
         events = eng.step()
-        executor = self.executor
-        if executor is None:
-            raise RuntimeError(f"rank {self.rank} is not set up")
         snap = RankSnapshot(len(eng.running), len(eng.waiting), eng.blocks.num_used_blocks,
                             eng.blocks.num_free_blocks, eng.blocks.prefix_hit_tokens, eng.stats.prefill_tokens,
-                            eng.stats.decode_tokens, executor.counter.take(), eng.model.expert_load.take())
+                            eng.stats.decode_tokens, self.executor.counter.take() if self.executor else 0,
+                            eng.model.expert_load.take())
         return events, snap

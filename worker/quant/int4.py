@@ -65,10 +65,18 @@ def quantize_rtn(
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """packed int32 [..., out, in/8], scale [..., out, in/group] -> weights [..., out, in] in `dtype`."""
-    q = unpack_int4(packed)  # [..., out, in]
+    """packed int32 [..., out, in/8], scale [..., out, in/group] -> weights [..., out, in] in `dtype`.
+
+    The nibbles stay unsigned (0..15) until one fused `(q - 8) * scale` that also promotes to float: a CPU
+    decode step dequantizes every hit expert, and each extra full-size pass costs as much as the matmuls."""
+    if sys.byteorder != "little":
+        raise RuntimeError("dequantize reads packed words as little-endian bytes; this host is big-endian")
     groups = scale.shape[-1]
-    if q.shape[-1] % groups:
+    n_in = packed.shape[-1] * PACK_FACTOR
+    if n_in % groups:
         raise ValueError(f"scale shape {tuple(scale.shape)} does not divide packed shape {tuple(packed.shape)}")
-    grouped = q.float().unflatten(-1, (groups, q.shape[-1] // groups))  # [..., out, G, group]
-    return (grouped * scale.float().unsqueeze(-1)).flatten(-2).to(dtype)
+    data = packed.contiguous().view(torch.uint8)  # [..., out, in/2]
+    nibbles = torch.stack([data & 0xF, data >> 4], dim=-1)  # [..., out, in/2, 2]: elements 2j, 2j+1 (0..15)
+    grouped = nibbles.view(*packed.shape[:-1], groups, n_in // groups)  # [..., out, G, group]
+    w = (grouped.view(torch.int8) - 8) * scale.to(torch.float32).unsqueeze(-1)  # [..., out, G, group]
+    return w.flatten(-2).to(dtype)
