@@ -1,9 +1,10 @@
 """Serving benchmark: tokens/s, TTFT and inter-token latency at several concurrencies through the full stack
-(gRPC router → prefill group → KV handoff via Ray's object store → decode group), Hugging Face transformers
-`generate` in static batches on the same architecture and prompts as the baseline, and the router's overhead
-(the same load streamed straight from an aggregated group vs through the router).
+(gRPC router → prefill group → KV handoff via Ray's object store → decode group, then the same with one
+aggregated group), Hugging Face transformers `generate` in static batches on the same architecture and prompts
+as the baseline, and the router's overhead (the same load streamed straight from an aggregated group vs through
+the router, in alternating runs).
 
-    python bench/serve.py [--smoke] [--json out.json]
+    python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--decode-cpus 1]
 
 The transformers baseline runs `DeepseekV3ForCausalLM` built from the served model's config with dense float
 experts (transformers cannot run the INT4 pack-quantized experts here), every request forced to its full
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -88,10 +90,11 @@ async def drive(open_stream, items: list[list[int]], concurrency: int, label: st
                pct(itls, 0.5), pct(itls, 0.99))
 
 
-def serving_config(tmp: Path, aggregated: bool) -> ServingConfig:
+def serving_config(tmp: Path, aggregated: bool, decode_cpus: float) -> ServingConfig:
     return ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / f"chains-{aggregated}.sqlite3")},
                                          "router": {"aggregated": aggregated},
-                                         "prefill": {"max_running": 64}, "decode": {"max_running": 64}})
+                                         "prefill": {"max_running": 64},
+                                         "decode": {"max_running": 64, "num_cpus_per_actor": decode_cpus}})
 
 
 @dataclass
@@ -130,13 +133,13 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
 
 
 async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int,
-                      groups_in: str) -> tuple[list[Row], list[Row]]:
+                      groups_in: str, decode_cpus: float, overhead_runs: int) -> tuple[list[Row], list[Row]]:
     params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     rows: list[Row] = []
     overhead: list[Row] = []
     where = "groups in Ray actors" if groups_in == "ray" else "groups in the router's process"
     for aggregated in (False, True):
-        stack = await start_stack(serving_config(tmp, aggregated), groups_in)
+        stack = await start_stack(serving_config(tmp, aggregated, decode_cpus), groups_in)
         server, port = await start_router_server(stack.core, "127.0.0.1", 0)
         vocab = stack.core.tokenizer.vocab_size
         try:
@@ -147,10 +150,11 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
                     async for chunk in router.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=params)):
                         yield chunk.token
 
+                mode = "aggregated" if aggregated else "P/D"
+                for c in levels:
+                    items = prompts(per_level * c, *lens, vocab, seed=c)
+                    rows.append(await drive(via_router, items, c, f"k2serve {mode}, {where}"))
                 if not aggregated:
-                    for c in levels:
-                        items = prompts(per_level * c, *lens, vocab, seed=c)
-                        rows.append(await drive(via_router, items, c, f"k2serve P/D, {where}"))
                     continue
                 assert stack.group_address is not None
                 async with grpc.aio.insecure_channel(stack.group_address) as gch:
@@ -162,8 +166,9 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
 
                     c = levels[min(1, len(levels) - 1)]
                     items = prompts(per_level * c, *lens, vocab, seed=100 + c)
-                    overhead.append(await drive(direct, items, c, f"aggregated group, direct ({where})"))
-                    overhead.append(await drive(via_router, items, c, f"aggregated group, via router ({where})"))
+                    for _ in range(overhead_runs):  # alternating, so drift on a shared machine hits both alike
+                        overhead.append(await drive(direct, items, c, f"aggregated group, direct ({where})"))
+                        overhead.append(await drive(via_router, items, c, f"aggregated group, via router ({where})"))
         finally:
             await server.stop(0)
             await stack.close()
@@ -214,12 +219,28 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def overhead_summary(pairs: list[Row]) -> str:
+    """Router overhead on ITL p50: the median of the routed runs against the median of the direct runs (each
+    run alone moves by a few ms on a shared 2-core machine), and every pair's own ratio."""
+    direct = [r.itl_p50_ms for r in pairs[0::2] if r.itl_p50_ms]
+    routed = [r.itl_p50_ms for r in pairs[1::2] if r.itl_p50_ms]
+    if not direct or not routed:
+        return "\nrouter overhead: no inter-token latencies measured"
+    each = ", ".join(f"{100 * (r - d) / d:+.1f}%" for d, r in zip(direct, routed))
+    d, r = statistics.median(direct), statistics.median(routed)
+    return (f"\nrouter overhead on ITL p50: {100 * (r - d) / d:+.1f}% (median of {len(routed)} routed runs "
+            f"{r:.1f} ms vs {len(direct)} direct {d:.1f} ms; per pair: {each})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (numbers mean nothing)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--groups-in", choices=("ray", "inproc"), default="ray",
                     help="worker groups as Ray actors (own processes, as `k2serve up`) or inside this process")
+    ap.add_argument("--overhead-runs", type=int, default=5, help="direct/routed pairs for the router overhead")
+    ap.add_argument("--decode-cpus", type=float, default=1.0,
+                    help="Ray CPUs (= torch threads) of each decode rank; the aggregated group's ranks too")
     args = ap.parse_args(argv)
     levels, per_level, lens, max_tokens = ([1, 4], 1, (4, 24), 4) if args.smoke else ([1, 8, 32], 2, (16, 256), 64)
 
@@ -230,16 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     init_local_ray(8)  # logical CPUs: the groups' actors must fit on a 2-core machine
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens, args.groups_in))
+            rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens, args.groups_in,
+                                                        args.decode_cpus, 1 if args.smoke else args.overhead_runs))
     finally:
         ray.shutdown()
     rows += bench_transformers(levels, per_level, lens, max_tokens, vocab=512)
     print(table(rows))
     print()
     print(table(overhead))
-    direct, routed = overhead
-    if direct.itl_p50_ms and routed.itl_p50_ms:
-        print(f"\nrouter overhead on ITL p50: {100 * (routed.itl_p50_ms - direct.itl_p50_ms) / direct.itl_p50_ms:+.1f}%")
+    print(overhead_summary(overhead))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows + overhead], indent=1))
     return 0
