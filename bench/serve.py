@@ -4,7 +4,7 @@ aggregated group), Hugging Face transformers `generate` in static batches on the
 as the baseline, and the router's overhead (the same load streamed straight from an aggregated group vs through
 the router, in alternating runs).
 
-    python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--decode-cpus 1]
+    python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--rank-cpus 1]
 
 The transformers baseline runs `DeepseekV3ForCausalLM` built from the served model's config with dense float
 experts (transformers cannot run the INT4 pack-quantized experts here), every request forced to its full
@@ -20,6 +20,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,11 +91,10 @@ async def drive(open_stream, items: list[list[int]], concurrency: int, label: st
                pct(itls, 0.5), pct(itls, 0.99))
 
 
-def serving_config(tmp: Path, aggregated: bool, decode_cpus: float) -> ServingConfig:
+def serving_config(tmp: Path, aggregated: bool, rank_cpus: float) -> ServingConfig:
+    pool = {"max_running": 64, "num_cpus_per_actor": rank_cpus}
     return ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / f"chains-{aggregated}.sqlite3")},
-                                         "router": {"aggregated": aggregated},
-                                         "prefill": {"max_running": 64},
-                                         "decode": {"max_running": 64, "num_cpus_per_actor": decode_cpus}})
+                                         "router": {"aggregated": aggregated}, "prefill": pool, "decode": pool})
 
 
 @dataclass
@@ -133,13 +133,13 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
 
 
 async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int,
-                      groups_in: str, decode_cpus: float, overhead_runs: int) -> tuple[list[Row], list[Row]]:
+                      groups_in: str, rank_cpus: float, overhead_runs: int) -> tuple[list[Row], list[Row]]:
     params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     rows: list[Row] = []
     overhead: list[Row] = []
     where = "groups in Ray actors" if groups_in == "ray" else "groups in the router's process"
     for aggregated in (False, True):
-        stack = await start_stack(serving_config(tmp, aggregated, decode_cpus), groups_in)
+        stack = await start_stack(serving_config(tmp, aggregated, rank_cpus), groups_in)
         server, port = await start_router_server(stack.core, "127.0.0.1", 0)
         vocab = stack.core.tokenizer.vocab_size
         try:
@@ -173,6 +173,52 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
             await server.stop(0)
             await stack.close()
     return rows, overhead
+
+
+def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int, vocab: int) -> list[Row]:
+    """The engine alone in this process (no router, gRPC, Ray or second process), the same closed loop of
+    `concurrency` requests in flight: the ceiling the stack rows are measured against."""
+    import torch
+
+    from k2serve.worker.engine.engine import Engine, EngineConfig
+    from k2serve.worker.loader import load_weights, resolve_model
+    from k2serve.worker.model.k2 import K2Model
+
+    weights = load_weights(resolve_model("builtin:tiny-k2"))
+    model = K2Model(weights.config, weights.dense, weights.experts)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    rows = []
+    for c in levels:
+        engine = Engine(model, EngineConfig(max_running=64), eos_token_ids=[])
+        items = prompts(per_level * c, *lens, vocab, seed=c)
+        pending = deque(enumerate(items))
+        last: dict[str, tuple[float, int]] = {}  # request -> (time of its last token or admission, tokens)
+        ttfts: list[float] = []
+        itls: list[float] = []
+
+        def admit() -> None:
+            i, prompt = pending.popleft()
+            engine.add_request(str(i), prompt, params)
+            last[str(i)] = (time.perf_counter(), 0)
+
+        t0 = time.perf_counter()
+        for _ in range(min(c, len(pending))):
+            admit()
+        total = 0
+        while engine.has_work():
+            events = engine.step()
+            now = time.perf_counter()
+            for ev in events:
+                then, n = last[ev.request_id]
+                (itls if n else ttfts).append(now - then)
+                last[ev.request_id] = (now, n + 1)
+                total += 1
+                if ev.finish_reason is not None and pending:
+                    admit()
+        wall = time.perf_counter() - t0
+        rows.append(Row(f"k2serve engine alone, {torch.get_num_threads()} torch threads", c, len(items), total, wall,
+                        total / wall, pct(ttfts, 0.5), pct(ttfts, 0.99), pct(itls, 0.5), pct(itls, 0.99)))
+    return rows
 
 
 def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int, vocab: int
@@ -239,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups-in", choices=("ray", "inproc"), default="ray",
                     help="worker groups as Ray actors (own processes, as `k2serve up`) or inside this process")
     ap.add_argument("--overhead-runs", type=int, default=5, help="direct/routed pairs for the router overhead")
-    ap.add_argument("--decode-cpus", type=float, default=1.0,
-                    help="Ray CPUs (= torch threads) of each decode rank; the aggregated group's ranks too")
+    ap.add_argument("--rank-cpus", type=float, default=1.0, help="Ray CPUs (= torch threads) of every rank")
     args = ap.parse_args(argv)
     levels, per_level, lens, max_tokens = ([1, 4], 1, (4, 24), 4) if args.smoke else ([1, 8, 32], 2, (16, 256), 64)
 
@@ -252,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens, args.groups_in,
-                                                        args.decode_cpus, 1 if args.smoke else args.overhead_runs))
+                                                        args.rank_cpus, 1 if args.smoke else args.overhead_runs))
     finally:
         ray.shutdown()
+    rows += bench_engine(levels, per_level, lens, max_tokens, vocab=512)
     rows += bench_transformers(levels, per_level, lens, max_tokens, vocab=512)
     print(table(rows))
     print()

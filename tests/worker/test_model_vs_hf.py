@@ -58,8 +58,12 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, seed: int, 
 
 def test_int4_model_equals_reference_on_dequantized_weights(tmp_path: Path) -> None:
     """A `k2serve quantize`d checkpoint run by k2serve (packed INT4 experts) against transformers run on the
-    same experts dequantized: only the quantization itself may differ, and it is the same on both sides."""
+    same experts dequantized: only the quantization itself may differ, and it is the same on both sides. The
+    experts run through the float32 reference (the CPU int4 GEMM's bf16 activations are checked against it in
+    test_cpu_int4.py)."""
+    from k2serve.worker.model.ffn import LocalExperts
     from k2serve.worker.quant.int4 import dequantize
+    from k2serve.worker.quant.moe import reference_moe
     from k2serve.worker.quantize import quantize_checkpoint
 
     hf_config = tiny_hf_config(4, 16)
@@ -67,7 +71,7 @@ def test_int4_model_equals_reference_on_dequantized_weights(tmp_path: Path) -> N
     quantize_checkpoint(tmp_path / "bf16", tmp_path / "int4")
     weights = load_weights(tmp_path / "int4", dtype=torch.float32)
     assert all(shard.quantized for shard in weights.experts.values())
-    model = K2Model(weights.config, weights.dense, weights.experts)
+    model = K2Model(weights.config, weights.dense, LocalExperts(weights.experts, reference_moe))
 
     reference = load_hf_fp32(tmp_path / "bf16", hf_config)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The engine's MoE backend: the Triton kernel exactly when the model runs on CUDA and CUDA is available.
+"""The engine's MoE backend: the Triton kernel exactly when the model runs on CUDA and CUDA is available,
+torch's CPU int4 GEMM otherwise.
 
 Choosing the Triton path imports triton, which would fix the interpreter setting for every later test module
 in this pytest process, so the selection runs in a child process (this file run as a script)."""
@@ -42,7 +43,7 @@ def test_triton_exactly_when_cuda_runs_the_model(chosen: dict[str, str], device:
     expected = (
         "k2serve.worker.quant.triton_moe.fused_moe"
         if device == "cuda" and available
-        else "k2serve.worker.quant.moe.reference_moe"
+        else "k2serve.worker.quant.cpu_int4.cpu_int4_moe"
     )
     assert chosen[f"{device}|{available}"] == expected
 

@@ -14,6 +14,7 @@ from k2serve.worker.engine.engine import EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights, resolve_model
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupSpec
+from k2serve.worker.quant.moe import prepare_experts
 
 NUM_REQUESTS = 16
 
@@ -59,7 +60,7 @@ def test_expert_parallel_equals_single_process(ray_cluster: None, reference: dic
         assert got == reference
 
         weights = load_weights(resolve_model("builtin:tiny-k2"))
-        total = sum(s.nbytes() for s in weights.experts.values())
+        total = sum(s.nbytes() for s in prepare_experts(weights.experts, torch.device("cpu")).values())
         assert max(group.expert_bytes) <= 1.05 * total / world_size
         load = group.take_expert_load()  # every computed token routes to top-k experts in every MoE layer
         tokens = group.stats.prefill_tokens + group.stats.decode_tokens

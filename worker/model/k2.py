@@ -14,7 +14,7 @@ from k2serve.worker.model.ffn import DenseMLP, ExpertLoad, LocalExperts, MoEBloc
 from k2serve.worker.model.mla import MLAttention
 from k2serve.worker.model.norm import rms_norm
 from k2serve.worker.model.rope import Rotary
-from k2serve.worker.quant.moe import ExpertShard, linear, select_moe_backend
+from k2serve.worker.quant.moe import ExpertShard, linear, prepare_experts, select_moe_backend
 
 
 class K2Model:
@@ -33,9 +33,11 @@ class K2Model:
         self.config = config
         self.deterministic = deterministic
         self._dense = dense
-        self._experts = experts
         embed = dense["model.embed_tokens.weight"]
         self.device, self.dtype = embed.device, embed.dtype
+        if isinstance(experts, dict):
+            experts = prepare_experts(experts, self.device)
+        self._experts = experts  # a deterministic twin (`with_determinism`) reuses the converted shards
         self.embed = embed  # [V, D]
         self.lm_head = dense["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
         self.final_norm = dense["model.norm.weight"]

@@ -19,7 +19,7 @@ from k2serve.worker.model.config import K2Config
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
 from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.parallel.ep import ExpertParallelMoE, expert_range
-from k2serve.worker.quant.moe import select_moe_backend
+from k2serve.worker.quant.moe import prepare_experts, select_moe_backend
 
 
 @dataclass
@@ -86,13 +86,14 @@ class RankWorker:
             dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         w = load_weights(model_dir, expert_range=rng, dtype=dtype, device=device)
-        experts: MoEExecutor = LocalExperts(w.experts, backend, deterministic)
+        shards = prepare_experts(w.experts, device)
+        experts: MoEExecutor = LocalExperts(shards, backend, deterministic)
         if self.world_size > 1:
-            experts = self.executor = ExpertParallelMoE(w.experts, backend, self.rank, self.world_size, deterministic)
+            experts = self.executor = ExpertParallelMoE(shards, backend, self.rank, self.world_size, deterministic)
         model = K2Model(w.config, w.dense, experts, deterministic=deterministic)
         config = EngineConfig(**{**engine_config.__dict__, "lockstep": True, "deterministic": deterministic})
         self.engine = Engine(model, config, eos_token_ids=eos_ids)
-        return sum(s.nbytes() for s in w.experts.values())
+        return sum(s.nbytes() for s in shards.values())
 
     def _engine(self) -> Engine:
         if self.engine is None:

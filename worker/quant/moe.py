@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from k2serve.worker.quant.int4 import dequantize
 
 
+CHECKPOINT_LAYOUT = "compressed-tensors"  # the words and scales as the checkpoint stores them
+
+
 @dataclass
 class ExpertShard:
     """Routed experts [start, start + num_local) of one MoE layer, as one rank holds them.
@@ -30,6 +33,7 @@ class ExpertShard:
     Quantized (K2 Thinking): w13 int32 [E_l, 2I, H/8] (gate rows, then up rows), w13_scale [E_l, 2I, H/32],
     w2 int32 [E_l, H, I/8], w2_scale [E_l, H, I/32] — the checkpoint's own packed words, only stacked.
     Dense (bf16 checkpoints): w13 [E_l, 2I, H], w2 [E_l, H, I], scales None.
+    A backend may keep its shards in its own layout (`prepare_experts`; `layout` names it, e.g. cpu_int4.py's).
     """
 
     start: int
@@ -38,6 +42,7 @@ class ExpertShard:
     w2: torch.Tensor
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
+    layout: str = CHECKPOINT_LAYOUT
 
     @property
     def quantized(self) -> bool:
@@ -62,6 +67,8 @@ class ExpertShard:
     def expert_weights(self, local: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense float32 (w13 [n, 2I, H], w2 [n, H, I]) of the given local experts; dequantized on the fly (all
         of them in one call) so the resident copy stays INT4."""
+        if self.layout != CHECKPOINT_LAYOUT:
+            raise ValueError(f"expert weights of a shard in the {self.layout!r} layout can only be read by its backend")
         idx = torch.as_tensor(local, dtype=torch.int64, device=self.w13.device)
         if self.w13_scale is None or self.w2_scale is None:
             return self.w13[idx].float(), self.w2[idx].float()
@@ -142,9 +149,22 @@ class MoEBackend(Protocol):
 
 
 def select_moe_backend(device: torch.device) -> MoEBackend:
-    """The Triton kernel where CUDA runs the model, the torch reference everywhere else."""
+    """The Triton kernel where CUDA runs the model, torch's CPU int4 GEMM on CPU (which hands dense shards to
+    the reference)."""
     if device.type == "cuda" and torch.cuda.is_available():
         from k2serve.worker.quant.triton_moe import fused_moe
 
         return fused_moe
-    return reference_moe
+    from k2serve.worker.quant.cpu_int4 import cpu_int4_moe
+
+    return cpu_int4_moe
+
+
+def prepare_experts(shards: dict[int, ExpertShard], device: torch.device) -> dict[int, ExpertShard]:
+    """The shards in the layout `select_moe_backend(device)` reads, converted once when a model is built
+    (shards already converted, or that the backend cannot take, come back as they are)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return shards
+    from k2serve.worker.quant.cpu_int4 import repack
+
+    return {layer: repack(shard) for layer, shard in shards.items()}

@@ -1,0 +1,101 @@
+"""The INT4 routed experts on CPU: torch's weight-only int4 GEMM (`aten._weight_int4pack_mm_for_cpu`: bf16
+activations, int4 weights with a per-group scale, bf16 out) on expert shards repacked once into its layout.
+
+Why not the torch reference: it dequantizes every hit expert every step, which was most of a decode step on
+CPU (bench/RESULTS.md); this kernel reads the 4-bit weights directly, as the Triton kernel does on GPUs, with
+the same W4A16 numerics (16-bit activations). Each output row depends only on its own input row — the kernel
+splits work over rows and output columns, never over K — so one call serves deterministic mode too;
+tests/worker/test_cpu_int4.py checks that bit for bit (rows alone vs in a batch, one thread vs two).
+
+Repacking keeps the experts INT4: the same nibbles in the kernel's order, plus the group scales as bf16
+(scale, zero) pairs with zero 0 (symmetric quantization), so a repacked shard holds 1/8 more bytes than the
+checkpoint's words. Shards the kernel cannot take (dense, a group size other than 32) stay as they are and run
+through the reference. (Group 32 makes every dim a multiple of 32: the kernel's output-dim multiple of 16 holds.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from k2serve.worker.quant.int4 import GROUP_SIZE, PACK_FACTOR, unpack_int4
+from k2serve.worker.quant.moe import CHECKPOINT_LAYOUT, ExpertShard, reference_moe, sum_slots
+
+LAYOUT = "cpu-int4pack"
+_INNER_K_TILES = 2  # the CPU kernel ignores the tiling; the op still takes it
+
+
+def supports(shard: ExpertShard) -> bool:
+    """A quantized shard in the checkpoint layout whose shapes the kernel takes."""
+    if not shard.quantized or shard.layout != CHECKPOINT_LAYOUT:
+        return False
+    return all(s.shape[2] * GROUP_SIZE == w.shape[2] * PACK_FACTOR
+               for w, s in ((shard.w13, shard.w13_scale), (shard.w2, shard.w2_scale)) if s is not None)
+
+
+def _repack(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 [E, N, K/8] + scale [E, N, K/32] -> uint8 [E, N, K/2] in the kernel's nibble order and bf16
+    (scale, zero) [E, K/32, N, 2]."""
+    words = torch.stack([
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu((unpack_int4(packed[e]).to(torch.int32) + 8).contiguous(),
+                                                           _INNER_K_TILES)
+        for e in range(packed.shape[0])
+    ])  # one expert at a time: the unpacked int32 copy is 8x the packed bytes
+    s = scale.to(torch.bfloat16).transpose(1, 2)  # [E, K/32, N]
+    return words, torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
+
+
+def repack(shard: ExpertShard) -> ExpertShard:
+    """The shard in this kernel's layout, or the shard itself when the kernel cannot run it."""
+    if not supports(shard):
+        return shard
+    assert shard.w13_scale is not None and shard.w2_scale is not None  # supports() checked quantized
+    w13, s13 = _repack(shard.w13, shard.w13_scale)
+    w2, s2 = _repack(shard.w2, shard.w2_scale)
+    return dataclasses.replace(shard, w13=w13, w2=w2, w13_scale=s13, w2_scale=s2, layout=LAYOUT)
+
+
+def cpu_int4_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shard: ExpertShard,
+    *,
+    deterministic: bool = False,
+    combine: bool = True,
+) -> torch.Tensor:
+    """The `MoEBackend` contract (moe.py) on a repacked shard; any other shard goes to the reference. The
+    kernel is batch-invariant, so `deterministic` changes nothing here."""
+    if shard.layout != LAYOUT:
+        return reference_moe(x, topk_ids, topk_weights, shard, deterministic=deterministic, combine=combine)
+    T, k = topk_ids.shape
+    H = shard.hidden_size
+    slots = x.new_zeros(T * k, H, dtype=torch.float32)  # [T*k, H], row t*k + s = token t's slot s
+    local_ids = (topk_ids - shard.start).flatten()  # [T*k]
+    pairs = ((local_ids >= 0) & (local_ids < shard.num_local)).nonzero().flatten()  # [P] owned pairs
+    if pairs.numel():
+        experts = local_ids[pairs]
+        order = experts.argsort(stable=True)
+        pairs, experts = pairs[order], experts[order]  # grouped by expert
+        counts = torch.bincount(experts, minlength=shard.num_local).tolist()
+        xs = x[pairs // k].to(torch.bfloat16)  # [P, H]
+        out = []
+        for e, chunk in enumerate(xs.split(counts)):
+            if chunk.shape[0]:
+                out.append(_expert(chunk, shard, e))
+        y = torch.cat(out).float()  # [P, H]
+        slots[pairs] = y * topk_weights.flatten()[pairs].float().unsqueeze(-1)
+    slots = slots.view(T, k, H)
+    if not combine:
+        return slots.to(x.dtype)
+    return sum_slots(slots).to(x.dtype)
+
+
+def _expert(x: torch.Tensor, shard: ExpertShard, e: int) -> torch.Tensor:
+    """x bf16 [n, H] through local expert e's SwiGLU MLP -> bf16 [n, H]."""
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    assert shard.w13_scale is not None and shard.w2_scale is not None
+    gate, up = mm(x, shard.w13[e], GROUP_SIZE, shard.w13_scale[e]).chunk(2, dim=-1)  # [n, I] each
+    return mm(F.silu(gate) * up, shard.w2[e], GROUP_SIZE, shard.w2_scale[e])
