@@ -110,6 +110,31 @@ def test_resumed_request_continues_identically() -> None:
     assert expected[:9] + run_all(resumed)["r"] == expected
 
 
+def test_deterministic_decode_logits_equal_prefill_logits_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What resumption rests on: the logits after decoding token j alone equal the last row of one prefill of
+    the prompt + the first j outputs, to the bit — CPU int4 experts, router sigmoid and rope angles included
+    (each has a vectorized and a scalar path on CPU; see model/rowwise.py)."""
+    prompt = mixed_prompts(1, seed=41)[0]
+    captured: list[torch.Tensor] = []
+
+    def capturing(engine):  # noqa: ANN001, ANN202 - records each step's logits [B, V]
+        forward = engine.model.forward
+        monkeypatch.setattr(engine.model, "forward", lambda batch, kv: captured.append(forward(batch, kv)) or captured[-1])
+        return engine
+
+    decoding = capturing(tiny_engine(deterministic=True))
+    decoding.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    outputs = run_all(decoding)["r"]
+    decoded = [row[0].clone() for row in captured]  # step j's logits predict output j
+    assert len(decoded) == 40
+    for j in (1, 9, 26, 39):
+        captured.clear()
+        prefill = capturing(tiny_engine(deterministic=True))
+        prefill.add_request("r", prompt + outputs[:j], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        run_all(prefill)
+        assert torch.equal(captured[0][0], decoded[j]), f"position {len(prompt) + j}"
+
+
 def test_kv_handoff_between_engines_matches_one_engine() -> None:
     prompt = mixed_prompts(1, seed=31)[0]
     params = SamplingParams(temperature=0.0, max_tokens=12)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from k2serve.worker.model.config import K2Config
+from k2serve.worker.model.rowwise import rowwise
 from k2serve.worker.quant.moe import ExpertShard, MoEBackend, linear
 
 
@@ -46,7 +47,11 @@ class Router:
         """x [T, D] -> (topk_ids [T, k] int64, topk_weights [T, k] float32)."""
         c = self.c
         logits = linear(x.float(), self.weight, self.det)  # [T, E]
-        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        # Row-invariant in deterministic mode (rowwise.py); softmax reduces each row alone already.
+        if c.scoring_func == "sigmoid":
+            scores = rowwise(torch.sigmoid, logits) if self.det else logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
         choice = scores if self.bias is None or c.topk_method != "noaux_tc" else scores + self.bias
         if c.n_group > 1 and c.topk_method != "greedy":
             grouped = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)  # [T, G, E/G]

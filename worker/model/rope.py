@@ -7,6 +7,7 @@ import math
 import torch
 
 from k2serve.worker.model.config import K2Config, RopeConfig
+from k2serve.worker.model.rowwise import rowwise
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -63,7 +64,8 @@ class Rotary:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [T, r/2]
-        return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
+        cos, sin = rowwise(torch.cos, freqs), rowwise(torch.sin, freqs)  # a position's angles, however many
+        return (cos * self.attention_factor).to(dtype), (sin * self.attention_factor).to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, ..., r]; cos/sin [T, r/2]. Interleaved pairs (x0, x1), (x2, x3)... rotate together, and the

@@ -4,8 +4,10 @@ activations, int4 weights with a per-group scale, bf16 out) on expert shards rep
 Why not the torch reference: it dequantizes every hit expert every step, which was most of a decode step on
 CPU (bench/RESULTS.md); this kernel reads the 4-bit weights directly, as the Triton kernel does on GPUs, with
 the same W4A16 numerics (16-bit activations). Each output row depends only on its own input row — the kernel
-splits work over rows and output columns, never over K — so one call serves deterministic mode too;
-tests/worker/test_cpu_int4.py checks that bit for bit (rows alone vs in a batch, one thread vs two).
+splits work over rows and output columns, never over K — so one call serves deterministic mode too
+(tests/worker/test_cpu_int4.py checks it bit for bit: rows alone vs in a batch, one thread vs two). Rounding
+activations to bf16 magnifies any last-bit difference upstream, which is why deterministic mode also keeps the
+router's and rope's transcendental math row-invariant (model/rowwise.py).
 
 Repacking keeps the experts INT4: the same nibbles in the kernel's order, plus the group scales as bf16
 (scale, zero) pairs with zero 0 (symmetric quantization), so a repacked shard holds 1/8 more bytes than the
