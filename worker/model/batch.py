@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from k2serve.worker.model.config import K2Config
 
@@ -38,21 +39,21 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [B] int64: rows whose next-token logits the step returns
     _decode: "DecodeGather | None" = field(default=None, repr=False)
 
-    def decode_gather(self) -> "DecodeGather | None":
-        """The one-token sequences of the step, padded to a common context so every layer attends for all of
-        them at once (computed once per step, shared by the layers)."""
+    def decode_gather(self, block_size: int) -> "DecodeGather | None":
+        """The one-token sequences of the step, padded to a common number of cache blocks so every layer
+        attends for all of them at once (computed once per step, shared by the layers). Gathering whole blocks
+        copies contiguous runs of `block_size` keys instead of one index per key (slots come from block
+        tables: slot = block * block_size + offset)."""
         if self._decode is None:
             decodes = [s for s in self.seqs if s.num_new == 1]
             if len(decodes) < 2:
                 return None
-            longest = max(s.context_len for s in decodes)
-            slots = torch.zeros(len(decodes), longest, dtype=torch.int64)  # [B, L]; padding reads slot 0, masked
-            pad = torch.ones(len(decodes), longest, dtype=torch.bool)  # [B, L] True where there is no key
-            for i, s in enumerate(decodes):
-                slots[i, : s.context_len] = s.slots[: s.context_len]
-                pad[i, : s.context_len] = False
+            blocks = pad_sequence([s.slots[: s.context_len : block_size] // block_size for s in decodes],
+                                  batch_first=True)  # [B, nb]; padding reads block 0, masked
+            context = torch.tensor([s.context_len for s in decodes])  # [B]
+            pad = torch.arange(blocks.shape[1] * block_size)[None, :] >= context[:, None]  # [B, nb * bs]
             rows = torch.tensor([s.row for s in decodes], dtype=torch.int64)
-            self._decode = DecodeGather(rows, slots, pad, {id(s) for s in decodes})
+            self._decode = DecodeGather(rows, blocks, pad, {id(s) for s in decodes})
         return self._decode
 
     @property
@@ -70,8 +71,8 @@ class ForwardBatch:
 @dataclass
 class DecodeGather:
     rows: torch.Tensor  # [B] rows of the flattened batch
-    slots: torch.Tensor  # [B, L] cache slots of each sequence's keys, padded
-    pad: torch.Tensor  # [B, L] True for padding
+    blocks: torch.Tensor  # [B, nb] cache blocks of each sequence's keys, padded
+    pad: torch.Tensor  # [B, nb * block_size] True for padding
     seq_ids: set[int]  # id() of the SeqSlices covered
 
 
@@ -100,6 +101,12 @@ class LatentKVCache:
         """-> latent [n, kv_lora_rank], k_rope [n, r] of the given slots."""
         rows = self.data[layer, slots]  # [n, kv_dim]
         return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
+
+    def gather_blocks(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """blocks [B, nb] -> their keys [B, nb * block_size, kv_dim]."""
+        rows = self.data[layer].view(self.num_blocks, -1)  # [num_blocks, block_size * kv_dim]
+        # index_select copies whole rows; advanced indexing would compute an offset per element
+        return rows.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, self.data.shape[-1])
 
     def export_blocks(self, blocks: list[int]) -> torch.Tensor:
         """[layers, len(blocks), block_size, kv_dim] copy of whole blocks (for a KV handoff)."""

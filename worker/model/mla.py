@@ -63,9 +63,9 @@ class MLAttention:
         kv.write(self.layer, batch.write_slots, latent, k_rope)
 
         out = x.new_empty(T, self.heads, self.kv_lora_rank)  # [T, H, c]
-        gather = None if self.det else batch.decode_gather()
+        gather = None if self.det else batch.decode_gather(kv.block_size)
         if gather is not None:
-            keys = kv.data[self.layer, gather.slots.to(x.device)]  # [B, L, c + r]
+            keys = kv.gather_blocks(self.layer, gather.blocks.to(x.device))  # [B, L, c + r]
             c_keys, r_keys = keys[..., : self.kv_lora_rank], keys[..., self.kv_lora_rank :]
             rows = gather.rows.to(x.device)
             scores = (torch.einsum("bhc,blc->bhl", q_lat[rows], c_keys)
