@@ -47,7 +47,9 @@ class PoolConfig(_Strict):
     kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks per rank; default sized from memory.")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    num_cpus_per_actor: float = Field(1.0, gt=0, description="Logical Ray CPUs one actor reserves; a rank runs that many (whole, at least 1) torch threads.")
+    num_cpus_per_actor: float = Field(
+        1.0, gt=0, description="Logical Ray CPUs one actor reserves; a rank runs that many (whole, at least 1) torch threads."
+    )
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs one actor reserves (1 on GPU nodes).")
     ray_resources: dict[str, float] = Field(
         default_factory=dict,

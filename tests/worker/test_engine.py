@@ -119,7 +119,12 @@ def test_deterministic_decode_logits_equal_prefill_logits_bit_for_bit(monkeypatc
 
     def capturing(engine):  # noqa: ANN001, ANN202 - records each step's logits [B, V]
         forward = engine.model.forward
-        monkeypatch.setattr(engine.model, "forward", lambda batch, kv: captured.append(forward(batch, kv)) or captured[-1])
+
+        def record(batch, kv):  # noqa: ANN001, ANN202
+            captured.append(forward(batch, kv))
+            return captured[-1]
+
+        monkeypatch.setattr(engine.model, "forward", record)
         return engine
 
     decoding = capturing(tiny_engine(deterministic=True))

@@ -10,6 +10,7 @@ It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKIL
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks 
 SUPERVISE_INTERVAL_S = 0.05
 EXPERT_LOAD_EXPORT_S = 1.0
 REBUILD_BACKOFF_S = 1.0
+DECODE_STEPS_AHEAD = 2  # see GroupSpec.steps_ahead
 
 
 @dataclass
@@ -71,7 +73,8 @@ class GroupLeader:
         self.pool = pool
         self.role: Role = role
         self.group_id = f"{role}-{index}"
-        self.spec = group_spec(config, getattr(config, pool), collective_timeout_s=collective_timeout_s)
+        spec = group_spec(config, getattr(config, pool), collective_timeout_s=collective_timeout_s)
+        self.spec = dataclasses.replace(spec, steps_ahead=0 if role == "prefill" else DECODE_STEPS_AHEAD)
         self.faults = [_ArmedFault(f) for f in config.faults
                        if f.pool == pool and f.group == index and f.kind in ("kill_actor", "kill_group")]
         self.metrics = Metrics()
