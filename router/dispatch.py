@@ -141,9 +141,10 @@ class Dispatcher:
         with self._tracked(g, live, call):
             while True:
                 try:
-                    # The first event waits for a whole prefill; later ones only for a decode step.
-                    ev = await asyncio.wait_for(self._next_event(g, events),
-                                                None if first else self.stall_timeout_s)
+                    # The first event waits for a whole prefill; later ones only for a decode step. A timeout
+                    # scope, not wait_for: that would start a task per token, an extra event-loop pass each.
+                    async with asyncio.timeout(None if first else self.stall_timeout_s):
+                        ev = await self._next_event(g, events)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
