@@ -139,11 +139,13 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
         want = expected(PROMPT, 12)
         assert tokens(groups["decode-1"]["address"], "other", PROMPT, 12) == want  # the other keeps serving
 
-        def replaced() -> bool:
+        def replaced() -> bool:  # in the controller and in the registry routers read (published just after)
             now = {g["group_id"]: g for g in controller.groups(role="decode")}
-            return len(now) == 2 and now["decode-0"]["leader_pid"] != old["leader_pid"]
+            listed = {g["group_id"]: g for g in controller.read_registry()}
+            return (len(now) == 2 and now["decode-0"]["leader_pid"] != old["leader_pid"]
+                    and listed.get("decode-0") == now["decode-0"])
 
-        wait_until(replaced, 60, "the controller to replace decode-0")
+        wait_until(replaced, 60, "the controller to replace decode-0 and publish it")
         new = next(g for g in controller.read_registry() if g["group_id"] == "decode-0")
         assert new["leader_pid"] != old["leader_pid"]
         # What a router process reads (k2serve.router.serve without --group): the replacement's address.

@@ -163,6 +163,7 @@ class PoolController:
             for slot in self._slots:
                 if self._stop.is_set():
                     return
+                replaced = False
                 try:
                     info = ray.get(slot.leader.info.remote(), timeout=CALL_TIMEOUT_S)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
@@ -170,9 +171,13 @@ class PoolController:
                     info = self._replace(slot)
                     if info is None:
                         continue
+                    replaced = True
                 changed |= info != slot.info
                 with self._lock:
                     slot.info = info
+                if replaced:  # routers learn the new address now, not after the other slots' checks
+                    self._publish()
+                    changed = False
             if changed:
                 self._publish()
 
