@@ -44,12 +44,13 @@ class _Armed:
         self.fired += 1
         return True
 
-    def count(self) -> bool:
-        """Counts one token; True when the fault fires now."""
+    def count(self, hold: bool = False) -> bool:
+        """Counts one token; True when the fault fires now (with `hold`, a firing due now waits for the next
+        count without it)."""
         if self.fired >= self.spec.times:
             return False
         self.seen += 1
-        if self.seen < self.spec.after_tokens:
+        if self.seen < self.spec.after_tokens or hold:
             return False
         self.seen = 0
         return self.fire()
@@ -70,11 +71,13 @@ class RouterFaults:
                 log.error("fault injection: kill_router after %d tokens", generated)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    async def stream_event(self, group_id: str, role: str) -> None:
+    async def stream_event(self, group_id: str, role: str, *, first: bool = False) -> None:
         """Called before the router takes an event from a group's stream; stalls forever when a hang fires
-        (the caller's deadline ends the wait)."""
+        (the caller's stall deadline ends the wait). A hang models a stream stalling between tokens: one due
+        on a stream's `first` event (which may wait out a whole prefill, under the longer request deadline)
+        fires on the stream's next event instead."""
         for armed in self._hang:
-            if targets(armed.spec, group_id, role) and armed.count():
+            if targets(armed.spec, group_id, role) and armed.count(hold=first):
                 log.error("fault injection: hang_group %s", group_id)
                 await asyncio.Event().wait()
 

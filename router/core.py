@@ -403,6 +403,15 @@ class RouterCore:
                 await asyncio.shield(asyncio.to_thread(self.store.release, chain_id, self.router_id))
             live.end(error)
 
+    def _flush_quietly(self, ckpt: ChainCheckpointer) -> None:
+        """Makes an abandoned turn's tokens so far durable; a store that is down loses only them (a resume
+        regenerates from the last durable token)."""
+        try:
+            ckpt.flush()
+            self.metrics.chain_checkpoints.inc()
+        except Exception:
+            log.exception("chain %s: could not checkpoint turn %d on shutdown", ckpt.chain_id, ckpt.turn)
+
     def _finish(self, ckpt: ChainCheckpointer, status: str, reason: str) -> None:
         try:
             ckpt.finish(status, reason)  # type: ignore[arg-type]

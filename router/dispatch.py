@@ -140,23 +140,24 @@ class Dispatcher:
         events = aiter(call)
         with self._tracked(g, live, call):
             while True:
+                # The first event may wait for a whole prefill (the request deadline); later ones only for a
+                # decode step. A timeout scope, not wait_for: that would start a task per token.
+                deadline = self.config.router.request_timeout_s if first else self.stall_timeout_s
                 try:
-                    # The first event waits for a whole prefill; later ones only for a decode step. A timeout
-                    # scope, not wait_for: that would start a task per token, an extra event-loop pass each.
-                    async with asyncio.timeout(None if first else self.stall_timeout_s):
-                        ev = await self._next_event(g, events)
+                    async with asyncio.timeout(deadline):
+                        ev = await self._next_event(g, events, first)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise GroupFailed(g.state.addr.group_id, f"stream stalled for {self.stall_timeout_s} s") from None
+                    raise GroupFailed(g.state.addr.group_id, f"stream stalled for {deadline} s") from None
                 if first and ev.kv_handoff:
                     self.metrics.kv_handoffs.labels(outcome=ev.kv_handoff).inc()
                 first = False
                 yield ev
 
-    async def _next_event(self, g: GroupClient, events: AsyncIterator[pb.TokenEvent]) -> pb.TokenEvent:
+    async def _next_event(self, g: GroupClient, events: AsyncIterator[pb.TokenEvent], first: bool) -> pb.TokenEvent:
         ev = await anext(events)
-        await self.faults.stream_event(g.state.addr.group_id, g.state.addr.role)
+        await self.faults.stream_event(g.state.addr.group_id, g.state.addr.role, first=first)
         return ev
 
     async def _call(self, g: GroupClient, live: LiveTurn, method: Any, request: Any) -> Any:

@@ -88,6 +88,30 @@ def test_resume_continues_a_turn_left_running_by_a_dead_router(tmp_path: Path) -
     assert status == "finished"
 
 
+def test_closing_router_leaves_the_turn_running_with_its_tokens_durable(tmp_path: Path) -> None:
+    """A router shutting down mid-turn checkpoints what it generated and leaves the turn for another router."""
+    cfg = serving(tmp_path, router={"aggregated": True}, chain_store={
+        "sqlite_path": str(tmp_path / "chains.sqlite3"), "checkpoint_every": 1000})  # nothing flushed before
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+
+    async def body(stack: LocalStack) -> tuple[list[int], str, list[int]]:
+        stream = stack.core.generate(PROMPT, params)
+        got: list[ChainToken] = []
+        async for tok in stream:
+            got.append(tok)
+            if len(got) == 7:
+                break
+        await stream.aclose()  # a reader leaving does not end the turn
+        await stack.core.aclose()
+        chain_id = got[0].chain_id
+        return [t.token for t in got], stack.core.store.get_chain(chain_id).turns[0].status, \
+            stack.core.store.generated(chain_id, 0)
+
+    seen, status, durable = with_stack(cfg, body)
+    assert status == "running"
+    assert len(durable) >= len(seen) and durable[:len(seen)] == seen
+
+
 def test_next_turn_goes_to_the_group_holding_the_prefix(tmp_path: Path) -> None:
     cfg = serving(tmp_path, prefill={"groups": 2, "block_size": 8}, decode={"block_size": 8})
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
