@@ -109,6 +109,11 @@ class Cluster:
         p.wait_for("READY", 120)
         self.groups = [line.split(" ", 1)[1] for line in p.lines if line.startswith("GROUP ")]
 
+    def log_tails(self, lines: int = 30) -> str:
+        return "".join(f"--- {name} (last {lines} lines)\n" + "\n".join(
+            (self.dir / name).read_text(errors="replace").splitlines()[-lines:]) + "\n"
+            for name in ("groups.log", "router.log") if (self.dir / name).exists())
+
     def start_router(self, config: Path, stall_timeout_s: float = 30.0) -> tuple[Proc, str]:
         args = ["k2serve.router.serve", "--config", str(config), "--stall-timeout", str(stall_timeout_s)]
         for g in self.groups:
@@ -185,7 +190,8 @@ def test_decode_group_killed_mid_stream_identical(tmp_path: Path, cluster: Clust
         got = raw_tokens(url, chain_id)
         assert [t["index"] for t in got] == list(range(48))
         reference = reference_tokens(tmp_path, temperature)
-        assert [t["token"] for t in got] == reference, f"temperature {temperature}"
+        assert [t["token"] for t in got] == reference, (
+            f"temperature {temperature}\n" + cluster.log_tails())  # which group served what, for a post-mortem
     metrics = httpx.get(f"{url}/metrics").text
     assert "k2serve_migrations_total 2.0" in metrics
 
