@@ -88,7 +88,7 @@ def test_no_owned_tokens_and_empty_batch() -> None:
 
 
 def test_repack_keeps_int4_bytes() -> None:
-    """Same nibbles, scales doubled into (scale, zero) pairs: 1/8 more than the checkpoint's bytes."""
+    """Same nibbles, scales doubled into (scale, zero) pairs (bf16 scales are 1/9 of a group-32 shard)."""
     shard = quantized_shard(torch.Generator().manual_seed(1))
     packed = repack(shard)
     words = shard.w13.numel() * 4 + shard.w2.numel() * 4

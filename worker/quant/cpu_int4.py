@@ -10,8 +10,8 @@ activations to bf16 magnifies any last-bit difference upstream, which is why det
 router's and rope's transcendental math row-invariant (model/rowwise.py).
 
 Repacking keeps the experts INT4: the same nibbles in the kernel's order, plus the group scales as bf16
-(scale, zero) pairs with zero 0 (symmetric quantization), so a repacked shard holds 1/8 more bytes than the
-checkpoint's words. Shards the kernel cannot take (dense, a group size other than 32) stay as they are and run
+(scale, zero) pairs with zero 0 (symmetric quantization): a group-32 shard holds 11% more bytes than the
+checkpoint's words + scales. Shards the kernel cannot take (dense, a group size other than 32) stay as they are and run
 through the reference. (Group 32 makes every dim a multiple of 32: the kernel's output-dim multiple of 16 holds.)
 """
 
