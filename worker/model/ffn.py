@@ -47,11 +47,8 @@ class Router:
         """x [T, D] -> (topk_ids [T, k] int64, topk_weights [T, k] float32)."""
         c = self.c
         logits = linear(x.float(), self.weight, self.det)  # [T, E]
-        # Row-invariant in deterministic mode (rowwise.py); softmax reduces each row alone already.
-        if c.scoring_func == "sigmoid":
-            scores = rowwise(torch.sigmoid, logits) if self.det else logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
+        # A token's scores must not depend on its batch (rowwise.py); softmax reduces each row alone already.
+        scores = rowwise(torch.sigmoid, logits) if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None or c.topk_method != "noaux_tc" else scores + self.bias
         if c.n_group > 1 and c.topk_method != "greedy":
             grouped = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)  # [T, G, E/G]

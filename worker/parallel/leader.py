@@ -10,7 +10,6 @@ It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKIL
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -52,7 +51,8 @@ class _ArmedFault:
     tokens: int = 0  # produced since it last fired
 
 
-def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s: float = 30.0) -> GroupSpec:
+def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s: float = 30.0,
+               steps_ahead: int = 0) -> GroupSpec:
     model_dir = resolve_model(config.model.source)
     engine = EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
                           max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
@@ -61,7 +61,7 @@ def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s:
                      eos_ids=K2Tokenizer.from_dir(model_dir).eos_ids, deterministic=config.deterministic,
                      placement=pool.placement, num_cpus_per_actor=pool.num_cpus_per_actor,
                      num_gpus_per_actor=pool.num_gpus_per_actor, resources=dict(pool.ray_resources),
-                     collective_timeout_s=collective_timeout_s)
+                     collective_timeout_s=collective_timeout_s, steps_ahead=steps_ahead)
 
 
 class GroupLeader:
@@ -73,8 +73,8 @@ class GroupLeader:
         self.pool = pool
         self.role: Role = role
         self.group_id = f"{role}-{index}"
-        spec = group_spec(config, getattr(config, pool), collective_timeout_s=collective_timeout_s)
-        self.spec = dataclasses.replace(spec, steps_ahead=0 if role == "prefill" else DECODE_STEPS_AHEAD)
+        self.spec = group_spec(config, getattr(config, pool), collective_timeout_s=collective_timeout_s,
+                               steps_ahead=0 if role == "prefill" else DECODE_STEPS_AHEAD)
         self.faults = [_ArmedFault(f) for f in config.faults
                        if f.pool == pool and f.group == index and f.kind in ("kill_actor", "kill_group")]
         self.metrics = Metrics()

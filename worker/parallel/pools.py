@@ -159,11 +159,9 @@ class PoolController:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.check_interval_s):
-            changed = False
             for slot in self._slots:
                 if self._stop.is_set():
                     return
-                replaced = False
                 try:
                     info = ray.get(slot.leader.info.remote(), timeout=CALL_TIMEOUT_S)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
@@ -171,15 +169,10 @@ class PoolController:
                     info = self._replace(slot)
                     if info is None:
                         continue
-                    replaced = True
-                changed |= info != slot.info
-                with self._lock:
-                    slot.info = info
-                if replaced:  # routers learn the new address now, not after the other slots' checks
-                    self._publish()
-                    changed = False
-            if changed:
-                self._publish()
+                if info != slot.info:
+                    with self._lock:
+                        slot.info = info
+                    self._publish()  # routers learn a new address or health now, not after the other slots
 
     def _replace(self, slot: _Slot) -> dict[str, Any] | None:
         with self._lock:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from k2serve.worker.quant.int4 import GROUP_SIZE, PACK_FACTOR, unpack_int4
-from k2serve.worker.quant.moe import CHECKPOINT_LAYOUT, ExpertShard, reference_moe, sum_slots
+from k2serve.worker.quant.moe import CHECKPOINT_LAYOUT, ExpertShard, reference_moe, route_to_experts
 
 LAYOUT = "cpu-int4pack"
 _INNER_K_TILES = 2  # the CPU kernel ignores the tiling; the op still takes it
@@ -72,27 +72,12 @@ def cpu_int4_moe(
     kernel is batch-invariant, so `deterministic` changes nothing here."""
     if shard.layout != LAYOUT:
         return reference_moe(x, topk_ids, topk_weights, shard, deterministic=deterministic, combine=combine)
-    T, k = topk_ids.shape
-    H = shard.hidden_size
-    slots = x.new_zeros(T * k, H, dtype=torch.float32)  # [T*k, H], row t*k + s = token t's slot s
-    local_ids = (topk_ids - shard.start).flatten()  # [T*k]
-    pairs = ((local_ids >= 0) & (local_ids < shard.num_local)).nonzero().flatten()  # [P] owned pairs
-    if pairs.numel():
-        experts = local_ids[pairs]
-        order = experts.argsort(stable=True)
-        pairs, experts = pairs[order], experts[order]  # grouped by expert
-        counts = torch.bincount(experts, minlength=shard.num_local).tolist()
-        xs = x[pairs // k].to(torch.bfloat16)  # [P, H]
-        out = []
-        for e, chunk in enumerate(xs.split(counts)):
-            if chunk.shape[0]:
-                out.append(_expert(chunk, shard, e))
-        y = torch.cat(out).float()  # [P, H]
-        slots[pairs] = y * topk_weights.flatten()[pairs].float().unsqueeze(-1)
-    slots = slots.view(T, k, H)
-    if not combine:
-        return slots.to(x.dtype)
-    return sum_slots(slots).to(x.dtype)
+
+    def run(xs: torch.Tensor, hit: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        chunks = xs.to(torch.bfloat16).split(counts)
+        return torch.cat([_expert(chunk, shard, e) for e, chunk in zip(hit.tolist(), chunks)])
+
+    return route_to_experts(x, topk_ids, topk_weights, shard, combine, run)
 
 
 def _expert(x: torch.Tensor, shard: ExpertShard, e: int) -> torch.Tensor:

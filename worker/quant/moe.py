@@ -15,6 +15,7 @@ Contract of a backend `f(x, topk_ids, topk_weights, shard, *, deterministic=Fals
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -94,9 +95,30 @@ def reference_moe(
     deterministic: bool = False,
     combine: bool = True,
 ) -> torch.Tensor:
-    """Dequantize + matmul in float32: the (token, slot) pairs this shard owns, sorted by expert, one matmul pair
-    per hit expert (row by row in deterministic mode, see `linear`). Measured on CPU: one padded batched matmul
-    over all hit experts was no faster; the dequantization of the hit experts is most of the cost."""
+    """Dequantize + matmul in float32, one matmul pair per hit expert (row by row in deterministic mode, see
+    `linear`). Measured on CPU: one padded batched matmul over all hit experts was no faster; the
+    dequantization of the hit experts is most of the cost."""
+
+    def run(xs: torch.Tensor, hit: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        w13, w2 = shard.expert_weights(hit)  # [n_hit, 2I, H], [n_hit, H, I]
+        out = []
+        for i, chunk in enumerate(xs.float().split(counts)):
+            gate, up = linear(chunk, w13[i], deterministic).chunk(2, dim=-1)  # [n, I] each
+            out.append(linear(F.silu(gate) * up, w2[i], deterministic))  # [n, H]
+        return torch.cat(out)
+
+    return route_to_experts(x, topk_ids, topk_weights, shard, combine, run)
+
+
+ExpertRows = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+
+
+def route_to_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, shard: ExpertShard,
+                     combine: bool, run: ExpertRows) -> torch.Tensor:
+    """What the torch backends share around their expert math: the (token, slot) pairs this shard owns, sorted
+    by expert; `run(xs [P, H], hit [n_hit] local expert ids, counts)` returns each pair's expert output [P, H]
+    (rows grouped by expert in `hit` order, `counts[i]` rows for hit[i]); weighted and combined per the
+    `MoEBackend` contract."""
     T, k = topk_ids.shape
     H = shard.hidden_size
     slots = x.new_zeros(T * k, H, dtype=torch.float32)  # [T*k, H], row t*k + s = token t's slot s
@@ -106,25 +128,13 @@ def reference_moe(
         hit, which = torch.unique(local_ids[pairs], return_inverse=True)  # [n_hit]; [P] index into hit
         order = which.argsort(stable=True)  # [P] pairs grouped by expert
         pairs, which = pairs[order], which[order]
-        counts = torch.bincount(which, minlength=hit.numel())  # [n_hit]
-        w13, w2 = shard.expert_weights(hit)  # [n_hit, 2I, H], [n_hit, H, I]
-        xs = x[pairs // k].float()  # [P, H]
-        y = _experts_one_by_one(xs, counts.tolist(), w13, w2, deterministic)  # [P, H]
+        counts = torch.bincount(which, minlength=hit.numel()).tolist()
+        y = run(x[pairs // k], hit, counts).float()  # [P, H]
         slots[pairs] = y * topk_weights.flatten()[pairs].float().unsqueeze(-1)
     slots = slots.view(T, k, H)
     if not combine:
         return slots.to(x.dtype)
     return sum_slots(slots).to(x.dtype)
-
-
-def _experts_one_by_one(xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor,
-                        deterministic: bool) -> torch.Tensor:
-    """xs [P, H] grouped by expert, `counts[i]` rows for hit expert i -> [P, H]."""
-    out = []
-    for i, chunk in enumerate(xs.split(counts)):
-        gate, up = linear(chunk, w13[i], deterministic).chunk(2, dim=-1)  # [n, I] each
-        out.append(linear(F.silu(gate) * up, w2[i], deterministic))  # [n, H]
-    return torch.cat(out)
 
 
 def sum_slots(slots: torch.Tensor) -> torch.Tensor:
