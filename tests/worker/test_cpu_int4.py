@@ -57,8 +57,8 @@ def test_matches_reference(tokens: int, top_k: int, combine: bool) -> None:
 
 
 def test_rows_do_not_depend_on_the_batch_or_thread_count() -> None:
-    """What lets deterministic mode use the kernel: a row alone, in a batch, and under 1 or 2 threads gives
-    the same bits."""
+    """A row alone, in a batch, and under 1 or 2 threads gives the same bits (a request's experts do not
+    depend on what else is batched with it)."""
     gen = torch.Generator().manual_seed(7)
     packed = repack(quantized_shard(gen))
     x = torch.randn(33, HIDDEN, generator=gen)

@@ -35,9 +35,12 @@ class K2Model:
         self._dense = dense
         embed = dense["model.embed_tokens.weight"]
         self.device, self.dtype = embed.device, embed.dtype
+        # A twin in the other mode (`with_determinism`) prepares these shards in its own layout; a model given
+        # an executor (expert-parallel ranks: one mode per group) shares it.
+        self._shards = experts if isinstance(experts, dict) else None
         if isinstance(experts, dict):
-            experts = prepare_experts(experts, self.device)
-        self._experts = experts  # a deterministic twin (`with_determinism`) reuses the converted shards
+            experts = prepare_experts(experts, self.device, deterministic)
+        self._experts = experts
         self.embed = embed  # [V, D]
         self.lm_head = dense["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
         self.final_norm = dense["model.norm.weight"]
@@ -62,8 +65,8 @@ class K2Model:
 
     def with_determinism(self, deterministic: bool) -> "K2Model":
         """A twin sharing every weight and the expert-load counters, computing in the other mode."""
-        return K2Model(self.config, self._dense, self._experts, deterministic=deterministic,
-                       expert_load=self.expert_load)
+        return K2Model(self.config, self._dense, self._shards if self._shards is not None else self._experts,
+                       deterministic=deterministic, expert_load=self.expert_load)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: LatentKVCache) -> torch.Tensor:

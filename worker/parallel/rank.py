@@ -86,7 +86,7 @@ class RankWorker:
             dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         w = load_weights(model_dir, expert_range=rng, dtype=dtype, device=device)
-        shards = prepare_experts(w.experts, device)
+        shards = prepare_experts(w.experts, device, deterministic)
         experts: MoEExecutor = LocalExperts(shards, backend, deterministic)
         if self.world_size > 1:
             experts = self.executor = ExpertParallelMoE(shards, backend, self.rank, self.world_size, deterministic)

@@ -4,10 +4,10 @@ activations, int4 weights with a per-group scale, bf16 out) on expert shards rep
 Why not the torch reference: it dequantizes every hit expert every step, which was most of a decode step on
 CPU (bench/RESULTS.md); this kernel reads the 4-bit weights directly, as the Triton kernel does on GPUs, with
 the same W4A16 numerics (16-bit activations). Each output row depends only on its own input row — the kernel
-splits work over rows and output columns, never over K — so one call serves deterministic mode too
-(tests/worker/test_cpu_int4.py checks it bit for bit: rows alone vs in a batch, one thread vs two). Rounding
-activations to bf16 magnifies any last-bit difference upstream, which is why deterministic mode also keeps the
-router's and rope's transcendental math row-invariant (model/rowwise.py).
+splits work over rows and output columns, never over K (tests/worker/test_cpu_int4.py checks it bit for bit:
+rows alone vs in a batch, one thread vs two). Deterministic mode still runs the float32 reference on CPU
+(`moe.prepare_experts`): rounding activations to bf16 magnifies any last-bit difference upstream into a
+visible change of the logits, enough to move a seeded sample.
 
 Repacking keeps the experts INT4: the same nibbles in the kernel's order, plus the group scales as bf16
 (scale, zero) pairs with zero 0 (symmetric quantization): a group-32 shard holds 11% more bytes than the
@@ -68,8 +68,9 @@ def cpu_int4_moe(
     deterministic: bool = False,
     combine: bool = True,
 ) -> torch.Tensor:
-    """The `MoEBackend` contract (moe.py) on a repacked shard; any other shard goes to the reference. The
-    kernel is batch-invariant, so `deterministic` changes nothing here."""
+    """The `MoEBackend` contract (moe.py) on a repacked shard; any other shard goes to the reference (which is
+    what deterministic mode gets: `prepare_experts` leaves its shards in the checkpoint layout). The kernel's
+    rows are batch-invariant anyway, so `deterministic` changes nothing here."""
     if shard.layout != LAYOUT:
         return reference_moe(x, topk_ids, topk_weights, shard, deterministic=deterministic, combine=combine)
 
