@@ -19,6 +19,8 @@ CONFIG_ENV = "K2SERVE_CONFIG"
 # Where the pool controller publishes worker groups and routers find them: a named Ray actor.
 RAY_NAMESPACE = "k2serve"
 GROUP_REGISTRY_ACTOR = "k2serve-registry"
+# Where the pool controller serves the worker groups' metrics in a cluster (its container's port "metrics").
+POOL_METRICS_PORT = 9400
 
 
 class _Strict(BaseModel):

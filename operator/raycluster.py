@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+from k2serve.config import POOL_METRICS_PORT
 from k2serve.operator import pods
 from k2serve.operator.spec import K2DeploymentSpec, PoolSpec
 
@@ -62,7 +63,8 @@ def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolS
 def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
     vols, mounts = pods.volumes(name, spec)
     image = spec.ray.image or spec.image
-    controller_cmd = ["k2serve", "pools", "--config", pods.CONFIG_PATH]
+    controller_cmd = ["k2serve", "pools", "--config", pods.CONFIG_PATH,
+                      "--metrics-port", str(POOL_METRICS_PORT), "--metrics-host", "0.0.0.0"]
     return {
         "serviceType": "ClusterIP",
         # No CPUs for tasks on the head: actors of the pools must land on worker pods.
@@ -86,11 +88,13 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
                     },
                     {
                         # The pool controller is a Ray driver next to the head (same pod network): it keeps
-                        # the desired prefill/decode groups alive and publishes their gRPC addresses.
+                        # the desired prefill/decode groups alive, publishes their gRPC addresses and serves
+                        # their metrics, merged, on the port the chart's PodMonitor scrapes.
                         "name": "pool-controller",
                         "image": image,
                         "imagePullPolicy": spec.image_pull_policy,
                         "command": controller_cmd,
+                        "ports": [{"containerPort": POOL_METRICS_PORT, "name": "metrics", "protocol": "TCP"}],
                         "env": [*pods.env(spec), {"name": "RAY_ADDRESS", "value": "127.0.0.1:6379"}],
                         "volumeMounts": mounts,
                         "securityContext": pods.container_security(read_only_root=True),

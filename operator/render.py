@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from k2serve.config import POOL_METRICS_PORT
 from k2serve.operator import pods
 from k2serve.operator.raycluster import render_raycluster
 from k2serve.operator.spec import K2DeploymentSpec
@@ -96,7 +97,8 @@ def render_pdbs(name: str, namespace: str) -> list[dict[str, Any]]:
 
 def render_network_policy(name: str, namespace: str) -> dict[str, Any]:
     """Ray pods accept traffic only from their own cluster's pods (Ray's internal ports) and the routers
-    (worker gRPC): nothing else in the cluster reaches the workers."""
+    (worker gRPC), plus scrapes of the pool controller's metrics port from anywhere (where Prometheus runs is
+    the cluster's business): nothing else in the cluster reaches the workers."""
     cluster = {"ray.io/cluster": pods.ray_name(name)}
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -106,7 +108,8 @@ def render_network_policy(name: str, namespace: str) -> dict[str, Any]:
             "podSelector": {"matchLabels": cluster},
             "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": cluster}},
-                                  {"podSelector": {"matchLabels": pods.selector(name, "router")}}]}],
+                                  {"podSelector": {"matchLabels": pods.selector(name, "router")}}]},
+                        {"ports": [{"protocol": "TCP", "port": POOL_METRICS_PORT}]}],
         },
     }
 

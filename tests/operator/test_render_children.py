@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from k2serve.config import ServingConfig
+from k2serve.config import POOL_METRICS_PORT, ServingConfig
 from k2serve.operator.render import render_children
 from k2serve.operator.spec import K2DeploymentSpec
 
@@ -87,7 +87,10 @@ def test_kimi_sample_worker_groups() -> None:
     assert decode["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert decode["priorityClassName"] == "k2serve-inference"
     head = ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
-    assert head[1]["command"] == ["k2serve", "pools", "--config", "/etc/k2serve/config.yaml"]
+    assert head[1]["command"] == ["k2serve", "pools", "--config", "/etc/k2serve/config.yaml",
+                                  "--metrics-port", str(POOL_METRICS_PORT), "--metrics-host", "0.0.0.0"]
+    # The chart's PodMonitor scrapes ports named "metrics": the controller's serves every group's metrics.
+    assert head[1]["ports"] == [{"containerPort": POOL_METRICS_PORT, "name": "metrics", "protocol": "TCP"}]
     assert ray["spec"]["gcsFaultToleranceOptions"]["redisPassword"] == {
         "valueFrom": {"secretKeyRef": {"name": "k2serve-redis", "key": "password"}}}
 
@@ -108,11 +111,13 @@ def test_configmap_holds_the_serving_config_router_and_workers_read() -> None:
     assert router["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_network_policy_admits_only_router_and_ray_peers() -> None:
+def test_network_policy_admits_only_router_and_ray_peers_and_metrics_scrapes() -> None:
     name, namespace, spec = _spec(REPO / "manifests/samples/tiny-k2.yaml")
     policy = next(c for c in render_children(name, namespace, spec, service_monitor=False)
                   if c["kind"] == "NetworkPolicy")
-    sources = [peer["podSelector"]["matchLabels"] for peer in policy["spec"]["ingress"][0]["from"]]
+    peers, scrapes = policy["spec"]["ingress"]
+    sources = [peer["podSelector"]["matchLabels"] for peer in peers["from"]]
     assert sources == [{"ray.io/cluster": "tiny-k2-ray"},
                        {"app.kubernetes.io/instance": "tiny-k2", "app.kubernetes.io/component": "router"}]
+    assert scrapes == {"ports": [{"protocol": "TCP", "port": POOL_METRICS_PORT}]}  # from anywhere, that port only
     assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": "tiny-k2-ray"}

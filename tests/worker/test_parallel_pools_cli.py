@@ -1,16 +1,19 @@
 """`k2serve pools` as its own Ray driver: `--local` starts a loopback Ray, brings up the configured groups,
-prints each as a JSON line, and stops cleanly on SIGINT; a bad config fails before touching Ray."""
+prints each as a JSON line, serves their metrics merged on `--metrics-port`, and stops cleanly on SIGINT; a
+bad config fails before touching Ray."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import httpx
 
 from k2serve.config import PoolConfig, ServingConfig
 from k2serve.proto import k2serve_pb2 as pb
@@ -28,7 +31,11 @@ def test_pools_local_serves_configured_groups_until_sigint(tmp_path: Path) -> No
                            decode=PoolConfig(groups=0))
     path = tmp_path / "serving.yaml"
     path.write_text(config.to_yaml())
-    proc = pools("--local", "--config", str(path), "--namespace", "k2serve-cli-test")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    proc = pools("--local", "--config", str(path), "--namespace", "k2serve-cli-test",
+                 "--metrics-port", str(metrics_port))
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -38,6 +45,8 @@ def test_pools_local_serves_configured_groups_until_sigint(tmp_path: Path) -> No
         health = pb_grpc.WorkerGroupStub(grpc.insecure_channel(group["address"])).Health(pb.HealthRequest(),
                                                                                          timeout=10)
         assert (health.healthy, health.group_id, health.role) == (True, "prefill-0", "prefill")
+        scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+        assert 'k2serve_worker_group_healthy{group="prefill-0",leader="prefill-0",role="prefill"} 1.0' in scrape
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:

@@ -108,6 +108,12 @@ class GroupLeader:
                 "healthy": self._service is not None and self._service.failed is None,
                 "leader_pid": os.getpid(), "rank_pids": self.rank_pids(), "restarts": len(self.failures)}
 
+    def metrics_text(self) -> str:
+        """This leader's metrics in the Prometheus text format (the pool controller serves them merged)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.metrics.registry).decode()
+
     def rank_pids(self) -> list[int]:
         return list(self._group.pids) if self._group is not None else []
 

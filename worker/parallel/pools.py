@@ -4,7 +4,8 @@ alive as named, detached actors, replaces one that died, and publishes every gro
 in the `k2serve-registry` actor, where routers read them (`registry_groups`).
 
 Leaders are named `k2serve-<role>-<i>` in the controller's namespace, so a restarted controller adopts the
-groups that are still alive instead of starting twins.
+groups that are still alive instead of starting twins. With `--metrics-port` it also serves every group's
+metrics, merged, on one fixed port (`pool_metrics.py`): what Prometheus scrapes in a cluster.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import FaultSpec, ServingConfig
 from k2serve.localray import init_local_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
+from k2serve.worker.parallel.pool_metrics import serve_group_metrics
 from k2serve.worker.service import Role
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,20 @@ class PoolController:
 
     def read_registry(self) -> list[dict[str, Any]]:
         return registry_groups(self.namespace)
+
+    def metrics_texts(self) -> dict[str, str]:
+        """Every live leader's metrics exposition by group id (`pool_metrics` serves them merged); a leader
+        that does not answer in time is left out."""
+        with self._lock:
+            leaders = {s.group_id: s.leader for s in self._slots if s.info is not None and s.leader is not None}
+        refs = {gid: leader.metrics_text.remote() for gid, leader in leaders.items()}
+        out: dict[str, str] = {}
+        for gid, ref in refs.items():
+            try:
+                out[gid] = ray.get(ref, timeout=CALL_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                log.warning("group %s: no metrics this scrape", gid)
+        return out
 
     def stop(self) -> None:
         """Stops watching, then stops and kills every leader (their ranks go with them) and the registry."""
@@ -200,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local", action="store_true", help="start a local Ray (loopback, no dashboard) instead of "
                     "joining the cluster at address=auto")
     ap.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of leaders and registry ({NAMESPACE})")
+    ap.add_argument("--metrics-port", type=int, default=None,
+                    help="serve every group's metrics, merged, on this port's /metrics (default: not served)")
+    ap.add_argument("--metrics-host", default="127.0.0.1", help="address to serve metrics on (127.0.0.1)")
     args = ap.parse_args(argv)
     try:
         config = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
@@ -214,12 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     controller = PoolController(config, namespace=args.namespace)
+    server = None
     try:
         controller.start()
+        if args.metrics_port is not None:
+            server = serve_group_metrics(controller.metrics_texts, args.metrics_port, args.metrics_host)
         for g in controller.groups():
             print(json.dumps(g), flush=True)
         stop.wait()
     finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         controller.stop()
         ray.shutdown()
     return 0
