@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from k2serve.worker.quant.cpu_int4 import LAYOUT, cpu_int4_moe, repack
+from k2serve.worker.quant.cpu_int4 import DENSE_MIN_ROWS, LAYOUT, cpu_int4_moe, dequantize_t, repack
 from k2serve.worker.quant.int4 import quantize_rtn
 from k2serve.worker.quant.moe import CHECKPOINT_LAYOUT, ExpertShard, reference_moe
 
@@ -76,6 +76,36 @@ def test_rows_do_not_depend_on_the_batch_or_thread_count() -> None:
         assert torch.equal(results[0], results[1])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_dequantize_t_gives_the_checkpoint_weights_rounded_to_bf16() -> None:
+    shard = quantized_shard(torch.Generator().manual_seed(5))
+    packed = repack(shard)
+    w13, w2 = shard.expert_weights(torch.arange(NUM_LOCAL))  # float32 [E, 2I, H], [E, H, I]
+    assert packed.w13_scale is not None and packed.w2_scale is not None
+    for e in range(NUM_LOCAL):
+        assert torch.equal(dequantize_t(packed.w13[e], packed.w13_scale[e]), w13[e].bfloat16().t())
+        assert torch.equal(dequantize_t(packed.w2[e], packed.w2_scale[e]), w2[e].bfloat16().t())
+
+
+def test_experts_with_many_rows_take_the_dense_bf16_gemm() -> None:
+    """Every token on 3 of the 4 local experts: each expert gets >= DENSE_MIN_ROWS rows (prefill sized), which
+    go through dequantize + one bf16 GEMM; deterministic mode keeps them on the int4 GEMM."""
+    gen = torch.Generator().manual_seed(11)
+    shard = quantized_shard(gen)
+    packed = repack(shard)
+    tokens = DENSE_MIN_ROWS * 4 // 3 + 8
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    ids = START + torch.stack([torch.randperm(NUM_LOCAL, generator=gen)[:3] for _ in range(tokens)])  # [T, 3]
+    assert int(torch.bincount(ids.flatten() - START).min()) >= DENSE_MIN_ROWS
+    w = torch.rand(tokens, 3, generator=gen) + 0.1
+    ref = reference_moe(x, ids, w, shard)
+    dense = cpu_int4_moe(x, ids, w, packed)
+    int4 = cpu_int4_moe(x, ids, w, packed, deterministic=True)
+    assert float(ref.abs().max()) > 0.1
+    assert rel_err(dense, ref) <= TOLERANCE and rel_err(int4, ref) <= TOLERANCE
+    assert not torch.equal(dense, int4)  # two paths really ran
+    assert torch.equal(int4[:1], cpu_int4_moe(x[:1], ids[:1], w[:1], packed, deterministic=True))
 
 
 def test_no_owned_tokens_and_empty_batch() -> None:
