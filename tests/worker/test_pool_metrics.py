@@ -25,7 +25,8 @@ def merged(texts: dict[str, str]) -> str:
 
 
 def test_leaders_merge_into_one_exposition_labelled_by_leader() -> None:
-    out = merged({"decode-0": leader_text("decode-0", "decode", 3), "prefill-0": leader_text("prefill-0", "prefill", 5)})
+    out = merged({"decode-0": leader_text("decode-0", "decode", 3),
+                  "prefill-0": leader_text("prefill-0", "prefill", 5)})
     families = {f.name: f for f in text_string_to_metric_families(out)}
     running = {s.labels["leader"]: s.value for s in families["k2serve_running_sequences"].samples}
     assert running == {"decode-0": 3.0, "prefill-0": 5.0}
