@@ -1,8 +1,9 @@
 """How the router reaches worker groups: it learns them from a `GroupDirectory`, keeps their health and load
 fresh, picks one per role through the `Scheduler`, and runs one dispatch attempt of a turn — P/D: `Prefill`
-on a prefill group, then a `Decode` stream on a decode group that takes the KV handle; aggregated: one
-`Decode` stream. Any group failure (RPC error, stall past the deadline) surfaces as `GroupFailed`, which
-`RouterCore` answers by re-dispatching the rest of the turn elsewhere.
+on a prefill group, then a Decode stream on a decode group that takes the KV handle; aggregated: one Decode
+stream. Decode streams to a group share one `DecodeMany` call (`router/mux.py`: a message per step, not per
+token). Any group failure (RPC error, stall past the deadline) surfaces as `GroupFailed`, which `RouterCore`
+answers by re-dispatching the rest of the turn elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_to_proto
 from k2serve.router.live import LiveTurn
+from k2serve.router.mux import DecodeMux, GroupFailed
 from k2serve.router.schedule import GroupDirectory, GroupState, NoGroupAvailable, Scheduler
 from k2serve.sampling_params import SamplingParams
 
@@ -32,19 +34,19 @@ GROUP_WAIT_S = 30.0  # how long a request waits for some healthy group of a role
 PICK_POLL_S = 0.1  # health re-polls while a request waits for a group (failover time rides on it)
 
 
-class GroupFailed(Exception):
-    def __init__(self, group_id: str, detail: str) -> None:
-        self.group_id = group_id
-        super().__init__(f"worker group {group_id}: {detail}")
-
-
 @dataclass
 class GroupClient:
-    """A worker group as the router sees it: its state (health, load, cached prefixes) and gRPC stub."""
+    """A worker group as the router sees it: its state (health, load, cached prefixes), gRPC stub, and the one
+    call its turns' Decode streams share."""
 
     state: GroupState
     channel: grpc.aio.Channel
     stub: pb_grpc.WorkerGroupStub
+    mux: DecodeMux
+
+    async def aclose(self) -> None:
+        await self.mux.aclose()
+        await self.channel.close()
 
 
 class Dispatcher:
@@ -61,7 +63,7 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         for g in self._groups.values():
-            await g.channel.close()
+            await g.aclose()
         self._groups.clear()
 
     def ready(self) -> bool:
@@ -72,14 +74,15 @@ class Dispatcher:
         async with self._lock:
             known = {a.group_id: a for a in await self.directory.list_groups()}
             for gid in [g for g in self._groups if g not in known or self._groups[g].state.addr != known[g]]:
-                await self._groups.pop(gid).channel.close()
+                await self._groups.pop(gid).aclose()
             for gid, addr in known.items():
                 if gid not in self._groups:
                     # Short reconnect backoff: a restarted group is usable again within ~0.1 s, not gRPC's 1 s+.
                     channel = grpc.aio.insecure_channel(addr.address, options=[
                         ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
                         ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
-                    self._groups[gid] = GroupClient(GroupState(addr), channel, pb_grpc.WorkerGroupStub(channel))
+                    stub = pb_grpc.WorkerGroupStub(channel)
+                    self._groups[gid] = GroupClient(GroupState(addr), channel, stub, DecodeMux(stub, gid))
         await asyncio.gather(*(self._poll(g) for g in list(self._groups.values())))
 
     async def _poll(self, g: GroupClient) -> None:
@@ -135,7 +138,7 @@ class Dispatcher:
             g = await self.pick("prefill", prompt + prefix, exclude)
         request = pb.DecodeRequest(request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling,
                                    deterministic=det, output_prefix=prefix, kv_handle=kv_handle)
-        call = g.stub.Decode(request, timeout=self.config.router.request_timeout_s)
+        call = g.mux.open(request)
         first = True
         events = aiter(call)
         with self._tracked(g, live, call):

@@ -10,6 +10,7 @@ time, never tokens. Without a Ray connection Prefill returns an empty handle and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -151,6 +152,74 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
             yield event_to_proto(ev, seed if first else None, outcome if first else "")
             first = False
             await self._maybe_die(context)
+
+    async def DecodeMany(self, request_iterator: AsyncIterator[pb.DecodeManyRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvents]:
+        """Decode for many requests over one call (see the proto): the engine loop puts every request's events
+        in one queue, and each message carries what is there — all that a step produced."""
+        sink: asyncio.Queue[TokenEvent | BaseException | pb.RequestError] = asyncio.Queue()
+        live: set[str] = set()  # started on this call and not finished or cancelled
+        firsts: dict[str, tuple[int, str]] = {}  # (seed, kv handoff outcome) for a request's first event
+        starts: set[asyncio.Task[None]] = set()
+
+        async def start(request: pb.DecodeRequest) -> None:
+            rid = request.request_id
+            live.add(rid)  # before anything is awaited: a cancel may arrive meanwhile
+            try:
+                params = sampling_from_proto(request.sampling)
+                kv, outcome = (None, "") if not request.kv_handle else await self._fetch(request.kv_handle, request)
+                seed = await self.loop.attach(rid, list(request.prompt), params, sink,
+                                              output_prefix=list(request.output_prefix),
+                                              deterministic=request.deterministic, kv=kv)
+            except ValueError as e:
+                live.discard(rid)
+                sink.put_nowait(pb.RequestError(request_id=rid, code="INVALID_ARGUMENT", detail=str(e)))
+                return
+            if rid in live:
+                firsts[rid] = (seed, outcome)  # its first event comes from a later step
+            else:  # cancelled while it was being added
+                await self.loop.cancel(rid)
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                if msg.WhichOneof("op") == "decode":
+                    task = asyncio.get_running_loop().create_task(start(msg.decode))
+                    starts.add(task)
+                    task.add_done_callback(starts.discard)
+                elif msg.cancel in live:
+                    live.discard(msg.cancel)
+                    firsts.pop(msg.cancel, None)
+                    await self.loop.cancel(msg.cancel)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                items = [await sink.get()]
+                while not sink.empty():
+                    items.append(sink.get_nowait())
+                out = pb.TokenEvents()
+                for item in items:
+                    if isinstance(item, pb.RequestError):
+                        out.errors.append(item)
+                    elif isinstance(item, asyncio.CancelledError):
+                        continue  # the end of a request this call cancelled
+                    elif isinstance(item, BaseException):  # the engine broke: every request is lost
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker group {self.group_id}: {item!r}")
+                    elif item.request_id in live:
+                        out.events.append(event_to_proto(item, *firsts.pop(item.request_id, (None, ""))))
+                        if item.finish_reason is not None:
+                            live.discard(item.request_id)
+                if out.events or out.errors:
+                    yield out
+                for _ in out.events:
+                    await self._maybe_die(context)
+        finally:
+            reader.cancel()
+            for task in list(starts):
+                task.cancel()
+            for rid in list(live):  # the router went away or the call failed: stop computing its requests
+                with contextlib.suppress(RuntimeError):  # the engine loop is already stopped (group dying)
+                    await self.loop.cancel(rid)
 
     async def _maybe_die(self, context: grpc.aio.ServicerContext) -> None:
         """Injected group death (`kill_group`/`kill_actor`): the whole group stops serving, every stream of it

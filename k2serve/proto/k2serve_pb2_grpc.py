@@ -44,6 +44,11 @@ class WorkerGroupStub:
                 request_serializer=k2serve_dot_proto_dot_k2serve__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=k2serve_dot_proto_dot_k2serve__pb2.TokenEvent.FromString,
                 _registered_method=True)
+        self.DecodeMany = channel.stream_stream(
+                '/k2serve.v1.WorkerGroup/DecodeMany',
+                request_serializer=k2serve_dot_proto_dot_k2serve__pb2.DecodeManyRequest.SerializeToString,
+                response_deserializer=k2serve_dot_proto_dot_k2serve__pb2.TokenEvents.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/k2serve.v1.WorkerGroup/Cancel',
                 request_serializer=k2serve_dot_proto_dot_k2serve__pb2.CancelRequest.SerializeToString,
@@ -72,6 +77,13 @@ class WorkerGroupServicer:
 
     def Decode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecodeMany(self, request_iterator, context):
+        """The group failing (or being killed) ends the call with an error: every request on it is lost.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -106,6 +118,11 @@ def add_WorkerGroupServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=k2serve_dot_proto_dot_k2serve__pb2.DecodeRequest.FromString,
                     response_serializer=k2serve_dot_proto_dot_k2serve__pb2.TokenEvent.SerializeToString,
+            ),
+            'DecodeMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeMany,
+                    request_deserializer=k2serve_dot_proto_dot_k2serve__pb2.DecodeManyRequest.FromString,
+                    response_serializer=k2serve_dot_proto_dot_k2serve__pb2.TokenEvents.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -177,6 +194,33 @@ class WorkerGroup:
             '/k2serve.v1.WorkerGroup/Decode',
             k2serve_dot_proto_dot_k2serve__pb2.DecodeRequest.SerializeToString,
             k2serve_dot_proto_dot_k2serve__pb2.TokenEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/k2serve.v1.WorkerGroup/DecodeMany',
+            k2serve_dot_proto_dot_k2serve__pb2.DecodeManyRequest.SerializeToString,
+            k2serve_dot_proto_dot_k2serve__pb2.TokenEvents.FromString,
             options,
             channel_credentials,
             insecure,

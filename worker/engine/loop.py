@@ -61,14 +61,22 @@ class EngineLoop:
         """Queues a request; returns (seed, the stream of its events). A bad request raises here, before
         anything is queued."""
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        self._streams[request_id] = queue
+        seed = await self.attach(request_id, prompt, params, queue, **kwargs)
+        return seed, self._stream(request_id, queue)
+
+    async def attach(self, request_id: str, prompt: list[int], params: Any,
+                     sink: asyncio.Queue[TokenEvent | BaseException], **kwargs: Any) -> int:
+        """Queues a request whose events go to `sink`, which several requests may share (their events carry
+        the request id); returns its seed. The sink also gets the engine's failure, and the CancelledError of a
+        `cancel`. A bad request raises here, before anything is queued."""
+        self._streams[request_id] = sink
         try:
             seed = await self.call(self.engine.add_request, request_id, prompt, params, **kwargs)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
         self._wake.set()
-        return seed, self._stream(request_id, queue)
+        return seed
 
     async def cancel(self, request_id: str) -> bool:
         cancelled = await self.call(self.engine.cancel, request_id)
