@@ -17,11 +17,12 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_to_proto
 from k2serve.router.local import LocalGroup
-from k2serve.router.mux import DecodeMux, GroupFailed
+from k2serve.router.mux import DecodeMux, GroupFailed, MuxStream
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import resolve_model
 
 GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+LONG = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
 PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(5 + 3 * i)] for i in range(4)]
 
 
@@ -40,8 +41,17 @@ def with_group(body: Callable[[LocalGroup, pb_grpc.WorkerGroupStub], Awaitable[N
     asyncio.run(go())
 
 
-async def tokens(stream: object) -> list[int]:
-    return [ev.token async for ev in stream]  # type: ignore[attr-defined]
+async def tokens(stream: MuxStream | grpc.aio.UnaryStreamCall) -> list[int]:
+    return [ev.token async for ev in stream]
+
+
+async def started(mux: DecodeMux, n: int, prefix: str) -> list[MuxStream]:
+    """n long requests on `mux`, each past its first token (running in the group)."""
+    streams = [mux.open(pb.DecodeRequest(request_id=f"{prefix}{i}", prompt=p, sampling=LONG))
+               for i, p in enumerate(PROMPTS[:n])]
+    for s in streams:
+        await anext(s)
+    return streams
 
 
 def test_requests_share_one_call_and_get_their_own_tokens() -> None:
@@ -81,11 +91,9 @@ def test_requests_share_one_call_and_get_their_own_tokens() -> None:
 
 def test_cancel_and_bad_request_touch_only_their_stream() -> None:
     async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub) -> None:
-        long = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
         mux = DecodeMux(stub, "g0")
         try:
-            doomed = mux.open(pb.DecodeRequest(request_id="long", prompt=[1, 2, 3], sampling=long))
-            assert (await anext(doomed)).index == 0
+            [doomed] = await started(mux, 1, "long")
             bad = mux.open(pb.DecodeRequest(request_id="bad", prompt=[1, 2], sampling=pb.SamplingParams(max_tokens=0)))
             with pytest.raises(ValueError, match="max_tokens"):
                 await anext(bad)
@@ -104,13 +112,9 @@ def test_cancel_and_bad_request_touch_only_their_stream() -> None:
 
 def test_group_death_fails_every_open_stream_and_the_next_open_reconnects() -> None:
     async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub) -> None:
-        long = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
         mux = DecodeMux(stub, "g0")
         try:
-            streams = [mux.open(pb.DecodeRequest(request_id=f"s{i}", prompt=p, sampling=long))
-                       for i, p in enumerate(PROMPTS[:2])]
-            for s in streams:
-                await anext(s)
+            streams = await started(mux, 2, "s")
             host, port = group.address.rsplit(":", 1)
             await group.service.stop()  # the group dies (its streams end with an error) ...
             for s in streams:
@@ -129,12 +133,8 @@ def test_group_death_fails_every_open_stream_and_the_next_open_reconnects() -> N
 
 def test_router_going_away_stops_its_requests_in_the_group() -> None:
     async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub) -> None:
-        long = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
         mux = DecodeMux(stub, "g0")
-        streams = [mux.open(pb.DecodeRequest(request_id=f"r{i}", prompt=p, sampling=long))
-                   for i, p in enumerate(PROMPTS[:3])]
-        for s in streams:
-            await anext(s)
+        await started(mux, 3, "r")
         assert (await stub.Stats(pb.StatsRequest())).running == 3
         await mux.aclose()
         for _ in range(100):
