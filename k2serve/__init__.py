@@ -8,7 +8,8 @@ How a request flows (each hop names the module that handles it):
 3. The prefill group (``k2serve.worker.service`` in front of ``k2serve.worker.parallel.group``) runs the
    prompt through ``k2serve.worker.engine`` and hands the prompt's latent KV cache to the decode group
    through Ray's object store.
-4. The decode group streams tokens back; the router appends each chain's progress to the chain store
+4. The decode group streams tokens back — all of the router's turns on that group over one ``DecodeMany``
+   call, a message per engine step (``k2serve.router.mux``); the router appends each chain's progress to the chain store
    (``k2serve.router.chains``) and parses K2's reasoning and tool-call tokens for the client
    (``k2serve.router.http.k2_parse``).
 

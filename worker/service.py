@@ -5,6 +5,7 @@ store and returns the serialized ObjectRef as `kv_handle`; the ref stays pinned 
 is unpinned (the decode group's borrow, if any, keeps the object alive while it is fetched). Decode fetches the handle's object and hands it to the engine; an unusable handle (bad
 bytes, object gone, shape that does not fit) makes the engine re-prefill instead, so a failed handoff costs
 time, never tokens. Without a Ray connection Prefill returns an empty handle and Decode always re-prefills.
+DecodeMany is Decode for many requests over one call (what routers use): one message per engine step.
 """
 
 from __future__ import annotations
@@ -171,9 +172,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
                 seed = await self.loop.attach(rid, list(request.prompt), params, sink,
                                               output_prefix=list(request.output_prefix),
                                               deterministic=request.deterministic, kv=kv)
-            except ValueError as e:
+            except Exception as e:  # refused (a bad request), or the engine loop is gone: this request only
                 live.discard(rid)
-                sink.put_nowait(pb.RequestError(request_id=rid, code="INVALID_ARGUMENT", detail=str(e)))
+                code = "INVALID_ARGUMENT" if isinstance(e, ValueError) else "UNAVAILABLE"
+                sink.put_nowait(pb.RequestError(request_id=rid, code=code, detail=str(e)))
                 return
             if rid in live:
                 firsts[rid] = (seed, outcome)  # its first event comes from a later step
@@ -214,9 +216,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
                 for _ in out.events:
                     await self._maybe_die(context)
         finally:
-            reader.cancel()
-            for task in list(starts):
+            for task in [reader, *starts]:
                 task.cancel()
+            # The reader ends with the call's error when the router goes away: nothing to report.
+            await asyncio.gather(reader, *starts, return_exceptions=True)
             for rid in list(live):  # the router went away or the call failed: stop computing its requests
                 with contextlib.suppress(RuntimeError):  # the engine loop is already stopped (group dying)
                     await self.loop.cancel(rid)
