@@ -74,3 +74,27 @@ def test_expert_parallel_equals_single_process(ray_cluster: None, reference: dic
 def test_group_size_must_divide_expert_count() -> None:
     with pytest.raises(ValueError, match="expert_parallel 3 must divide the model's 16 routed experts"):
         ExpertParallelGroup(group_spec(3))
+
+
+def test_a_prompt_goes_to_the_rank_that_caches_its_prefix(ray_cluster: None) -> None:
+    """A chain's next turn (same prompt prefix) lands on the rank whose prefix cache holds it, not on the least
+    loaded one, and prefills only its new tokens there."""
+    group = ExpertParallelGroup(group_spec(2))
+    try:
+        turn1 = mixed_prompts(1, seed=9)[0] + list(range(1, 300))  # > one affinity stride (256 tokens)
+        other = [list(range(100 + i, 140 + i)) for i in range(2)]
+        long = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+        group.add_request("turn1", turn1, long)
+        group.add_request("b", other[0], long)
+        group.step()  # prefills both: turn1's blocks are in its rank's cache
+        group.add_request("c", other[1], long)  # ties go to the lower rank: turn1's now runs two, the other one
+        loads = [sum(1 for r in group.active if group.owner[r] == k) for k in range(2)]
+        home = group.owner["turn1"]
+        assert loads[home] > min(loads)  # turn1's rank is not the least loaded ...
+        hits_before = group.blocks.prefix_hit_tokens
+        group.add_request("turn2", turn1 + [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4))
+        assert group.owner["turn2"] == home  # ... but holds the prefix
+        run_all(group)  # type: ignore[arg-type]
+        assert group.blocks.prefix_hit_tokens - hits_before >= 256
+    finally:
+        group.shutdown()

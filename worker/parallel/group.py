@@ -2,17 +2,19 @@
 `torch.distributed` group, driven as one stepping engine (`add_request/cancel/has_work/step/export_kv/release`)
 so an `EngineLoop` and the worker gRPC service run over it exactly as over a single-process `Engine`.
 
-Attention is data-parallel: each request lives on one rank (the least loaded when it arrives). Every `step`
-steps all ranks at once — they meet in the MoE all-to-alls of every layer; a rank without work joins with an
-empty batch. A rank's death (Ray reports it within about a second) or a collective timeout (a hung rank:
+Attention is data-parallel: each request lives on one rank (the one whose prefix cache holds its prompt's
+prefix, else the least loaded when it arrives). Every `step` steps all ranks at once — they meet in the MoE
+all-to-alls of every layer; a rank without work joins with an empty batch. A rank's death (Ray reports it within about a second) or a collective timeout (a hung rank:
 its peers' collectives time out) fails the group with the ids of every request it held; `rebuild` replaces
 all ranks on a fresh placement group and rendezvous port.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +48,23 @@ class GroupSpec:
     # streams tokens (one ahead still left a decode rank idle ~20% of the time on CPU, two ~12%). A KV export
     # waits behind the queued steps, so prefill groups, whose exports are on the TTFT path, queue none.
     steps_ahead: int = 0
+
+
+# Within a group, a request goes to the rank that holds its prompt's longest known prefix (keys every 16 KV
+# blocks), unless that rank runs more than AFFINITY_SLACK more requests than the least loaded one.
+AFFINITY_STRIDE_BLOCKS = 16
+AFFINITY_SLACK = 4
+AFFINITY_KEYS = 1 << 16
+
+
+def prefix_keys(prompt: list[int], stride: int) -> list[bytes]:
+    """Digests of the prompt's prefixes of stride, 2 × stride, ... tokens (one incremental hash pass)."""
+    h = hashlib.blake2b(digest_size=16)
+    keys = []
+    for end in range(stride, len(prompt) + 1, stride):
+        h.update(struct.pack(f"<{stride}q", *prompt[end - stride:end]))
+        keys.append(h.copy().digest())
+    return keys
 
 
 class GroupFailed(RuntimeError):
@@ -95,6 +114,9 @@ class ExpertParallelGroup:
         self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
         self._pg: PlacementGroup | None = None
         self._ahead: deque[list[Any]] = deque()  # steps already submitted to every rank, oldest first
+        # Prompt prefix (`prefix_keys`) -> the rank that last took a request starting with it: its prefix cache
+        # holds that prefix, so the chain's next turn goes there instead of re-prefilling on another rank.
+        self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self.build()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -122,6 +144,7 @@ class ExpertParallelGroup:
         self.owner.clear()
         self.active.clear()
         self.holding.clear()
+        self._affinity.clear()  # fresh ranks, empty caches
         self._token_base = (self.stats.prefill_tokens, self.stats.decode_tokens)
         self._snaps = []
         self._ahead.clear()
@@ -148,7 +171,16 @@ class ExpertParallelGroup:
         for rid in self.active:
             load[self.owner[rid]] += 1
         rank = min(range(len(self.ranks)), key=lambda r: (load[r], r))
+        keys = prefix_keys(prompt, self.spec.engine.block_size * AFFINITY_STRIDE_BLOCKS)
+        cached = next((self._affinity[k] for k in reversed(keys) if k in self._affinity), None)
+        if cached is not None and load[cached] <= load[rank] + AFFINITY_SLACK:
+            rank = cached
         seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs))
+        for k in keys:
+            self._affinity[k] = rank
+            self._affinity.move_to_end(k)
+        while len(self._affinity) > AFFINITY_KEYS:
+            self._affinity.popitem(last=False)
         self.owner[request_id] = rank
         self.active.add(request_id)
         if kwargs.get("hold_kv"):
@@ -258,5 +290,7 @@ class ExpertParallelGroup:
         self.stats.decode_tokens = self._token_base[1] + sum(s.decode_tokens for s in snaps)
         self.stats.steps += 1
         self.stats.all_to_all_bytes += sum(s.all_to_all_bytes for s in snaps)
-        load = torch.stack([s.expert_load for s in snaps]).sum(0)  # [num_moe_layers, E]
-        self.expert_load = load if self.expert_load is None else self.expert_load + load
+        loads = [s.expert_load for s in snaps if s.expert_load is not None]
+        if loads:
+            load = torch.stack(loads).sum(0)  # [num_moe_layers, E]
+            self.expert_load = load if self.expert_load is None else self.expert_load + load

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -34,7 +35,10 @@ class RankSnapshot:
     prefill_tokens: int
     decode_tokens: int
     all_to_all_bytes: int  # since the previous snapshot
-    expert_load: torch.Tensor  # [num_moe_layers, E] tokens routed since the previous snapshot
+    expert_load: torch.Tensor | None  # [num_moe_layers, E] tokens routed since the last one sent (see step)
+
+
+LOAD_REPORT_S = 1.0  # the leader exports expert load to Prometheus once a second
 
 
 def free_port(host: str) -> int:
@@ -61,6 +65,7 @@ class RankWorker:
         self.world_size = world_size
         self.engine: Engine | None = None
         self.executor: ExpertParallelMoE | None = None
+        self._load_reported = 0.0
 
     def pid(self) -> int:
         return os.getpid()
@@ -116,11 +121,17 @@ class RankWorker:
         return self._engine().release(request_id)
 
     def step(self) -> tuple[list[TokenEvent], RankSnapshot]:
-        """One lockstep step (an empty forward when this rank has nothing to run)."""
+        """One lockstep step (an empty forward when this rank has nothing to run). The expert-load counts
+        (K2: 61 × 384 numbers) ride along at most every LOAD_REPORT_S, and whenever the rank runs dry, so
+        nothing is left uncounted."""
         eng = self._engine()
         events = eng.step()
+        now = time.monotonic()
+        report = not eng.has_work() or now - self._load_reported >= LOAD_REPORT_S
+        if report:
+            self._load_reported = now
         snap = RankSnapshot(len(eng.running), len(eng.waiting), eng.blocks.num_used_blocks,
                             eng.blocks.num_free_blocks, eng.blocks.prefix_hit_tokens, eng.stats.prefill_tokens,
                             eng.stats.decode_tokens, self.executor.counter.take() if self.executor else 0,
-                            eng.model.expert_load.take())
+                            eng.model.expert_load.take() if report else None)
         return events, snap
