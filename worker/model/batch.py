@@ -38,6 +38,7 @@ class ForwardBatch:
     seqs: list[SeqSlice]
     logits_rows: torch.Tensor  # [B] int64: rows whose next-token logits the step returns
     _decode: "DecodeGather | None" = field(default=None, repr=False)
+    _write_slots: torch.Tensor | None = field(default=None, repr=False)
 
     def decode_gather(self, block_size: int) -> "DecodeGather | None":
         """The one-token sequences of the step, padded to a common number of cache blocks so every layer
@@ -62,10 +63,11 @@ class ForwardBatch:
 
     @property
     def write_slots(self) -> torch.Tensor:
-        """[T] cache slot each new token's latent is written to."""
-        if not self.seqs:
-            return torch.empty(0, dtype=torch.int64)
-        return torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs])
+        """[T] cache slot each new token's latent is written to (computed once per step, shared by the layers)."""
+        if self._write_slots is None:
+            self._write_slots = torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs]) if self.seqs \
+                else torch.empty(0, dtype=torch.int64)
+        return self._write_slots
 
 
 @dataclass
