@@ -66,13 +66,13 @@ class MLAttention:
         gather = None if self.det else batch.decode_gather(kv.block_size)
         if gather is not None:
             keys = kv.gather_blocks(self.layer, gather.blocks.to(x.device))  # [B, L, c + r]
-            c_keys, r_keys = keys[..., : self.kv_lora_rank], keys[..., self.kv_lora_rank :]
             rows = gather.rows.to(x.device)
-            scores = (torch.einsum("bhc,blc->bhl", q_lat[rows], c_keys)
-                      + torch.einsum("bhr,blr->bhl", q_rope[rows], r_keys)) * self.scale  # [B, H, L]
+            # Latent and rope parts in one product against the whole cached rows (no strided copies of either).
+            q_all = torch.cat([q_lat[rows], q_rope[rows]], dim=-1)  # [B, H, c + r]
+            scores = torch.bmm(q_all, keys.transpose(1, 2)) * self.scale  # [B, H, L]
             scores = scores.masked_fill(gather.pad.to(x.device).unsqueeze(1), float("-inf"))
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c_keys.dtype)
-            out[rows] = torch.einsum("bhl,blc->bhc", probs, c_keys)
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(keys.dtype)
+            out[rows] = torch.bmm(probs, keys[..., : self.kv_lora_rank])  # [B, H, c]
         for s in batch.seqs:
             if gather is not None and id(s) in gather.seq_ids:
                 continue
