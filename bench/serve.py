@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
@@ -91,6 +93,46 @@ async def drive(open_stream, items: list[list[int]], concurrency: int, label: st
                pct(itls, 0.5), pct(itls, 0.99))
 
 
+class CpuMeter:
+    """CPU each part of the stack used over a window, in % of one core: this process (the router and the
+    clients), and Ray's processes by role (the ranks, the group leaders, the rest of Ray)."""
+
+    ROLES = (("RankWorker", "ranks"), ("GroupLeader", "leaders"))
+
+    def __init__(self) -> None:
+        self.start: dict[int, tuple[str, float]] = {}
+        self.t0 = 0.0
+        self.shares: dict[str, float] = {}  # role -> % of one core over the window
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        me = psutil.Process()
+        out = {me.pid: ("router + clients (this process)", sum(me.cpu_times()[:2]))}
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or ())
+            if proc.pid == me.pid or "ray" not in cmd.lower():
+                continue
+            role = next((name for key, name in self.ROLES if key in cmd), "Ray (raylet, GCS, other actors)")
+            with contextlib.suppress(psutil.Error):
+                out[proc.pid] = (role, sum(proc.cpu_times()[:2]))
+        return out
+
+    def __enter__(self) -> "CpuMeter":
+        self.start, self.t0 = self._sample(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, wall = self._sample(), time.perf_counter() - self.t0
+        self.shares = {}
+        for pid, (role, cpu) in end.items():
+            if pid in self.start:
+                self.shares[role] = self.shares.get(role, 0.0) + 100 * (cpu - self.start[pid][1]) / wall
+
+    def table(self, label: str) -> str:
+        rows = sorted(self.shares.items(), key=lambda kv: -kv[1])
+        return "\n".join([f"CPU per process, {label} (% of one core):", "| process | CPU % |", "|---|---|",
+                          *(f"| {role} | {pct:.0f} |" for role, pct in rows)])
+
+
 def serving_config(tmp: Path, aggregated: bool, rank_cpus: float) -> ServingConfig:
     pool = {"max_running": 64, "num_cpus_per_actor": rank_cpus}
     return ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / f"chains-{aggregated}.sqlite3")},
@@ -133,7 +175,9 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
 
 
 async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int,
-                      groups_in: str, rank_cpus: float, overhead_runs: int) -> tuple[list[Row], list[Row]]:
+                      groups_in: str, rank_cpus: float, overhead_runs: int, cpu: list[str]
+                      ) -> tuple[list[Row], list[Row]]:
+    """The stack's rows and the router-overhead pairs; appends a CPU-per-process table per mode to `cpu`."""
     params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     rows: list[Row] = []
     overhead: list[Row] = []
@@ -153,7 +197,10 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
                 mode = "aggregated" if aggregated else "P/D"
                 for c in levels:
                     items = prompts(per_level * c, *lens, vocab, seed=c)
-                    rows.append(await drive(via_router, items, c, f"k2serve {mode}, {where}"))
+                    with CpuMeter() as meter:
+                        rows.append(await drive(via_router, items, c, f"k2serve {mode}, {where}"))
+                    if c == levels[-1]:
+                        cpu.append(meter.table(f"k2serve {mode}, {c} concurrent"))
                 if not aggregated:
                     continue
                 assert stack.group_address is not None
@@ -294,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     from k2serve.localray import init_local_ray
 
     init_local_ray(8)  # logical CPUs: the groups' actors must fit on a 2-core machine
+    cpu: list[str] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens, args.groups_in,
-                                                        args.rank_cpus, 1 if args.smoke else args.overhead_runs))
+                                                        args.rank_cpus, 1 if args.smoke else args.overhead_runs, cpu))
     finally:
         ray.shutdown()
     rows += bench_engine(levels, per_level, lens, max_tokens, vocab=512)
@@ -306,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(overhead))
     print(overhead_summary(overhead))
+    for t in cpu:
+        print()
+        print(t)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows + overhead], indent=1))
     return 0

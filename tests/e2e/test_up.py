@@ -65,3 +65,6 @@ def test_bench_serve_smoke() -> None:
     assert "| k2serve P/D, groups in Ray actors | 4 | 4 | 16 |" in done.stdout
     assert "| transformers generate (static batches) | 4 | 4 | 16 |" in done.stdout
     assert "router overhead on ITL p50" in done.stdout
+    # Where the CPU went: this process (router and clients), the groups' ranks and leaders.
+    cpu = done.stdout.split("CPU per process, k2serve aggregated, 4 concurrent", 1)[1]
+    assert "| router + clients (this process) |" in cpu and "| ranks |" in cpu and "| leaders |" in cpu
