@@ -165,7 +165,6 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
 
         async def start(request: pb.DecodeRequest) -> None:
             rid = request.request_id
-            live.add(rid)  # before anything is awaited: a cancel may arrive meanwhile
             try:
                 params = sampling_from_proto(request.sampling)
                 kv, outcome = (None, "") if not request.kv_handle else await self._fetch(request.kv_handle, request)
@@ -185,6 +184,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         async def read() -> None:
             async for msg in request_iterator:
                 if msg.WhichOneof("op") == "decode":
+                    live.add(msg.decode.request_id)  # now: its cancel may arrive before `start` runs
                     task = asyncio.get_running_loop().create_task(start(msg.decode))
                     starts.add(task)
                     task.add_done_callback(starts.discard)
