@@ -263,7 +263,8 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], max_t
                 if ev.finish_reason is not None and pending:
                     admit()
         wall = time.perf_counter() - t0
-        rows.append(Row(f"k2serve engine alone, {torch.get_num_threads()} torch threads", c, len(items), total, wall,
+        n = torch.get_num_threads()
+        rows.append(Row(f"k2serve engine alone, {n} torch thread{'s' * (n > 1)}", c, len(items), total, wall,
                         total / wall, pct(ttfts, 0.5), pct(ttfts, 0.99), pct(itls, 0.5), pct(itls, 0.99)))
     return rows
 
@@ -348,6 +349,14 @@ def main(argv: list[str] | None = None) -> int:
                                                         args.rank_cpus, 1 if args.smoke else args.overhead_runs, cpu))
     finally:
         ray.shutdown()
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # as many threads as a rank runs (its Ray CPU reservation): the stack's ceiling on this machine
+        torch.set_num_threads(max(1, int(args.rank_cpus)))
+        rows += bench_engine(levels, per_level, lens, max_tokens, vocab=512)
+    finally:
+        torch.set_num_threads(threads)
     rows += bench_engine(levels, per_level, lens, max_tokens, vocab=512)
     rows += bench_transformers(levels, per_level, lens, max_tokens, vocab=512)
     print(table(rows))
