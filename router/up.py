@@ -3,7 +3,8 @@ with its prefill and decode worker groups (Ray actors, expert-parallel when `--e
 service and the OpenAI HTTP front — until Ctrl-C (SIGINT) or SIGTERM.
 
 The same pool controller runs in the Ray head pod of a cluster (`k2serve pools`); here it runs in this process,
-and the router finds the groups through the controller's registry exactly as a router pod does.
+and the router finds the groups through the controller's registry exactly as a router pod does. It also serves
+every group's metrics, merged, on one port (as `k2serve pools --metrics-port` does in a cluster).
 """
 
 from __future__ import annotations
@@ -52,16 +53,21 @@ def logical_cpus(config: ServingConfig) -> int:
 async def run(config: ServingConfig) -> None:
     import ray
 
+    from k2serve.worker.parallel.pool_metrics import serve_group_metrics
     from k2serve.worker.parallel.pools import PoolController
 
     init_local_ray(logical_cpus(config))
     stop = stop_on_signals()
     controller = PoolController(config)
+    metrics = None
     try:
         await asyncio.to_thread(controller.start)
         for g in controller.groups():
             print(f"k2serve up: {g['role']} group {g['group_id']} (EP {g['world_size']}) on {g['address']}, "
                   f"metrics on :{g['metrics_port']}", flush=True)
+        metrics = serve_group_metrics(controller.metrics_texts, 0, config.router.host)
+        print(f"k2serve up: every group's metrics, merged, at http://{config.router.host}:{metrics.server_port}"
+              "/metrics", flush=True)
 
         def ready(url: str, grpc_port: int) -> None:
             print(f"k2serve up: serving {config.model.source} at {url}/v1 (gRPC {config.router.host}:{grpc_port}); "
@@ -69,6 +75,9 @@ async def run(config: ServingConfig) -> None:
 
         await run_router(config, RegistryDirectory(controller.namespace), stop, ready)
     finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
         await asyncio.to_thread(controller.stop)
         ray.shutdown()
         print("k2serve up: stopped", flush=True)

@@ -16,7 +16,8 @@ import httpx
 from k2serve.router.chat import main as chat_main
 
 
-def wait_for_endpoint(proc: subprocess.Popen[str], timeout_s: float) -> str:
+def wait_for_endpoint(proc: subprocess.Popen[str], timeout_s: float) -> tuple[str, list[str]]:
+    """The router's base URL, and every line printed up to it."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout_s
     lines: list[str] = []
@@ -27,7 +28,7 @@ def wait_for_endpoint(proc: subprocess.Popen[str], timeout_s: float) -> str:
         lines.append(line)
         m = re.search(r"serving \S+ at (http://\S+)/v1", line)
         if m:
-            return m.group(1)
+            return m.group(1), lines
     raise TimeoutError(f"k2serve up printed no endpoint in {timeout_s}s:\n{''.join(lines)}")
 
 
@@ -37,7 +38,8 @@ def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> N
                              str(tmp_path / "chains.sqlite3")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env, cwd=tmp_path)
     try:
-        url = wait_for_endpoint(proc, 120)
+        url, lines = wait_for_endpoint(proc, 120)
+        merged = next(m.group(1) for line in lines if (m := re.search(r"merged, at (http://\S+)", line)))
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-k2"
             body = {"model": "tiny-k2", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 7,
@@ -46,6 +48,13 @@ def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> N
             assert reply["usage"]["completion_tokens"] == 7
             metrics = client.get("/metrics").text
         assert re.search(r'k2serve_kv_handoffs_total\{outcome="ok"\} [1-9]', metrics), metrics
+        # Both groups' metrics on one port, labelled by leader (groups export their counters every 0.5 s).
+        decoded = re.compile(r'k2serve_decode_tokens_total\{group="decode-0",leader="decode-0",role="decode"\} [1-9]')
+        deadline = time.monotonic() + 10
+        while not decoded.search(groups := httpx.get(merged, timeout=30).text) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert decoded.search(groups), groups[-3000:]
+        assert 'k2serve_prefill_tokens_total{group="prefill-0",leader="prefill-0",role="prefill"}' in groups
         assert chat_main(["hello", "--url", url, "--max-tokens", "5", "--seed", "3"]) == 0
         assert "[finish: length]" in capsys.readouterr().out  # type: ignore[attr-defined]
         proc.send_signal(signal.SIGINT)
