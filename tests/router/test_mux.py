@@ -26,7 +26,11 @@ LONG = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=100, ignore_
 PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(5 + 3 * i)] for i in range(4)]
 
 
-def with_group(body: Callable[[LocalGroup, pb_grpc.WorkerGroupStub], Awaitable[None]]) -> None:
+Body = Callable[[LocalGroup, pb_grpc.WorkerGroupStub, DecodeMux], Awaitable[None]]
+
+
+def with_group(body: Body) -> None:
+    """Runs `body(group, stub, mux)` against a fresh in-process decode group; the mux is closed after."""
     config = ServingConfig.model_validate({"model": {"max_context": 128}})
 
     async def go() -> None:
@@ -34,7 +38,12 @@ def with_group(body: Callable[[LocalGroup, pb_grpc.WorkerGroupStub], Awaitable[N
                                        role="decode", eos_ids=[])
         try:
             async with grpc.aio.insecure_channel(group.address) as ch:
-                await body(group, pb_grpc.WorkerGroupStub(ch))
+                stub = pb_grpc.WorkerGroupStub(ch)
+                mux = DecodeMux(stub, "g0")
+                try:
+                    await body(group, stub, mux)
+                finally:
+                    await mux.aclose()
         finally:
             await group.stop()
 
@@ -55,17 +64,13 @@ async def started(mux: DecodeMux, n: int, prefix: str) -> list[MuxStream]:
 
 
 def test_requests_share_one_call_and_get_their_own_tokens() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub) -> None:
+    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
         alone = [await tokens(stub.Decode(pb.DecodeRequest(request_id=f"a{i}", prompt=p, sampling=GREEDY)))
                  for i, p in enumerate(PROMPTS)]
         assert all(len(t) == 12 for t in alone) and len({tuple(t) for t in alone}) == len(PROMPTS)
-        mux = DecodeMux(stub, "g0")
-        try:
-            streams = [mux.open(pb.DecodeRequest(request_id=f"m{i}", prompt=p, sampling=GREEDY))
-                       for i, p in enumerate(PROMPTS)]
-            assert await asyncio.gather(*(tokens(s) for s in streams)) == alone
-        finally:
-            await mux.aclose()
+        streams = [mux.open(pb.DecodeRequest(request_id=f"m{i}", prompt=p, sampling=GREEDY))
+                   for i, p in enumerate(PROMPTS)]
+        assert await asyncio.gather(*(tokens(s) for s in streams)) == alone
 
         # The wire: one message carries the tokens of several requests (one per request and step).
         async def requests() -> AsyncIterator[pb.DecodeManyRequest]:
@@ -90,53 +95,43 @@ def test_requests_share_one_call_and_get_their_own_tokens() -> None:
 
 
 def test_cancel_and_bad_request_touch_only_their_stream() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub) -> None:
-        mux = DecodeMux(stub, "g0")
-        try:
-            [doomed] = await started(mux, 1, "long")
-            bad = mux.open(pb.DecodeRequest(request_id="bad", prompt=[1, 2], sampling=pb.SamplingParams(max_tokens=0)))
-            with pytest.raises(ValueError, match="max_tokens"):
-                await anext(bad)
-            doomed.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await anext(doomed)
-            ok = mux.open(pb.DecodeRequest(request_id="ok", prompt=PROMPTS[0], sampling=GREEDY))
-            assert len(await tokens(ok)) == 12
-            stats = await stub.Stats(pb.StatsRequest())
-            assert stats.running == 0 and stats.kv_blocks_used == 0  # the cancelled request is gone too
-        finally:
-            await mux.aclose()
+    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
+        [doomed] = await started(mux, 1, "long")
+        bad = mux.open(pb.DecodeRequest(request_id="bad", prompt=[1, 2], sampling=pb.SamplingParams(max_tokens=0)))
+        with pytest.raises(ValueError, match="max_tokens"):
+            await anext(bad)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await anext(doomed)
+        ok = mux.open(pb.DecodeRequest(request_id="ok", prompt=PROMPTS[0], sampling=GREEDY))
+        assert len(await tokens(ok)) == 12
+        stats = await stub.Stats(pb.StatsRequest())
+        assert stats.running == 0 and stats.kv_blocks_used == 0  # the cancelled request is gone too
 
     with_group(body)
 
 
 def test_group_death_fails_every_open_stream_and_the_next_open_reconnects() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub) -> None:
-        mux = DecodeMux(stub, "g0")
-        try:
-            streams = await started(mux, 2, "s")
-            host, port = group.address.rsplit(":", 1)
-            await group.service.stop()  # the group dies (its streams end with an error) ...
-            for s in streams:
-                with pytest.raises(GroupFailed, match="g0"):
-                    async for _ in s:
-                        pass
-            group.service = group.build()  # ... and comes back on the same address, as a restarted pod
-            await group.service.start(host, int(port))
-            again = mux.open(pb.DecodeRequest(request_id="again", prompt=PROMPTS[0], sampling=GREEDY))
-            assert len(await tokens(again)) == 12
-        finally:
-            await mux.aclose()
+    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
+        streams = await started(mux, 2, "s")
+        host, port = group.address.rsplit(":", 1)
+        await group.service.stop()  # the group dies (its streams end with an error) ...
+        for s in streams:
+            with pytest.raises(GroupFailed, match="g0"):
+                await tokens(s)
+        group.service = group.build()  # ... and comes back on the same address, as a restarted pod
+        await group.service.start(host, int(port))
+        again = mux.open(pb.DecodeRequest(request_id="again", prompt=PROMPTS[0], sampling=GREEDY))
+        assert len(await tokens(again)) == 12
 
     with_group(body)
 
 
 def test_router_going_away_stops_its_requests_in_the_group() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub) -> None:
-        mux = DecodeMux(stub, "g0")
+    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
         await started(mux, 3, "r")
         assert (await stub.Stats(pb.StatsRequest())).running == 3
-        await mux.aclose()
+        await mux.aclose()  # (closing it again after the body is harmless)
         for _ in range(100):
             if (await stub.Stats(pb.StatsRequest())).running == 0:
                 break

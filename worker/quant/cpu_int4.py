@@ -123,6 +123,7 @@ def dequantize_t(words: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     blocks = words.reshape(n // _BLOCK_N, k, _BLOCK_N // 2)  # [N/64, K, 32]
     q = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [N/64, K, 64]: the block's rows in order
     q = q.permute(1, 0, 2).reshape(k // GROUP_SIZE, GROUP_SIZE, n)  # [K/32, 32, N]
-    # float32: the product of a 4-bit value and a bf16 scale is exact there (and bf16 broadcasts are slow).
-    w = (q.float() - 8) * scale[:, None, :, 0].float() + scale[:, None, :, 1].float()  # [K/32, 32, N]
+    # float32: the product of a 4-bit value and a bf16 scale is exact there (and bf16 broadcasts are slow). The
+    # zeros of the (scale, zero) pairs are 0 (`_repack`: symmetric quantization), so they are not added.
+    w = (q.float() - 8) * scale[:, None, :, 0].float()  # [K/32, 32, N]
     return w.to(torch.bfloat16).reshape(k, n)
