@@ -1,10 +1,14 @@
 """The worker group's gRPC service (`k2serve.v1.WorkerGroup`), served by the group leader over an `EngineLoop`.
 
-Prefill runs the prompt as a one-token request that holds its KV, exports that KV, puts it in Ray's object
-store and returns the serialized ObjectRef as `kv_handle`; the ref stays pinned here until a TTL passes, then
-is unpinned (the decode group's borrow, if any, keeps the object alive while it is fetched). Decode fetches the handle's object and hands it to the engine; an unusable handle (bad
-bytes, object gone, shape that does not fit) makes the engine re-prefill instead, so a failed handoff costs
-time, never tokens. Without a Ray connection Prefill returns an empty handle and Decode always re-prefills.
+Prefill runs the prompt as a one-token request that holds its KV and exports that KV into Ray's object store
+(an expert-parallel group leaves it where its rank put it; a single-process engine's is `ray.put` here), and
+returns a `KVHandle` — the ObjectRef with the token count and a digest of the tokens — serialized as
+`kv_handle`; the ref stays pinned here until a TTL passes, then is unpinned (the decode group's borrow, if
+any, keeps the object alive while it is read). Decode checks the handle against its own prompt, brings the
+object to its node and hands it to the engine — to a group as the ref, which its rank resolves, so KV bytes
+never pass through a leader. An unusable handle (bad bytes, another prompt, object gone, owner dead) makes the
+engine re-prefill instead, so a failed handoff costs time, never tokens. Without a Ray connection Prefill
+returns an empty handle and Decode always re-prefills.
 DecodeMany is Decode for many requests over one call (what routers use): one message per engine step.
 """
 
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +32,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_from_proto
 from k2serve.faults import GroupFaults
-from k2serve.worker.engine.engine import KVHandoff, TokenEvent
+from k2serve.worker.engine.engine import KVHandoff, KVHandoffLost, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
 
@@ -40,6 +46,20 @@ def event_to_proto(ev: TokenEvent, seed: int | None = None, kv_handoff: str = ""
     return pb.TokenEvent(request_id=ev.request_id, index=ev.index, token=ev.token, logprob=ev.logprob,
                          top_logprobs=[pb.TopLogprob(token=t, logprob=lp) for t, lp in ev.top_logprobs or ()],
                          finish_reason=ev.finish_reason or "", seed=seed or 0, kv_handoff=kv_handoff)
+
+
+def token_digest(tokens: list[int]) -> bytes:
+    return hashlib.blake2b(struct.pack(f"<{len(tokens)}q", *tokens), digest_size=16).digest()
+
+
+@dataclass
+class KVHandle:
+    """What `kv_handle` carries: enough to check a handoff against the decode request without reading it."""
+
+    ref: Any  # ray.ObjectRef of the KVHandoff
+    tokens: int  # the KV covers the first `tokens` of prompt + output_prefix
+    block_size: int
+    digest: bytes  # token_digest of those tokens
 
 
 @dataclass
@@ -132,7 +152,8 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         produced = len(request.output_prefix) + 1
         finished = ev.finish_reason == "stop" or produced >= params.max_tokens
         ev.finish_reason = ev.finish_reason if finished else None
-        handle, kv_tokens = (b"", 0) if finished else await self._export(rid)
+        tokens = list(request.prompt) + list(request.output_prefix)
+        handle, kv_tokens = (b"", 0) if finished else await self._export(rid, tokens)
         if finished:
             await self.loop.call(self.loop.engine.release, rid)
         await self._maybe_die(context)
@@ -141,15 +162,13 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
         params = await self._params(request.sampling, context)
         rid = request.request_id or uuid.uuid4().hex
-        kv, outcome = (None, "") if not request.kv_handle else await self._fetch(request.kv_handle, request)
+        queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         try:
-            seed, events = await self.loop.submit(rid, list(request.prompt), params,
-                                                  output_prefix=list(request.output_prefix),
-                                                  deterministic=request.deterministic, kv=kv)
+            seed, outcome = await self._attach(rid, request, params, queue)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = True
-        async for ev in events:
+        async for ev in self.loop.stream(rid, queue):
             yield event_to_proto(ev, seed if first else None, outcome if first else "")
             first = False
             await self._maybe_die(context)
@@ -166,11 +185,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         async def start(request: pb.DecodeRequest) -> None:
             rid = request.request_id
             try:
-                params = sampling_from_proto(request.sampling)
-                kv, outcome = (None, "") if not request.kv_handle else await self._fetch(request.kv_handle, request)
-                seed = await self.loop.attach(rid, list(request.prompt), params, sink,
-                                              output_prefix=list(request.output_prefix),
-                                              deterministic=request.deterministic, kv=kv)
+                seed, outcome = await self._attach(rid, request, sampling_from_proto(request.sampling), sink)
             except Exception as e:  # refused (a bad request), or the engine loop is gone: this request only
                 live.discard(rid)
                 code = "INVALID_ARGUMENT" if isinstance(e, ValueError) else "UNAVAILABLE"
@@ -249,42 +264,71 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         return await self.loop.call(self._stats)
 
     # ---- KV handoff -----------------------------------------------------------------------------------
-    async def _export(self, rid: str) -> tuple[bytes, int]:
+    async def _export(self, rid: str, tokens: list[int]) -> tuple[bytes, int]:
+        """The serialized `KVHandle` of a finished hold_kv request's KV (`tokens`: its prompt + output_prefix)."""
         import ray
 
-        kv: KVHandoff = await self.loop.call(self.loop.engine.export_kv, rid)
-        if not ray.is_initialized():
-            return b"", 0
-        ref = ray.put(kv)
+        engine = self.loop.engine
+        if getattr(engine, "kv_in_object_store", False):
+            ref, n = await self.loop.call(engine.export_kv_ref, rid)
+        else:
+            kv: KVHandoff = await self.loop.call(engine.export_kv, rid)
+            if not ray.is_initialized():
+                return b"", 0
+            ref, n = ray.put(kv), len(kv.tokens)
         self._held[rid] = _HeldKV(ref, time.monotonic() + self.kv_ttl_s)
-        return ray.cloudpickle.dumps(ref), len(kv.tokens)
+        handle = KVHandle(ref, n, self.block_size, token_digest(tokens[:n]))
+        return ray.cloudpickle.dumps(handle), n
 
-    async def _fetch(self, handle: bytes, request: pb.DecodeRequest) -> tuple[KVHandoff | None, str]:
-        """The handed-off KV, or None (re-prefill) with the outcome the router counts."""
+    async def _attach(self, rid: str, request: pb.DecodeRequest, params: SamplingParams,
+                      sink: asyncio.Queue[Any]) -> tuple[int, str]:
+        """Queues a decode request whose events go to `sink`, with its handed-off KV when that is usable;
+        returns (seed, handoff outcome: "" without a handle, else "ok" or "fallback" = re-prefilled)."""
+        kwargs: dict[str, Any] = {"output_prefix": list(request.output_prefix), "deterministic": request.deterministic}
+        kv = await self._fetch(request.kv_handle, request) if request.kv_handle else None
+        if kv is not None:
+            try:
+                seed = await self.loop.attach(rid, list(request.prompt), params, sink, kv=kv, **kwargs)
+                self.handoffs.ok += 1
+                return seed, "ok"
+            except KVHandoffLost as e:  # lost between the check and the rank reading it
+                log.warning("group %s: KV handoff for %s failed, re-prefilling: %s", self.group_id, rid, e)
+        seed = await self.loop.attach(rid, list(request.prompt), params, sink, **kwargs)
+        if not request.kv_handle:
+            return seed, ""
+        self.handoffs.fallback += 1
+        return seed, "fallback"
+
+    async def _fetch(self, handle: bytes, request: pb.DecodeRequest) -> Any:
+        """What the engine imports — the KVHandoff, or for a group its ObjectRef, brought to this node — or None
+        (re-prefill) when the handle is unusable."""
         try:
             import ray
 
             if not ray.is_initialized():
                 raise RuntimeError("this group is not connected to Ray")
-            ref = ray.cloudpickle.loads(handle)
-            kv = await asyncio.wait_for(asyncio.wrap_future(ref.future()), KV_FETCH_TIMEOUT_S)
-            self._check_handoff(kv, list(request.prompt) + list(request.output_prefix))
+            h = ray.cloudpickle.loads(handle)
+            if not isinstance(h, KVHandle):
+                raise TypeError(f"kv_handle holds a {type(h).__name__}, not a KVHandle")
+            if h.block_size != self.block_size:
+                raise ValueError(f"handed-off block size {h.block_size} != {self.block_size}")
+            tokens = list(request.prompt) + list(request.output_prefix)
+            if h.tokens > len(tokens) or h.digest != token_digest(tokens[:h.tokens]):
+                raise ValueError("handed-off KV belongs to a different prompt")
+            if getattr(self.loop.engine, "kv_in_object_store", False):
+                # Here, not on the rank: a slow transfer must not hold up the rank's steps.
+                ready, _ = await asyncio.to_thread(ray.wait, [h.ref], num_returns=1, timeout=KV_FETCH_TIMEOUT_S,
+                                                   fetch_local=True)
+                if not ready:
+                    raise TimeoutError(f"KV not on this node after {KV_FETCH_TIMEOUT_S} s")
+                return h.ref
+            kv = await asyncio.wait_for(asyncio.wrap_future(h.ref.future()), KV_FETCH_TIMEOUT_S)
+            if not isinstance(kv, KVHandoff):
+                raise TypeError(f"kv_handle's object is a {type(kv).__name__}, not a KVHandoff")
+            return kv
         except Exception as e:  # any failure to fetch means: recompute the prompt here
             log.warning("group %s: KV handoff for %s failed, re-prefilling: %s", self.group_id, request.request_id, e)
-            self.handoffs.fallback += 1
-            return None, "fallback"
-        self.handoffs.ok += 1
-        return kv, "ok"
-
-    def _check_handoff(self, kv: object, tokens: list[int]) -> None:
-        if not isinstance(kv, KVHandoff):
-            raise TypeError(f"kv_handle holds a {type(kv).__name__}, not a KVHandoff")
-        if kv.block_size != self.block_size:
-            raise ValueError(f"handed-off block size {kv.block_size} != {self.block_size}")
-        if kv.data.dim() != 4 or kv.data.shape[1] * kv.block_size < len(kv.tokens):
-            raise ValueError(f"handed-off KV of shape {tuple(kv.data.shape)} does not cover {len(kv.tokens)} tokens")
-        if kv.tokens != tokens[: len(kv.tokens)]:
-            raise ValueError("handed-off KV belongs to a different prompt")
+            return None
 
     def _free_held(self, keys: list[str]) -> None:
         """Undoes the pin that pickling the ref out of band took (Ray pins such objects for the owner's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.local import start_local_stack
+from k2serve.worker.engine.engine import KVHandoffLost
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.proto.convert import sampling_to_proto
 
@@ -64,9 +66,28 @@ def test_aggregated_mode_equals_single_engine(tmp_path: Path) -> None:
     assert tokens == single_engine_tokens(PROMPT, GREEDY)
 
 
-@pytest.mark.parametrize("handle", ["garbage", "other_prompt"])
+class _LosesHandoffs:
+    """A group's engine whose import of a handed-off KV fails as a rank's does when the object is gone between
+    the leader's check and the rank reading it."""
+
+    kv_in_object_store = True
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def add_request(self, request_id: str, prompt: list[int], params: Any, **kwargs: Any) -> int:
+        if kwargs.get("kv") is not None:
+            raise KVHandoffLost("the object is gone")
+        return self._engine.add_request(request_id, prompt, params, **kwargs)
+
+
+@pytest.mark.parametrize("handle", ["garbage", "other_prompt", "lost_on_rank"])
 def test_failed_handoff_falls_back_to_reprefill(ray_cluster: None, tmp_path: Path, handle: str) -> None:
-    """A decode group given an unusable KV handle recomputes the prompt itself: same tokens, counted as fallback."""
+    """A decode group given an unusable KV handle, or whose rank cannot read the KV, recomputes the prompt
+    itself: same tokens, counted as fallback."""
     expected = single_engine_tokens(PROMPT, GREEDY)
 
     async def go() -> tuple[list[pb.TokenEvent], int]:
@@ -78,6 +99,9 @@ def test_failed_handoff_falls_back_to_reprefill(ray_cluster: None, tmp_path: Pat
                 resp = await pb_grpc.WorkerGroupStub(ch).Prefill(pb.PrefillRequest(
                     request_id="p", prompt=other, sampling=sampling_to_proto(GREEDY)))
             kv_handle = b"not a pickled ObjectRef" if handle == "garbage" else resp.kv_handle
+            if handle == "lost_on_rank":
+                loop = by_role["decode"].service.loop
+                loop.engine = _LosesHandoffs(loop.engine)
             assert resp.kv_tokens == len(PROMPT)
             async with grpc.aio.insecure_channel(by_role["decode"].address) as ch:
                 events = [ev async for ev in pb_grpc.WorkerGroupStub(ch).Decode(pb.DecodeRequest(

@@ -1,16 +1,19 @@
 """Expert-parallel groups over real Ray actors and gloo: EP = 1, 2, 4 give the single-process engine's greedy
-tokens bit for bit (deterministic mode on both sides), each rank holds only its share of the experts, and an
-expert count the group size does not divide is refused before any actor starts."""
+tokens bit for bit (deterministic mode on both sides), each rank holds only its share of the experts, an
+expert count the group size does not divide is refused before any actor starts, and a KV handoff between
+groups goes rank to rank as an ObjectRef (a lost one is reported, not imported)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
+import ray
 import torch
 from helpers.tiny import run_all, tiny_engine
 
-from k2serve.worker.engine.engine import EngineConfig
+from k2serve.worker.engine.engine import EngineConfig, KVHandoff, KVHandoffLost
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights, resolve_model
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupSpec
@@ -98,3 +101,52 @@ def test_a_prompt_goes_to_the_rank_that_caches_its_prefix(ray_cluster: None) -> 
         assert group.blocks.prefix_hit_tokens - hits_before >= 256
     finally:
         group.shutdown()
+
+
+class _Owner:
+    """Puts a KVHandoff in the object store and hands out the ref; killing it leaves borrowers a dead owner."""
+
+    def put(self, kv: KVHandoff) -> list[ray.ObjectRef]:
+        return [ray.put(kv)]
+
+
+def test_kv_handoff_between_groups_goes_rank_to_rank(ray_cluster: None) -> None:
+    """Prefill group → decode group with the ref of the KV the prefill rank exported (the groups never load it):
+    the single engine's greedy tokens. A ref whose owner died is refused with KVHandoffLost, and the group then
+    serves the request by re-prefilling it."""
+    prompt = mixed_prompts(1, seed=11)[0] + list(range(40))
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine = tiny_engine(deterministic=True, max_batch_tokens=512)
+    engine.add_request("r", prompt, greedy)
+    expected = run_all(engine)["r"]
+    prefill, decode = ExpertParallelGroup(group_spec(1)), ExpertParallelGroup(group_spec(1))
+    try:
+        prefill.add_request("r", prompt, greedy.model_copy(update={"max_tokens": 1}), hold_kv=True)
+        first = run_all(prefill)["r"]  # type: ignore[arg-type]
+        ref, count = prefill.export_kv_ref("r")
+        assert isinstance(ref, ray.ObjectRef) and count == len(prompt)
+        decode.add_request("r", prompt, greedy, output_prefix=first, kv=ref)
+        assert first + run_all(decode)["r"] == expected  # type: ignore[arg-type]
+        assert decode.stats.prefill_tokens == 0  # the KV was imported, not recomputed
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
+        try:
+            owner = ray.remote(_Owner).options(num_cpus=0).remote()
+            [lost] = ray.get(owner.put.remote(ray.get(ref)))
+        finally:
+            ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        ray.kill(owner)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until Ray reports the owner's death to borrowers
+            try:
+                ray.get(lost, timeout=5)
+            except ray.exceptions.ObjectLostError:
+                break
+            time.sleep(0.2)
+        with pytest.raises(KVHandoffLost):
+            decode.add_request("again", prompt, greedy, output_prefix=first, kv=lost)
+        decode.add_request("again", prompt, greedy, output_prefix=first)
+        assert first + run_all(decode)["again"] == expected  # type: ignore[arg-type]
+    finally:
+        prefill.shutdown()
+        decode.shutdown()

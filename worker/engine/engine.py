@@ -43,6 +43,10 @@ class KVHandoff:
     data: torch.Tensor  # [layers, blocks, block_size, kv_dim]
 
 
+class KVHandoffLost(RuntimeError):
+    """A handed-off KV could not be read where it was to be imported (its object is gone or its owner died)."""
+
+
 @dataclass
 class TokenEvent:
     request_id: str

@@ -62,7 +62,7 @@ class EngineLoop:
         anything is queued."""
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         seed = await self.attach(request_id, prompt, params, queue, **kwargs)
-        return seed, self._stream(request_id, queue)
+        return seed, self.stream(request_id, queue)
 
     async def attach(self, request_id: str, prompt: list[int], params: Any,
                      sink: asyncio.Queue[TokenEvent | BaseException], **kwargs: Any) -> int:
@@ -85,7 +85,9 @@ class EngineLoop:
             queue.put_nowait(asyncio.CancelledError(f"request {request_id} cancelled"))
         return cancelled
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[TokenEvent | BaseException]) -> AsyncIterator[TokenEvent]:
+    async def stream(self, request_id: str,
+                     queue: asyncio.Queue[TokenEvent | BaseException]) -> AsyncIterator[TokenEvent]:
+        """The events of a request `attach`ed with its own `queue`, up to its last (or its cancel)."""
         try:
             while True:
                 item = await queue.get()

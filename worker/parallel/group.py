@@ -1,6 +1,8 @@
 """An expert-parallel worker group: N `RankWorker` actors in one placement group, joined in one
-`torch.distributed` group, driven as one stepping engine (`add_request/cancel/has_work/step/export_kv/release`)
-so an `EngineLoop` and the worker gRPC service run over it exactly as over a single-process `Engine`.
+`torch.distributed` group, driven as one stepping engine (`add_request/cancel/has_work/step/release`) so an
+`EngineLoop` and the worker gRPC service run over it as over a single-process `Engine`. A KV handoff never
+passes through the leader: `export_kv_ref` leaves the prefill rank's KV in Ray's object store, and
+`add_request` hands a decode rank its ref (`kv_in_object_store`).
 
 Attention is data-parallel: each request lives on one rank (the one whose prefix cache holds its prompt's
 prefix, else the least loaded when it arrives). Every `step` steps all ranks at once — they meet in the MoE
@@ -23,7 +25,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from k2serve.worker.engine.engine import EngineConfig, KVHandoff, TokenEvent
+from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.parallel.ep import expert_range
 from k2serve.worker.parallel.rank import RankSnapshot, RankWorker
@@ -94,6 +96,8 @@ class GroupStats:
 
 
 class ExpertParallelGroup:
+    kv_in_object_store = True  # the worker service hands KV over as ObjectRefs (export_kv_ref, add_request kv=)
+
     def __init__(self, spec: GroupSpec) -> None:
         model = K2Config.from_dir(spec.model_dir)
         expert_range(0, spec.world_size, model.n_routed_experts)  # N must divide E: fail before any actor starts
@@ -175,7 +179,12 @@ class ExpertParallelGroup:
         cached = next((self._affinity[k] for k in reversed(keys) if k in self._affinity), None)
         if cached is not None and load[cached] <= load[rank] + AFFINITY_SLACK:
             rank = cached
-        seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs))
+        kv = kwargs.pop("kv", None)  # a KVHandoff or its ObjectRef: a top-level argument, which Ray resolves
+        try:
+            seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs,
+                                                                 *(() if kv is None else (kv,))))
+        except ray.exceptions.ObjectLostError as e:  # the ref's object is gone or its owner died
+            raise KVHandoffLost(f"request {request_id!r}: handed-off KV unreadable: {type(e).__name__}") from e
         for k in keys:
             self._affinity[k] = rank
             self._affinity.move_to_end(k)
@@ -196,12 +205,15 @@ class ExpertParallelGroup:
     def has_work(self) -> bool:
         return bool(self.active) and self.failed is None
 
-    def export_kv(self, request_id: str) -> KVHandoff:
+    def export_kv_ref(self, request_id: str) -> tuple[Any, int]:
+        """(ObjectRef of the KVHandoff, its token count) of a finished `hold_kv` request: the KV stays in the
+        object store as the rank's task return (owned by this process), never loaded here."""
         self._check()
         rank = self._drop(request_id)
         if rank is None:
             raise KeyError(f"no held KV for request {request_id!r}")
-        return self._get(self.ranks[rank].export_kv.remote(request_id))
+        count, kv = self.ranks[rank].export_kv.options(num_returns=2).remote(request_id)
+        return kv, self._get(count)
 
     def release(self, request_id: str) -> bool:
         rank = self._drop(request_id)

@@ -108,14 +108,20 @@ class RankWorker:
     def max_model_len(self) -> int:
         return self._engine().max_model_len
 
-    def add_request(self, request_id: str, prompt: list[int], params: Any, kwargs: dict[str, Any]) -> int:
-        return self._engine().add_request(request_id, prompt, params, **kwargs)
+    def add_request(self, request_id: str, prompt: list[int], params: Any, kwargs: dict[str, Any],
+                    kv: KVHandoff | None = None) -> int:
+        """`kv`: a handed-off KV. The leader passes its object-store ref as this top-level argument, so Ray
+        resolves it here: the KV goes from where the prefill rank left it to this rank, never through a leader."""
+        return self._engine().add_request(request_id, prompt, params, kv=kv, **kwargs)
 
     def cancel(self, request_id: str) -> bool:
         return self._engine().cancel(request_id)
 
-    def export_kv(self, request_id: str) -> KVHandoff:
-        return self._engine().export_kv(request_id)
+    def export_kv(self, request_id: str) -> tuple[int, KVHandoff]:
+        """(its token count, the KV). The group calls it with `num_returns=2`: it reads the count and leaves the
+        KV, a task return it owns, in the object store for the decode group's rank."""
+        kv = self._engine().export_kv(request_id)
+        return len(kv.tokens), kv
 
     def release(self, request_id: str) -> bool:
         return self._engine().release(request_id)
