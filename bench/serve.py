@@ -133,8 +133,8 @@ class CpuMeter:
                           *(f"| {role} | {pct:.0f} |" for role, pct in rows)])
 
 
-def serving_config(tmp: Path, aggregated: bool, rank_cpus: float) -> ServingConfig:
-    pool = {"max_running": 64, "num_cpus_per_actor": rank_cpus}
+def serving_config(tmp: Path, aggregated: bool, rank_cpus: float, groups: int) -> ServingConfig:
+    pool = {"groups": groups, "max_running": 64, "num_cpus_per_actor": rank_cpus}
     return ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / f"chains-{aggregated}.sqlite3")},
                                          "router": {"aggregated": aggregated}, "prefill": pool, "decode": pool})
 
@@ -175,7 +175,7 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
 
 
 async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int,
-                      groups_in: str, rank_cpus: float, overhead_runs: int, cpu: list[str]
+                      groups_in: str, rank_cpus: float, groups: int, overhead_runs: int, cpu: list[str]
                       ) -> tuple[list[Row], list[Row]]:
     """The stack's rows and the router-overhead pairs; appends a CPU-per-process table per mode to `cpu`."""
     params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
@@ -183,7 +183,7 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
     overhead: list[Row] = []
     where = "groups in Ray actors" if groups_in == "ray" else "groups in the router's process"
     for aggregated in (False, True):
-        stack = await start_stack(serving_config(tmp, aggregated, rank_cpus), groups_in)
+        stack = await start_stack(serving_config(tmp, aggregated, rank_cpus, groups), groups_in)
         server, port = await start_router_server(stack.core, "127.0.0.1", 0)
         vocab = stack.core.tokenizer.vocab_size
         try:
@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="worker groups as Ray actors (own processes, as `k2serve up`) or inside this process")
     ap.add_argument("--overhead-runs", type=int, default=5, help="direct/routed pairs for the router overhead")
     ap.add_argument("--rank-cpus", type=float, default=1.0, help="Ray CPUs (= torch threads) of every rank")
+    ap.add_argument("--groups", type=int, default=1, help="worker groups per pool (model replicas)")
     args = ap.parse_args(argv)
     levels, per_level, lens, max_tokens = ([1, 4], 1, (4, 24), 4) if args.smoke else ([1, 8, 32], 2, (16, 256), 64)
 
@@ -346,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens, args.groups_in,
-                                                        args.rank_cpus, 1 if args.smoke else args.overhead_runs, cpu))
+                                                     args.rank_cpus, args.groups,
+                                                     1 if args.smoke else args.overhead_runs, cpu))
     finally:
         ray.shutdown()
     import torch
