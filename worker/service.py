@@ -2,13 +2,13 @@
 
 Prefill runs the prompt as a one-token request that holds its KV and exports that KV into Ray's object store
 (an expert-parallel group leaves it where its rank put it; a single-process engine's is `ray.put` here), and
-returns a `KVHandle` — the ObjectRef with the token count and a digest of the tokens — serialized as
-`kv_handle`; the ref stays pinned here until a TTL passes, then is unpinned (the decode group's borrow, if
-any, keeps the object alive while it is read). Decode checks the handle against its own prompt, brings the
-object to its node and hands it to the engine — to a group as the ref, which its rank resolves, so KV bytes
-never pass through a leader. An unusable handle (bad bytes, another prompt, object gone, owner dead) makes the
-engine re-prefill instead, so a failed handoff costs time, never tokens. Without a Ray connection Prefill
-returns an empty handle and Decode always re-prefills.
+returns a `KVHandle` — the ObjectRef with the token count and a digest of the tokens — pickled as `kv_handle`
+(read back by an unpickler that builds nothing else). The ref stays pinned here until a TTL passes, then is
+unpinned (the decode group's borrow, if any, keeps the object alive while it is read). Decode checks the handle
+against its own prompt, brings the object to its node and hands it to the engine — to a group as the ref,
+which its rank resolves, so KV bytes never pass through a leader. An unusable handle (not a handle, another
+prompt's, object gone, owner dead) makes the engine re-prefill instead, so a failed handoff costs time, never
+tokens. Without a Ray connection Prefill returns an empty handle and Decode always re-prefills.
 DecodeMany is Decode for many requests over one call (what routers use): one message per engine step.
 """
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
+import pickle
 import struct
 import time
 import uuid
@@ -60,6 +62,18 @@ class KVHandle:
     tokens: int  # the KV covers the first `tokens` of prompt + output_prefix
     block_size: int
     digest: bytes  # token_digest of those tokens
+
+
+class _HandleUnpickler(pickle.Unpickler):
+    """A `kv_handle` arrives over the network: unpickling it may build a KVHandle and Ray's ObjectRef, nothing
+    else (a plain `loads` would run whatever callable the bytes name)."""
+
+    ALLOWED = {(__name__, "KVHandle"), ("ray._private.serialization", "_object_ref_deserializer")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"a kv_handle may not reference {module}.{name}")
+        return super().find_class(module, name)
 
 
 @dataclass
@@ -307,7 +321,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
 
             if not ray.is_initialized():
                 raise RuntimeError("this group is not connected to Ray")
-            h = ray.cloudpickle.loads(handle)
+            h = _HandleUnpickler(io.BytesIO(handle)).load()
             if not isinstance(h, KVHandle):
                 raise TypeError(f"kv_handle holds a {type(h).__name__}, not a KVHandle")
             if h.block_size != self.block_size:

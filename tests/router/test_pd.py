@@ -4,6 +4,7 @@ its failure falls back to re-prefill, and both give the single engine's greedy t
 from __future__ import annotations
 
 import asyncio
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,21 @@ class _LosesHandoffs:
         return self._engine.add_request(request_id, prompt, params, **kwargs)
 
 
-@pytest.mark.parametrize("handle", ["garbage", "other_prompt", "lost_on_rank"])
+class _Touches:
+    """Pickles as a call of Path.touch: what a forged kv_handle could make a plain unpickler run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("handle", ["garbage", "other_prompt", "lost_on_rank", "forged"])
 def test_failed_handoff_falls_back_to_reprefill(ray_cluster: None, tmp_path: Path, handle: str) -> None:
-    """A decode group given an unusable KV handle, or whose rank cannot read the KV, recomputes the prompt
-    itself: same tokens, counted as fallback."""
+    """A decode group given an unusable KV handle (bytes that are no handle, another prompt's, a pickle that
+    would run code), or whose rank cannot read the KV, recomputes the prompt itself: same tokens, counted as
+    fallback; a forged handle's code does not run."""
     expected = single_engine_tokens(PROMPT, GREEDY)
 
     async def go() -> tuple[list[pb.TokenEvent], int]:
@@ -98,7 +110,8 @@ def test_failed_handoff_falls_back_to_reprefill(ray_cluster: None, tmp_path: Pat
                 other = PROMPT[::-1] if handle == "other_prompt" else PROMPT
                 resp = await pb_grpc.WorkerGroupStub(ch).Prefill(pb.PrefillRequest(
                     request_id="p", prompt=other, sampling=sampling_to_proto(GREEDY)))
-            kv_handle = b"not a pickled ObjectRef" if handle == "garbage" else resp.kv_handle
+            kv_handle = {"garbage": b"not a pickled ObjectRef",
+                         "forged": pickle.dumps(_Touches(tmp_path / "forged"))}.get(handle, resp.kv_handle)
             if handle == "lost_on_rank":
                 loop = by_role["decode"].service.loop
                 loop.engine = _LosesHandoffs(loop.engine)
@@ -112,6 +125,7 @@ def test_failed_handoff_falls_back_to_reprefill(ray_cluster: None, tmp_path: Pat
             await stack.aclose()
 
     events, fallbacks = asyncio.run(go())
+    assert not (tmp_path / "forged").exists()
     assert events[0].kv_handoff == "fallback" and fallbacks == 1
     assert [ev.index for ev in events] == list(range(1, GREEDY.max_tokens))
     assert [ev.token for ev in events] == expected[1:]
