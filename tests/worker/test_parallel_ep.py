@@ -150,24 +150,3 @@ def test_kv_handoff_between_groups_goes_rank_to_rank(ray_cluster: None) -> None:
     finally:
         prefill.shutdown()
         decode.shutdown()
-
-
-def test_admissions_are_checked_and_seeded_on_the_leader(ray_cluster: None) -> None:
-    """A group admits without waiting for its rank: a bad request is refused on the leader with the engine's own
-    error, and the seed it returns for an unseeded request is the one the rank samples with."""
-    prompt = mixed_prompts(1, seed=13)[0]
-    sampled = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
-    group = ExpertParallelGroup(group_spec(1))
-    try:
-        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
-            group.add_request("bad", prompt + [512], sampled)
-        with pytest.raises(ValueError, match="exceed the context limit"):
-            group.add_request("long", prompt, sampled.model_copy(update={"max_tokens": group.max_model_len}))
-        seed = group.add_request("r", prompt, sampled)
-        got = run_all(group)  # type: ignore[arg-type]
-        assert set(got) == {"r"}
-    finally:
-        group.shutdown()
-    engine = tiny_engine(deterministic=True, max_batch_tokens=512)
-    engine.add_request("r", prompt, sampled.model_copy(update={"seed": seed}))
-    assert run_all(engine)["r"] == got["r"]

@@ -47,21 +47,6 @@ class KVHandoffLost(RuntimeError):
     """A handed-off KV could not be read where it was to be imported (its object is gone or its owner died)."""
 
 
-def check_request(request_id: str, prompt: list[int], params: SamplingParams, prefix: list[int], *,
-                  vocab_size: int, max_model_len: int, kv_capacity: int) -> None:
-    """Raises ValueError for a request an engine of these limits refuses. A function of its own so an
-    expert-parallel group checks it on the leader and admits without waiting for the rank."""
-    if not prompt:
-        raise ValueError(f"request {request_id!r}: empty prompt")
-    if min(prompt) < 0 or max(prompt) >= vocab_size:
-        raise ValueError(f"request {request_id!r}: token ids must lie in [0, {vocab_size})")
-    if len(prompt) + max(params.max_tokens, len(prefix) + 1) > max_model_len:
-        raise ValueError(f"request {request_id!r}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} "
-                         f"exceed the context limit {max_model_len}")
-    if len(prompt) + max(len(prefix), params.max_tokens) > kv_capacity:
-        raise ValueError(f"request {request_id!r}: prompt + max_tokens exceed the KV cache ({kv_capacity} tokens)")
-
-
 @dataclass
 class TokenEvent:
     request_id: str
@@ -132,9 +117,18 @@ class Engine:
         """Queues a request; returns the seed its sampling uses (record it to resume identically)."""
         if self.has_request(request_id):
             raise ValueError(f"request {request_id!r} is already in this engine")
+        if not prompt:
+            raise ValueError(f"request {request_id!r}: empty prompt")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"request {request_id!r}: token ids must lie in [0, {vocab})")
         prefix = list(output_prefix or [])
-        check_request(request_id, prompt, params, prefix, vocab_size=self.model.config.vocab_size,
-                      max_model_len=self.max_model_len, kv_capacity=self.cfg.num_blocks * self.cfg.block_size)
+        if len(prompt) + max(params.max_tokens, len(prefix) + 1) > self.max_model_len:
+            raise ValueError(f"request {request_id!r}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} "
+                             f"exceed the context limit {self.max_model_len}")
+        capacity = self.cfg.num_blocks * self.cfg.block_size
+        if len(prompt) + max(len(prefix), params.max_tokens) > capacity:
+            raise ValueError(f"request {request_id!r}: prompt + max_tokens exceed the KV cache ({capacity} tokens)")
         if kv is not None and kv.block_size != self.cfg.block_size:
             raise ValueError(f"KV handoff block size {kv.block_size} != engine block size {self.cfg.block_size}")
         det = self.cfg.deterministic if deterministic is None or self.cfg.lockstep else deterministic

@@ -5,8 +5,7 @@ passes through the leader: `export_kv_ref` leaves the prefill rank's KV in Ray's
 `add_request` hands a decode rank its ref (`kv_in_object_store`).
 
 Attention is data-parallel: each request lives on one rank (the one whose prefix cache holds its prompt's
-prefix, else the least loaded when it arrives), admitted without waiting for that rank unless it brings KV.
-Every `step` steps all ranks at once — they meet in the MoE all-to-alls of every layer; a rank without work
+prefix, else the least loaded when it arrives). Every `step` steps all ranks at once — they meet in the MoE all-to-alls of every layer; a rank without work
 joins with an empty batch. A rank's death (Ray reports it within about a second) or a collective timeout (a
 hung rank: its peers' collectives time out) fails the group with the ids of every request it held; `rebuild`
 replaces all ranks on a fresh placement group and rendezvous port.
@@ -26,8 +25,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from k2serve.sampling_params import resolve_seed
-from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent, check_request
+from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.parallel.ep import expert_range
 from k2serve.worker.parallel.rank import RankSnapshot, RankWorker
@@ -104,7 +102,6 @@ class ExpertParallelGroup:
         model = K2Config.from_dir(spec.model_dir)
         expert_range(0, spec.world_size, model.n_routed_experts)  # N must divide E: fail before any actor starts
         self.moe_layers: list[int] = list(model.moe_layers)  # rows of `expert_load`
-        self.vocab_size = model.vocab_size
         self.spec = spec
         self.ranks: list[Any] = []  # RankWorker actor handles
         self.pids: list[int] = []
@@ -121,7 +118,6 @@ class ExpertParallelGroup:
         self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
         self._pg: PlacementGroup | None = None
         self._ahead: deque[list[Any]] = deque()  # steps already submitted to every rank, oldest first
-        self._unawaited: list[Any] = []  # ObjectRefs of admissions not yet seen to succeed (add_request)
         # Prompt prefix (`prefix_keys`) -> the rank that last took a request starting with it: its prefix cache
         # holds that prefix, so the chain's next turn goes there instead of re-prefilling on another rank.
         self._affinity: OrderedDict[bytes, int] = OrderedDict()
@@ -156,7 +152,6 @@ class ExpertParallelGroup:
         self._token_base = (self.stats.prefill_tokens, self.stats.decode_tokens)
         self._snaps = []
         self._ahead.clear()
-        self._unawaited.clear()
         self.failed = None
 
     def shutdown(self) -> None:
@@ -185,20 +180,11 @@ class ExpertParallelGroup:
         if cached is not None and load[cached] <= load[rank] + AFFINITY_SLACK:
             rank = cached
         kv = kwargs.pop("kv", None)  # a KVHandoff or its ObjectRef: a top-level argument, which Ray resolves
-        if kv is None:
-            # Checked and seeded here as the engine would, so the admission does not wait for the rank (behind
-            # the steps queued ahead): the rank runs its calls in order, this add before any later step.
-            check_request(request_id, prompt, params, list(kwargs.get("output_prefix") or []),
-                          vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                          kv_capacity=self.spec.engine.num_blocks * self.spec.engine.block_size)
-            params = params.model_copy(update={"seed": resolve_seed(params)})
-            self._unawaited.append(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs))
-            seed = params.seed
-        else:  # waited for: a ref the rank cannot read must reach the caller, who re-adds without it
-            try:
-                seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs, kv))
-            except ray.exceptions.ObjectLostError as e:  # the ref's object is gone or its owner died
-                raise KVHandoffLost(f"request {request_id!r}: handed-off KV unreadable: {type(e).__name__}") from e
+        try:
+            seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs,
+                                                                 *(() if kv is None else (kv,))))
+        except ray.exceptions.ObjectLostError as e:  # the ref's object is gone or its owner died
+            raise KVHandoffLost(f"request {request_id!r}: handed-off KV unreadable: {type(e).__name__}") from e
         for k in keys:
             self._affinity[k] = rank
             self._affinity.move_to_end(k)
@@ -251,7 +237,6 @@ class ExpertParallelGroup:
         self._check()
         refs = self._ahead.popleft() if self._ahead else [r.step.remote() for r in self.ranks]
         results = self._gather(refs)
-        self._check_admissions()
         events = [ev for evs, _ in results for ev in evs]
         for ev in events:
             if ev.finish_reason is not None:
@@ -269,18 +254,6 @@ class ExpertParallelGroup:
         return out
 
     # ---- internals ------------------------------------------------------------------------------------
-    def _check_admissions(self) -> None:
-        """Fails the group if a rank refused an admission nobody waited for: the group checked it as the engine
-        does, so that is a broken rank, not a bad request."""
-        if not self._unawaited:
-            return
-        done, self._unawaited = ray.wait(self._unawaited, num_returns=len(self._unawaited), timeout=0)
-        for ref in done:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as e:
-                raise self._fail(f"a rank refused an admission: {e}") from e
-
     def _drop(self, request_id: str) -> int | None:
         self.active.discard(request_id)
         self.holding.discard(request_id)
