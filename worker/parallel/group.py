@@ -5,10 +5,11 @@ passes through the leader: `export_kv_ref` leaves the prefill rank's KV in Ray's
 `add_request` hands a decode rank its ref (`kv_in_object_store`).
 
 Attention is data-parallel: each request lives on one rank (the one whose prefix cache holds its prompt's
-prefix, else the least loaded when it arrives). Every `step` steps all ranks at once — they meet in the MoE all-to-alls of every layer; a rank without work
-joins with an empty batch. A rank's death (Ray reports it within about a second) or a collective timeout (a
-hung rank: its peers' collectives time out) fails the group with the ids of every request it held; `rebuild`
-replaces all ranks on a fresh placement group and rendezvous port.
+prefix, else the least loaded when it arrives). Every `step` steps all ranks at once — they meet in the MoE
+all-to-alls of every layer; a rank without work joins with an empty batch. A rank's death (Ray reports it
+within about a second) or a collective timeout (a hung rank: its peers' collectives time out) fails the group
+with the ids of every request it held; `rebuild` replaces all ranks on a fresh placement group and rendezvous
+port.
 """
 
 from __future__ import annotations
