@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from k2serve.proto import k2serve_pb2 as pb
-from k2serve.worker.engine.blocks import ROOT_HASH, hash_block_tokens
+from k2serve.worker.engine.blocks import block_hashes
 
 Role = Literal["prefill", "decode", "both"]
 Policy = Literal["prefix_load", "load", "round_robin"]
@@ -42,16 +42,6 @@ class StaticDirectory:
 
     async def list_groups(self) -> list[GroupAddress]:
         return list(self.groups)
-
-
-def block_hashes(tokens: Sequence[int], block_size: int) -> list[bytes]:
-    """Chained hashes of the full blocks of `tokens`, equal to the engine's prefix-cache keys."""
-    out: list[bytes] = []
-    parent = ROOT_HASH
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = hash_block_tokens(parent, tokens[start:start + block_size])
-        out.append(parent)
-    return out
 
 
 @dataclass

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import logging
 import pickle
-import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +32,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_from_proto
 from k2serve.faults import GroupFaults
+from k2serve.worker.engine.blocks import ROOT_HASH, hash_block_tokens
 from k2serve.worker.engine.engine import KVHandoff, KVHandoffLost, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
@@ -50,10 +49,6 @@ def event_to_proto(ev: TokenEvent, seed: int | None = None, kv_handoff: str = ""
                          finish_reason=ev.finish_reason or "", seed=seed or 0, kv_handoff=kv_handoff)
 
 
-def token_digest(tokens: list[int]) -> bytes:
-    return hashlib.blake2b(struct.pack(f"<{len(tokens)}q", *tokens), digest_size=16).digest()
-
-
 @dataclass
 class KVHandle:
     """What `kv_handle` carries: enough to check a handoff against the decode request without reading it."""
@@ -61,7 +56,7 @@ class KVHandle:
     ref: Any  # ray.ObjectRef of the KVHandoff
     tokens: int  # the KV covers the first `tokens` of prompt + output_prefix
     block_size: int
-    digest: bytes  # token_digest of those tokens
+    digest: bytes  # hash_block_tokens(ROOT_HASH, those tokens)
 
 
 class _HandleUnpickler(pickle.Unpickler):
@@ -291,7 +286,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
                 return b"", 0
             ref, n = ray.put(kv), len(kv.tokens)
         self._held[rid] = _HeldKV(ref, time.monotonic() + self.kv_ttl_s)
-        handle = KVHandle(ref, n, self.block_size, token_digest(tokens[:n]))
+        handle = KVHandle(ref, n, self.block_size, hash_block_tokens(ROOT_HASH, tokens[:n]))
         return ray.cloudpickle.dumps(handle), n
 
     async def _attach(self, rid: str, request: pb.DecodeRequest, params: SamplingParams,
@@ -327,7 +322,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
             if h.block_size != self.block_size:
                 raise ValueError(f"handed-off block size {h.block_size} != {self.block_size}")
             tokens = list(request.prompt) + list(request.output_prefix)
-            if h.tokens > len(tokens) or h.digest != token_digest(tokens[:h.tokens]):
+            if h.tokens > len(tokens) or h.digest != hash_block_tokens(ROOT_HASH, tokens[:h.tokens]):
                 raise ValueError("handed-off KV belongs to a different prompt")
             if getattr(self.loop.engine, "kv_in_object_store", False):
                 # Here, not on the rank: a slow transfer must not hold up the rank's steps.

@@ -27,6 +27,16 @@ def hash_block_tokens(parent_hash: bytes, tokens: Sequence[int]) -> bytes:
     return h.digest()
 
 
+def block_hashes(tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Chained hashes of the full blocks of `tokens`: the prefix-cache keys at this block size."""
+    out: list[bytes] = []
+    parent = ROOT_HASH
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash_block_tokens(parent, tokens[start:start + block_size])
+        out.append(parent)
+    return out
+
+
 class OutOfBlocks(RuntimeError):
     """Not enough free or evictable KV blocks for the request; nothing was allocated."""
 

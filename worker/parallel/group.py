@@ -14,8 +14,6 @@ port.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from k2serve.worker.engine.blocks import block_hashes
 from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.parallel.ep import expert_range
@@ -53,21 +52,11 @@ class GroupSpec:
     steps_ahead: int = 0
 
 
-# Within a group, a request goes to the rank that holds its prompt's longest known prefix (keys every 16 KV
-# blocks), unless that rank runs more than AFFINITY_SLACK more requests than the least loaded one.
+# Within a group, a request goes to the rank that holds its prompt's longest known prefix (keys: `block_hashes`
+# at 16 KV blocks a key), unless that rank runs more than AFFINITY_SLACK more requests than the least loaded one.
 AFFINITY_STRIDE_BLOCKS = 16
 AFFINITY_SLACK = 4
 AFFINITY_KEYS = 1 << 16
-
-
-def prefix_keys(prompt: list[int], stride: int) -> list[bytes]:
-    """Digests of the prompt's prefixes of stride, 2 × stride, ... tokens (one incremental hash pass)."""
-    h = hashlib.blake2b(digest_size=16)
-    keys = []
-    for end in range(stride, len(prompt) + 1, stride):
-        h.update(struct.pack(f"<{stride}q", *prompt[end - stride:end]))
-        keys.append(h.copy().digest())
-    return keys
 
 
 class GroupFailed(RuntimeError):
@@ -119,7 +108,7 @@ class ExpertParallelGroup:
         self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
         self._pg: PlacementGroup | None = None
         self._ahead: deque[list[Any]] = deque()  # steps already submitted to every rank, oldest first
-        # Prompt prefix (`prefix_keys`) -> the rank that last took a request starting with it: its prefix cache
+        # Prompt prefix (`block_hashes` key) -> the rank that last took a request starting with it: its prefix cache
         # holds that prefix, so the chain's next turn goes there instead of re-prefilling on another rank.
         self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self.build()
@@ -176,7 +165,7 @@ class ExpertParallelGroup:
         for rid in self.active:
             load[self.owner[rid]] += 1
         rank = min(range(len(self.ranks)), key=lambda r: (load[r], r))
-        keys = prefix_keys(prompt, self.spec.engine.block_size * AFFINITY_STRIDE_BLOCKS)
+        keys = block_hashes(prompt, self.spec.engine.block_size * AFFINITY_STRIDE_BLOCKS)
         cached = next((self._affinity[k] for k in reversed(keys) if k in self._affinity), None)
         if cached is not None and load[cached] <= load[rank] + AFFINITY_SLACK:
             rank = cached
