@@ -171,14 +171,24 @@ def test_bad_requests_get_clear_errors(prompt: list[int], params: SamplingParams
     assert not engine.has_work()
 
 
-def test_batched_decode_attention_matches_one_sequence_at_a_time() -> None:
-    """The default mode attends for all decoding sequences in one padded batch; it must agree with attending
-    for each alone (up to float rounding)."""
+@pytest.mark.parametrize("chunk_bytes", [None, 40_000])
+def test_batched_decode_attention_matches_one_sequence_at_a_time(chunk_bytes: int | None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default mode attends for all decoding sequences in padded chunks (one, or with a small chunk budget
+    several); it must agree with attending for each alone (up to float rounding). The experts run the float32
+    reference: the CPU int4 GEMM rounds its activations to bf16, which turns a last-bit difference into a bf16
+    step."""
     from k2serve.worker.model.batch import ForwardBatch, SeqSlice
+    from k2serve.worker.model.ffn import LocalExperts
     from k2serve.worker.model.k2 import K2Model
+    from k2serve.worker.quant.moe import reference_moe
 
+    from k2serve.worker.model import batch as batch_module
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(batch_module, "CPU_CHUNK_BYTES", chunk_bytes)
     w = tiny_weights()
-    model = K2Model(w.config, w.dense, w.experts)
+    model = K2Model(w.config, w.dense, LocalExperts(w.experts, reference_moe))
     kv = LatentKVCache(w.config, 64, 16, torch.float32, torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     lengths = [5, 37, 16, 90]
@@ -189,7 +199,10 @@ def test_batched_decode_attention_matches_one_sequence_at_a_time() -> None:
                                    torch.tensor([n - 1])), kv)
     nxt = torch.randint(0, 256, (len(lengths),), generator=g)
     seqs = [SeqSlice(i, 1, n, torch.arange(base, base + n + 1)) for i, (base, n) in enumerate(zip(bases, lengths))]
-    together = model.forward(ForwardBatch(nxt, torch.tensor(lengths), seqs, torch.arange(len(lengths))), kv)
+    step = ForwardBatch(nxt, torch.tensor(lengths), seqs, torch.arange(len(lengths)))
+    gather = step.decode_gather(kv)
+    assert gather is not None and len(gather.chunks) == (1 if chunk_bytes is None else 3)
+    together = model.forward(step, kv)
     for i, s in enumerate(seqs):
         alone = model.forward(ForwardBatch(nxt[i : i + 1], torch.tensor([lengths[i]]), [SeqSlice(0, 1, s.start_pos, s.slots)],
                                            torch.tensor([0])), kv)

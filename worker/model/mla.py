@@ -63,16 +63,16 @@ class MLAttention:
         kv.write(self.layer, batch.write_slots, latent, k_rope)
 
         out = x.new_empty(T, self.heads, self.kv_lora_rank)  # [T, H, c]
-        gather = None if self.det else batch.decode_gather(kv.block_size)
+        gather = None if self.det else batch.decode_gather(kv)
         if gather is not None:
-            keys = kv.gather_blocks(self.layer, gather.blocks.to(x.device))  # [B, L, c + r]
-            rows = gather.rows.to(x.device)
             # Latent and rope parts in one product against the whole cached rows (no strided copies of either).
-            q_all = torch.cat([q_lat[rows], q_rope[rows]], dim=-1)  # [B, H, c + r]
-            scores = torch.bmm(q_all, keys.transpose(1, 2)) * self.scale  # [B, H, L]
-            scores = scores.masked_fill(gather.pad.to(x.device).unsqueeze(1), float("-inf"))
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(keys.dtype)
-            out[rows] = torch.bmm(probs, keys[..., : self.kv_lora_rank])  # [B, H, c]
+            q_all = torch.cat([q_lat, q_rope], dim=-1)  # [T, H, c + r]
+            for chunk in gather.chunks:
+                keys = kv.gather_blocks(self.layer, chunk.blocks)  # [b, L, c + r]
+                scores = torch.baddbmm(chunk.bias, q_all.index_select(0, chunk.rows), keys.transpose(1, 2),
+                                       alpha=self.scale)  # [b, H, L]
+                probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(keys.dtype)
+                out.index_copy_(0, chunk.rows, torch.bmm(probs, keys[..., : self.kv_lora_rank]))  # [b, H, c]
         for s in batch.seqs:
             if gather is not None and id(s) in gather.seq_ids:
                 continue
