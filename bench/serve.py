@@ -4,7 +4,12 @@ aggregated group), Hugging Face transformers `generate` in static batches on the
 as the baseline, and the router's overhead (the same load streamed straight from an aggregated group vs through
 the router, in alternating runs).
 
-    python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--rank-cpus 1]
+    python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--rank-cpus 1] [--max-tokens 64]
+
+Requests: prompts of 16-256 tokens, and `--max-tokens` generated tokens each: one number (every request the
+same), or LO-HI (uniform, per request). With one length for all, a closed loop stays in waves: requests admitted
+together finish together and their successors arrive together, so a prefill pool and a decode pool take turns
+instead of overlapping; mixed lengths are what serving traffic looks like.
 
 The transformers baseline runs `DeepseekV3ForCausalLM` built from the served model's config with dense float
 experts (transformers cannot run the INT4 pack-quantized experts here), every request forced to its full
@@ -63,30 +68,40 @@ def pct(values: list[float], q: float) -> float | None:
     return 1000 * s[min(len(s) - 1, int(q * len(s)))]
 
 
-def prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+Item = tuple[list[int], int]  # (prompt, max_tokens)
 
 
-async def drive(open_stream, items: list[list[int]], concurrency: int, label: str) -> Row:
-    """Runs every prompt through `open_stream(prompt)` (an async iterator of tokens), `concurrency` at once."""
+def workload(n: int, lens: tuple[int, int], outs: tuple[int, int], vocab: int, seed: int) -> list[Item]:
+    """n requests: prompt lengths uniform in `lens`, generated lengths uniform in `outs` (a second generator, so
+    the prompts are the same whatever `outs` is)."""
+    rng, out_rng = random.Random(seed), random.Random(seed + 7919)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(*lens))], out_rng.randint(*outs)) for _ in range(n)]
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+async def drive(open_stream, items: list[Item], concurrency: int, label: str) -> Row:
+    """Runs every request through `open_stream(prompt, max_tokens)` (an async iterator of tokens), `concurrency`
+    at once."""
     sem = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
     itls: list[float] = []
     counts: list[int] = []
 
-    async def one(prompt: list[int]) -> None:
+    async def one(prompt: list[int], max_tokens: int) -> None:
         async with sem:
             last = time.perf_counter()
             n = 0
-            async for _ in open_stream(prompt):
+            async for _ in open_stream(prompt, max_tokens):
                 now = time.perf_counter()
                 (itls if n else ttfts).append(now - last)
                 last, n = now, n + 1
             counts.append(n)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(p) for p in items))
+    await asyncio.gather(*(one(p, m) for p, m in items))
     wall = time.perf_counter() - t0
     total = sum(counts)
     return Row(label, concurrency, len(items), total, wall, total / wall, pct(ttfts, 0.5), pct(ttfts, 0.99),
@@ -174,11 +189,10 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
     return Stack(core, both[0]["address"] if both else None, close)
 
 
-async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int,
+async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int],
                       groups_in: str, rank_cpus: float, groups: int, overhead_runs: int, cpu: list[str]
                       ) -> tuple[list[Row], list[Row]]:
     """The stack's rows and the router-overhead pairs; appends a CPU-per-process table per mode to `cpu`."""
-    params = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     rows: list[Row] = []
     overhead: list[Row] = []
     where = "groups in Ray actors" if groups_in == "ray" else "groups in the router's process"
@@ -190,13 +204,14 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 router = pb_grpc.RouterStub(ch)
 
-                async def via_router(prompt: list[int]):  # noqa: ANN202 - an async generator
-                    async for chunk in router.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=params)):
+                async def via_router(prompt: list[int], max_tokens: int):  # noqa: ANN202 - an async generator
+                    sampling = sampling_to_proto(greedy(max_tokens))
+                    async for chunk in router.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=sampling)):
                         yield chunk.token
 
                 mode = "aggregated" if aggregated else "P/D"
                 for c in levels:
-                    items = prompts(per_level * c, *lens, vocab, seed=c)
+                    items = workload(per_level * c, lens, outs, vocab, seed=c)
                     with CpuMeter() as meter:
                         rows.append(await drive(via_router, items, c, f"k2serve {mode}, {where}"))
                     if c == levels[-1]:
@@ -207,12 +222,13 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
                 async with grpc.aio.insecure_channel(stack.group_address) as gch:
                     worker = pb_grpc.WorkerGroupStub(gch)
 
-                    async def direct(prompt: list[int]):  # noqa: ANN202 - an async generator
-                        async for ev in worker.Decode(pb.DecodeRequest(prompt=prompt, sampling=params)):
+                    async def direct(prompt: list[int], max_tokens: int):  # noqa: ANN202 - an async generator
+                        request = pb.DecodeRequest(prompt=prompt, sampling=sampling_to_proto(greedy(max_tokens)))
+                        async for ev in worker.Decode(request):
                             yield ev.token
 
                     c = levels[min(1, len(levels) - 1)]
-                    items = prompts(per_level * c, *lens, vocab, seed=100 + c)
+                    items = workload(per_level * c, lens, outs, vocab, seed=100 + c)
                     for _ in range(overhead_runs):  # alternating, so drift on a shared machine hits both alike
                         overhead.append(await drive(direct, items, c, f"aggregated group, direct ({where})"))
                         overhead.append(await drive(via_router, items, c, f"aggregated group, via router ({where})"))
@@ -222,7 +238,8 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
     return rows, overhead
 
 
-def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int, vocab: int) -> list[Row]:
+def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int], vocab: int
+                 ) -> list[Row]:
     """The engine alone in this process (no router, gRPC, Ray or second process), the same closed loop of
     `concurrency` requests in flight: the ceiling the stack rows are measured against."""
     import torch
@@ -233,19 +250,18 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], max_t
 
     weights = load_weights(resolve_model("builtin:tiny-k2"))
     model = K2Model(weights.config, weights.dense, weights.experts)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     rows = []
     for c in levels:
         engine = Engine(model, EngineConfig(max_running=64), eos_token_ids=[])
-        items = prompts(per_level * c, *lens, vocab, seed=c)
+        items = workload(per_level * c, lens, outs, vocab, seed=c)
         pending = deque(enumerate(items))
         last: dict[str, tuple[float, int]] = {}  # request -> (time of its last token or admission, tokens)
         ttfts: list[float] = []
         itls: list[float] = []
 
         def admit() -> None:
-            i, prompt = pending.popleft()
-            engine.add_request(str(i), prompt, params)
+            i, (prompt, max_tokens) = pending.popleft()
+            engine.add_request(str(i), prompt, greedy(max_tokens))
             last[str(i)] = (time.perf_counter(), 0)
 
         t0 = time.perf_counter()
@@ -269,8 +285,10 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], max_t
     return rows
 
 
-def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int], max_tokens: int, vocab: int
+def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int], vocab: int
                        ) -> list[Row]:
+    """Static batches of `concurrency` requests in arrival order: each batch generates until its longest request
+    is done, and counts the tokens each request asked for (what its client receives)."""
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -284,18 +302,19 @@ def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int],
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**fields)).eval()
     rows = []
     for c in levels:
-        items = prompts(per_level * c, *lens, vocab, seed=c)
+        items = workload(per_level * c, lens, outs, vocab, seed=c)
         t0 = time.perf_counter()
         total = 0
         for i in range(0, len(items), c):  # static batches: every batch waits for its longest member
-            batch = items[i:i + c]
+            batch = [p for p, _ in items[i:i + c]]
+            wanted = [m for _, m in items[i:i + c]]
             width = max(map(len, batch))
             ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # [B, width], left-padded
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                     min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-            total += (out.shape[1] - width) * len(batch)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(wanted),
+                                     min_new_tokens=max(wanted), do_sample=False, pad_token_id=0)
+            total += sum(min(m, out.shape[1] - width) for m in wanted)
         wall = time.perf_counter() - t0
         rows.append(Row("transformers generate (static batches)", c, len(items), total, wall, total / wall,
                         None, None, None, None))
@@ -326,6 +345,18 @@ def overhead_summary(pairs: list[Row]) -> str:
             f"{r:.1f} ms vs {len(direct)} direct {d:.1f} ms; per pair: {each})")
 
 
+def lengths(text: str) -> tuple[int, int]:
+    """`N` or `LO-HI` -> (lo, hi), 1 <= lo <= hi."""
+    lo, _, hi = text.partition("-")
+    try:
+        bounds = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or LO-HI") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= LO <= HI")
+    return bounds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (numbers mean nothing)")
@@ -335,8 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-runs", type=int, default=5, help="direct/routed pairs for the router overhead")
     ap.add_argument("--rank-cpus", type=float, default=1.0, help="Ray CPUs (= torch threads) of every rank")
     ap.add_argument("--groups", type=int, default=1, help="worker groups per pool (model replicas)")
+    ap.add_argument("--max-tokens", type=lengths,
+                    help="tokens generated per request: N, or LO-HI for lengths drawn uniformly per request "
+                         "(default 64; 4 with --smoke)")
     args = ap.parse_args(argv)
-    levels, per_level, lens, max_tokens = ([1, 4], 1, (4, 24), 4) if args.smoke else ([1, 8, 32], 2, (16, 256), 64)
+    levels, per_level, lens = ([1, 4], 1, (4, 24)) if args.smoke else ([1, 8, 32], 2, (16, 256))
+    outs = args.max_tokens or ((4, 4) if args.smoke else (64, 64))
 
     import ray
 
@@ -346,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu: list[str] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, max_tokens, args.groups_in,
+            rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, outs, args.groups_in,
                                                      args.rank_cpus, args.groups,
                                                      1 if args.smoke else args.overhead_runs, cpu))
     finally:
@@ -356,11 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:  # as many threads as a rank runs (its Ray CPU reservation): the stack's ceiling on this machine
         torch.set_num_threads(max(1, int(args.rank_cpus)))
-        rows += bench_engine(levels, per_level, lens, max_tokens, vocab=512)
+        rows += bench_engine(levels, per_level, lens, outs, vocab=512)
     finally:
         torch.set_num_threads(threads)
-    rows += bench_engine(levels, per_level, lens, max_tokens, vocab=512)
-    rows += bench_transformers(levels, per_level, lens, max_tokens, vocab=512)
+    rows += bench_engine(levels, per_level, lens, outs, vocab=512)
+    rows += bench_transformers(levels, per_level, lens, outs, vocab=512)
     print(table(rows))
     print()
     print(table(overhead))

@@ -67,12 +67,21 @@ def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> N
 
 
 def test_bench_serve_smoke() -> None:
+    """The smoke run with mixed generated lengths: every system delivers each request's own max_tokens."""
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--smoke"], capture_output=True,
-                          text=True, timeout=240, cwd=root)
+    done = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--smoke", "--max-tokens", "2-6"],
+                          capture_output=True, text=True, timeout=240, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| k2serve P/D, groups in Ray actors | 4 | 4 | 16 |" in done.stdout
-    assert "| transformers generate (static batches) | 4 | 4 | 16 |" in done.stdout
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        from serve import workload
+    finally:
+        sys.path.remove(str(root / "bench"))
+    lengths = [m for _, m in workload(4, (4, 24), (2, 6), 512, seed=4)]
+    assert len(set(lengths)) > 1  # the lengths are mixed
+    for system in ("k2serve P/D, groups in Ray actors", "k2serve aggregated, groups in Ray actors",
+                   "k2serve engine alone, 1 torch thread", "transformers generate (static batches)"):
+        assert f"| {system} | 4 | 4 | {sum(lengths)} |" in done.stdout
     assert "router overhead on ITL p50" in done.stdout
     # Where the CPU went: this process (router and clients), the groups' ranks and leaders.
     cpu = done.stdout.split("CPU per process, k2serve aggregated, 4 concurrent", 1)[1]
