@@ -91,10 +91,9 @@ def cpu_int4_moe(
     dense_from = DENSE_MIN_ROWS if not deterministic and _dense_layout(shard) else None
 
     def run(xs: torch.Tensor, hit: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        chunks = xs.to(torch.bfloat16).split(counts)
-        return torch.cat([_expert(chunk, shard, e, dense_from) for e, chunk in zip(hit.tolist(), chunks)])
+        return torch.cat([_expert(chunk, shard, e, dense_from) for e, chunk in zip(hit.tolist(), xs.split(counts))])
 
-    return route_to_experts(x, topk_ids, topk_weights, shard, combine, run)
+    return route_to_experts(x, topk_ids, topk_weights, shard, combine, run, rows_dtype=torch.bfloat16)
 
 
 def _expert(x: torch.Tensor, shard: ExpertShard, e: int, dense_from: int | None) -> torch.Tensor:

@@ -114,23 +114,33 @@ ExpertRows = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
 def route_to_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, shard: ExpertShard,
-                     combine: bool, run: ExpertRows) -> torch.Tensor:
+                     combine: bool, run: ExpertRows, rows_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """What the torch backends share around their expert math: the (token, slot) pairs this shard owns, sorted
-    by expert; `run(xs [P, H], hit [n_hit] local expert ids, counts)` returns each pair's expert output [P, H]
-    (rows grouped by expert in `hit` order, `counts[i]` rows for hit[i]); weighted and combined per the
-    `MoEBackend` contract."""
+    by expert; `run(xs [P, H] in rows_dtype, hit [n_hit] local expert ids, counts)` returns each pair's expert
+    output [P, H] (rows grouped by expert in `hit` order, `counts[i]` rows for hit[i]); weighted and combined
+    per the `MoEBackend` contract.
+
+    A prefill makes these [T * k, H] tensors megabytes each, so each is made once: the tokens are cast to
+    rows_dtype before the k-fold gather, the weighting promotes run's output to float32 in the same product, and
+    when this shard owns every expert each slot is written, so none is zero-filled first."""
     T, k = topk_ids.shape
     H = shard.hidden_size
-    slots = x.new_zeros(T * k, H, dtype=torch.float32)  # [T*k, H], row t*k + s = token t's slot s
-    local_ids = (topk_ids - shard.start).flatten()  # [T*k]
-    pairs = ((local_ids >= 0) & (local_ids < shard.num_local)).nonzero().flatten()  # [P] owned pairs
+    local_ids = (topk_ids - shard.start).flatten()  # [T*k], pair t*k + s = token t's slot s
+    owns_all = shard.num_local == shard.num_experts
+    if owns_all:
+        pairs = torch.arange(T * k, device=x.device)  # [P = T*k]
+        slots = x.new_empty(T * k, H, dtype=torch.float32)  # every row written below
+    else:
+        pairs = ((local_ids >= 0) & (local_ids < shard.num_local)).nonzero().flatten()  # [P] owned pairs
+        slots = x.new_zeros(T * k, H, dtype=torch.float32)
     if pairs.numel():
-        hit, which = torch.unique(local_ids[pairs], return_inverse=True)  # [n_hit]; [P] index into hit
-        order = which.argsort(stable=True)  # [P] pairs grouped by expert
-        pairs, which = pairs[order], which[order]
-        counts = torch.bincount(which, minlength=hit.numel()).tolist()
-        y = run(x[pairs // k], hit, counts).float()  # [P, H]
-        slots[pairs] = y * topk_weights.flatten()[pairs].float().unsqueeze(-1)
+        ids = local_ids[pairs]  # [P]
+        order = ids.argsort(stable=True)  # [P] pairs grouped by expert, in pair order within one
+        pairs, ids = pairs[order], ids[order]
+        per_expert = torch.bincount(ids, minlength=shard.num_local)  # [E_l]
+        hit = per_expert.nonzero().flatten()  # [n_hit]
+        y = run(x.to(rows_dtype)[pairs // k], hit, per_expert[hit].tolist())  # [P, H]
+        slots.index_copy_(0, pairs, torch.mul(y, topk_weights.flatten()[pairs].float().unsqueeze(-1)))
     slots = slots.view(T, k, H)
     if not combine:
         return slots.to(x.dtype)
