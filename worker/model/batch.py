@@ -125,9 +125,13 @@ class LatentKVCache:
         """latent [T, kv_lora_rank], k_rope [T, r] -> their slots."""
         self.data[layer, slots] = torch.cat([latent, k_rope], dim=-1)
 
+    def rows(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """-> [n, kv_dim] cached rows (latent, then rope key) of the given slots."""
+        return self.data[layer, slots]
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> latent [n, kv_lora_rank], k_rope [n, r] of the given slots."""
-        rows = self.data[layer, slots]  # [n, kv_dim]
+        rows = self.rows(layer, slots)  # [n, kv_dim]
         return rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank :]
 
     def gather_blocks(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:

@@ -63,10 +63,10 @@ class MLAttention:
         kv.write(self.layer, batch.write_slots, latent, k_rope)
 
         out = x.new_empty(T, self.heads, self.kv_lora_rank)  # [T, H, c]
+        # Latent and rope parts in one product against the whole cached rows (no strided copies of either).
+        q_all = None if self.det else torch.cat([q_lat, q_rope], dim=-1)  # [T, H, c + r]
         gather = None if self.det else batch.decode_gather(kv)
-        if gather is not None:
-            # Latent and rope parts in one product against the whole cached rows (no strided copies of either).
-            q_all = torch.cat([q_lat, q_rope], dim=-1)  # [T, H, c + r]
+        if gather is not None and q_all is not None:
             for chunk in gather.chunks:
                 keys = kv.gather_blocks(self.layer, chunk.blocks)  # [b, L, c + r]
                 scores = torch.baddbmm(chunk.bias, q_all.index_select(0, chunk.rows), keys.transpose(1, 2),
@@ -76,17 +76,16 @@ class MLAttention:
         for s in batch.seqs:
             if gather is not None and id(s) in gather.seq_ids:
                 continue
-            rows = slice(s.row, s.row + s.num_new)
+            if q_all is not None:  # a prefill chunk (or a lone decode): all its queries in one product
+                rows = slice(s.row, s.row + s.num_new)
+                keys = kv.rows(self.layer, s.slots[: s.context_len])  # [ctx, c + r]
+                out[rows] = self._attend_causal(q_all[rows], keys, s.start_pos)
+                continue
             c_all, r_all = kv.read(self.layer, s.slots[: s.context_len])  # [ctx, c], [ctx, r]
-            if self.det:
-                for i in range(s.num_new):
-                    n = s.start_pos + i + 1  # the keys this query sees, exactly: prefill and decode alike
-                    out[s.row + i] = self._attend(q_lat[s.row + i : s.row + i + 1], q_rope[s.row + i : s.row + i + 1],
-                                                  c_all[:n], r_all[:n], None)[0]
-            else:
-                q_pos = torch.arange(s.start_pos, s.context_len, device=x.device)
-                mask = torch.arange(s.context_len, device=x.device).unsqueeze(0) > q_pos.unsqueeze(1)  # [n, ctx]
-                out[rows] = self._attend(q_lat[rows], q_rope[rows], c_all, r_all, mask)
+            for i in range(s.num_new):
+                n = s.start_pos + i + 1  # the keys this query sees, exactly: prefill and decode alike
+                out[s.row + i] = self._attend(q_lat[s.row + i : s.row + i + 1], q_rope[s.row + i : s.row + i + 1],
+                                              c_all[:n], r_all[:n])[0]
         o = self._per_head("thc,hvc->thv", out, self.w_uv).reshape(T, self.heads * self.v_dim)  # [T, H * v]
         return linear(o, self.o_proj, self.det)
 
@@ -96,12 +95,19 @@ class MLAttention:
             return torch.einsum(equation, x, w)
         return torch.cat([torch.einsum(equation, x[t : t + 1], w) for t in range(x.shape[0])])
 
-    def _attend(
-        self, q_lat: torch.Tensor, q_rope: torch.Tensor, c: torch.Tensor, r: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """q_lat [n, H, c], q_rope [n, H, r], keys c [ctx, c] / r [ctx, r] -> attended latents [n, H, c]."""
+    def _attend_causal(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """q [n, H, c + r] at positions start.., keys [ctx, c + r] -> attended latents [n, H, c], each query seeing
+        the keys up to its own position. Every head's queries as rows of one product (the keys are shared)."""
+        n, ctx = q.shape[0], keys.shape[0]
+        scores = torch.mm(q.reshape(n * self.heads, -1), keys.t()).view(n, self.heads, ctx).mul_(self.scale)
+        future = torch.ones(n, ctx, dtype=torch.bool, device=q.device).triu_(start + 1)  # [n, ctx]
+        scores.masked_fill_(future.unsqueeze(1), float("-inf"))
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(keys.dtype)  # [n, H, ctx]
+        return torch.mm(probs.view(n * self.heads, ctx), keys[:, : self.kv_lora_rank]).view(n, self.heads, -1)
+
+    def _attend(self, q_lat: torch.Tensor, q_rope: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Deterministic mode, one query: q_lat [1, H, c], q_rope [1, H, r], the keys it sees c [n, c] / r [n, r]
+        -> attended latent [1, H, c]."""
         scores = (torch.einsum("nhc,kc->nhk", q_lat, c) + torch.einsum("nhr,kr->nhk", q_rope, r)) * self.scale
-        if mask is not None:
-            scores = scores.masked_fill(mask.unsqueeze(1), float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(c.dtype)  # [n, H, ctx]
         return torch.einsum("nhk,kc->nhc", probs, c)
