@@ -290,13 +290,16 @@ class Engine:
         seqs: list[SeqSlice] = []
         logits_rows: list[int] = []
         bs = self.cfg.block_size
-        for seq, n in items:
+        # Every sequence's slots from one padded grid of block tables: a few tensor ops per step, not per sequence.
+        tables = [self.blocks.block_table(seq.request_id) for seq, _ in items]
+        width = max(map(len, tables), default=0)
+        grid = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64).view(len(items), width)
+        all_slots = (grid.unsqueeze(2) * bs + torch.arange(bs)).view(len(items), width * bs)  # [B, nb] -> [B, nb * bs]
+        for i, (seq, n) in enumerate(items):
             start = seq.num_computed
             tokens = seq.tokens
             ctx = start + n
-            table = torch.tensor(self.blocks.block_table(seq.request_id), dtype=torch.int64)
-            slots = (table.unsqueeze(1) * bs + torch.arange(bs)).flatten()[:ctx]  # [ctx]
-            seqs.append(SeqSlice(len(ids), n, start, slots))
+            seqs.append(SeqSlice(len(ids), n, start, all_slots[i, :ctx]))  # slots [ctx]
             ids += tokens[start:ctx]
             positions += range(start, ctx)
             seq.num_computed = ctx
