@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from k2serve.localray import init_local_ray
+    from k2serve.worker.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the CPU ranks do: the engine-alone and transformers rows run in this process
 
     init_local_ray(8)  # logical CPUs: the groups' actors must fit on a 2-core machine
     cpu: list[str] = []

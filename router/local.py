@@ -20,6 +20,7 @@ from k2serve.router.chains import open_store
 from k2serve.router.core import RouterCore
 from k2serve.faults import GroupFaults
 from k2serve.router.schedule import GroupAddress, Role, StaticDirectory
+from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_model
@@ -115,6 +116,7 @@ async def start_local_groups(config: ServingConfig, metrics: Metrics | None = No
     groups serve both roles and the decode pool is not started)."""
     model_dir = resolve_model(config.model.source)
     eos = K2Tokenizer.from_dir(model_dir).eos_ids
+    keep_freed_memory()  # these groups step their engines on CPU, in this process
     specs: list[tuple[str, Role, PoolConfig]] = []
     if config.router.aggregated:
         specs += [(f"both-{i}", "both", config.prefill) for i in range(config.prefill.groups)]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, TokenEvent
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.config import K2Config
@@ -85,6 +86,8 @@ class RankWorker:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         dtype = torch.bfloat16 if cuda else torch.float32
+        if not cuda:  # this actor's process steps the model on CPU: its step's tensors come from malloc
+            keep_freed_memory()
         rng = expert_range(self.rank, self.world_size, K2Config.from_dir(model_dir).n_routed_experts)
         backend = select_moe_backend(device)
         if self.world_size > 1:  # a group of one holds every expert: no collectives to join
