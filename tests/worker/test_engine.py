@@ -178,12 +178,11 @@ def test_batched_decode_attention_matches_one_sequence_at_a_time(chunk_bytes: in
     several); it must agree with attending for each alone (up to float rounding). The experts run the float32
     reference: the CPU int4 GEMM rounds its activations to bf16, which turns a last-bit difference into a bf16
     step."""
+    from k2serve.worker.model import batch as batch_module
     from k2serve.worker.model.batch import ForwardBatch, SeqSlice
     from k2serve.worker.model.ffn import LocalExperts
     from k2serve.worker.model.k2 import K2Model
     from k2serve.worker.quant.moe import reference_moe
-
-    from k2serve.worker.model import batch as batch_module
 
     if chunk_bytes is not None:
         monkeypatch.setattr(batch_module, "CPU_CHUNK_BYTES", chunk_bytes)

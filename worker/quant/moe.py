@@ -127,15 +127,14 @@ def route_to_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     T, k = topk_ids.shape
     H = shard.hidden_size
     local_ids = (topk_ids - shard.start).flatten()  # [T*k], pair t*k + s = token t's slot s
-    owns_all = shard.num_local == shard.num_experts
-    if owns_all:
-        pairs = torch.arange(T * k, device=x.device)  # [P = T*k]
+    if shard.num_local == shard.num_experts:  # every pair is this shard's
+        pairs, ids = torch.arange(T * k, device=x.device), local_ids  # [P = T*k] each
         slots = x.new_empty(T * k, H, dtype=torch.float32)  # every row written below
     else:
         pairs = ((local_ids >= 0) & (local_ids < shard.num_local)).nonzero().flatten()  # [P] owned pairs
+        ids = local_ids[pairs]  # [P]
         slots = x.new_zeros(T * k, H, dtype=torch.float32)
     if pairs.numel():
-        ids = local_ids[pairs]  # [P]
         order = ids.argsort(stable=True)  # [P] pairs grouped by expert, in pair order within one
         pairs, ids = pairs[order], ids[order]
         per_expert = torch.bincount(ids, minlength=shard.num_local)  # [E_l]
