@@ -5,6 +5,7 @@ any index, join late or leave early without affecting the generation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +31,11 @@ class LiveTurn:
     task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def finished(self) -> bool:
+        """Its last token is published (the generating task may still be releasing the chain's lease)."""
+        return bool(self.items) and self.items[-1].finish_reason is not None
+
     def publish(self, item: TokenRecord) -> None:
         if item.index != len(self.items):
             raise RuntimeError(f"chain {self.chain_id}: token {item.index} published after {len(self.items)}")
@@ -46,12 +52,17 @@ class LiveTurn:
         self._changed = asyncio.Event()
 
     async def follow(self, start: int) -> AsyncIterator[Any]:
-        """Tokens from index `start` on until the turn ends; the turn's error, if any, after its tokens."""
+        """Tokens from index `start` on until the turn ends (its last token carries the finish reason: the
+        reader is done then, without waiting for the generating task's cleanup); the turn's error, if any, after
+        its tokens."""
         i = start
         while True:
             changed = self._changed
             while i < len(self.items):
-                yield self.items[i]
+                item = self.items[i]
+                yield item
+                if item.finish_reason is not None:
+                    return
                 i += 1
             if self.done:
                 if self.error is not None:
@@ -59,3 +70,29 @@ class LiveTurn:
                 return
             if changed is self._changed:
                 await changed.wait()
+
+
+class ChainLocks:
+    """One asyncio lock per chain id, made on first use and dropped when nobody holds or awaits it: starting a
+    chain's turn (claim, begin, register it live) is serialized per chain, so a burst of requests on different
+    chains does not queue behind each other's store round trips."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # chain id -> (lock, holders + waiters)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, chain_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(chain_id, (asyncio.Lock(), 0))
+        self._locks[chain_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[chain_id]
+            if users == 1:
+                del self._locks[chain_id]
+            else:
+                self._locks[chain_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)

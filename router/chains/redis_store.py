@@ -41,6 +41,8 @@ T = TypeVar("T")
 
 
 class RedisChainStore(ChainStore):
+    io_threads = 4  # the client pools connections: calls on different chains overlap their network round trips
+
     def __init__(
         self,
         url: str,

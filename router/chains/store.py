@@ -8,7 +8,7 @@ Every write is idempotent, so a caller (or the Redis client after a reconnect) m
   recorded (same id, turn, name, arguments) and `record_tool_result` with the same result are no-ops.
 - `begin_turn` is idempotent per call (a retried call returns the turn it created).
 Turns of one chain are sequential: `begin_turn` refuses while the latest turn is still running.
-Calls block; async callers run them in a thread (`asyncio.to_thread`).
+Calls block; async callers run them on `io_threads` threads of their own.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def first_mismatch(stored: Sequence[int], start: int, tokens: Sequence[int]) -> 
 
 class ChainStore(abc.ABC):
     """Public methods validate their arguments, then call the backend's `_method`."""
+
+    io_threads = 1  # threads a caller should give its calls: as many as the backend serves at once
 
     def create_chain(self, chain_id: str | None = None) -> str:
         chain_id = chain_id or uuid.uuid4().hex

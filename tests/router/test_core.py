@@ -221,3 +221,19 @@ def test_scheduler_weighs_prefix_against_load_and_skips_unhealthy_groups() -> No
     d.healthy = False
     with pytest.raises(NoGroupAvailable, match="no healthy decode"):
         scheduler.pick([a, b, d], "decode")
+
+
+def test_a_chain_is_free_again_when_its_turn_s_stream_ends(tmp_path: Path) -> None:
+    """A turn ends in the store and releases the chain's lease before its last token goes out: the client's
+    next turn right away, or another router at once, finds the chain free."""
+    cfg = serving(tmp_path, router={"aggregated": True})
+
+    async def body(stack: LocalStack) -> tuple[list[str], bool]:
+        core, store = stack.core, stack.core.store
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        chain_id = (await collect(core.generate([5, 6, 7], params)))[0].chain_id
+        await collect(core.generate([5, 6, 7, 8], params, chain_id=chain_id))
+        claimed = await asyncio.to_thread(store.claim, chain_id, "another-router", 5.0)
+        return [t.status for t in (await core.get_chain(chain_id)).turns], claimed
+
+    assert with_stack(cfg, body) == (["finished", "finished"], True)

@@ -150,3 +150,31 @@ def test_kv_handoff_between_groups_goes_rank_to_rank(ray_cluster: None) -> None:
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def test_a_request_is_admitted_beside_the_queued_steps(ray_cluster: None) -> None:
+    """A rank answers add_request from its admission thread while steps queued before it still run (the leader
+    does not wait behind them); a step takes the request in, a bad one is refused at once, and a cancel that
+    reaches the rank before any step did finds the request still in the inbox."""
+    group = ExpertParallelGroup(group_spec(1))
+    try:
+        rank = group.ranks[0]
+        long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        for i, prompt in enumerate(mixed_prompts(8, seed=3)):
+            ray.get(rank.add_request.remote(f"busy{i}", prompt, long, {}))
+        steps = [rank.step.remote() for _ in range(12)]
+        seed = ray.get(rank.add_request.remote("late", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=2), {}))
+        _, unfinished = ray.wait(steps, num_returns=len(steps), timeout=0)
+        assert unfinished, "add_request waited for every step queued before it"
+        assert isinstance(seed, int)
+        with pytest.raises(ValueError, match="token ids must lie in"):
+            ray.get(rank.add_request.remote("bad", [10**9], long, {}))
+        late = [ev for evs, _ in ray.get(steps) for ev in evs if ev.request_id == "late"]
+        assert [ev.finish_reason for ev in late] == [None, "length"]  # taken in by a step queued before it
+
+        ray.get(rank.add_request.remote("gone", [4, 5, 6], long, {}))
+        assert ray.get(rank.cancel.remote("gone"))  # still in the inbox: no step ran since
+        later = [ev for _ in range(3) for ev in ray.get(rank.step.remote())[0]]
+        assert all(ev.request_id != "gone" for ev in later)
+    finally:
+        group.shutdown()

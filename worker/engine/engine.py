@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,7 +59,9 @@ class TokenEvent:
 
 
 @dataclass(eq=False)  # identity: the scheduler's `in` / `remove` on lists must not compare token lists
-class _Seq:
+class Request:
+    """A request in the engine: waiting, running, or finished and holding its KV for export."""
+
     request_id: str
     prompt: list[int]
     output: list[int]
@@ -95,15 +98,22 @@ class Engine:
         self.kv = LatentKVCache(mc, config.num_blocks, config.block_size, model.dtype, model.device)
         eos = eos_token_ids if eos_token_ids is not None else mc.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
-        self.waiting: deque[_Seq] = deque()
-        self.running: list[_Seq] = []
-        self.held: dict[str, _Seq] = {}  # finished prefill-only sequences whose KV waits for export
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.held: dict[str, Request] = {}  # finished prefill-only sequences whose KV waits for export
         self.stats = EngineStats()
         self._admissions = itertools.count()
         self._models: dict[bool, K2Model] = {model.deterministic: model}
 
     # ---- requests -------------------------------------------------------------------------------------
-    def add_request(
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, **options: Any) -> int:
+        """Queues a request (`options`: those of `prepare`); returns the seed its sampling uses (record it to
+        resume identically)."""
+        seq = self.prepare(request_id, prompt, params, **options)
+        self.enqueue(seq)
+        return seq.seed
+
+    def prepare(
         self,
         request_id: str,
         prompt: list[int],
@@ -113,10 +123,9 @@ class Engine:
         deterministic: bool | None = None,
         kv: KVHandoff | None = None,
         hold_kv: bool = False,
-    ) -> int:
-        """Queues a request; returns the seed its sampling uses (record it to resume identically)."""
-        if self.has_request(request_id):
-            raise ValueError(f"request {request_id!r} is already in this engine")
+    ) -> Request:
+        """A checked request for `enqueue`. It reads only the engine's configuration, so another thread may
+        call it while this one steps (a rank checks new requests beside its step)."""
         if not prompt:
             raise ValueError(f"request {request_id!r}: empty prompt")
         vocab = self.model.config.vocab_size
@@ -132,9 +141,12 @@ class Engine:
         if kv is not None and kv.block_size != self.cfg.block_size:
             raise ValueError(f"KV handoff block size {kv.block_size} != engine block size {self.cfg.block_size}")
         det = self.cfg.deterministic if deterministic is None or self.cfg.lockstep else deterministic
-        seq = _Seq(request_id, list(prompt), prefix, params, resolve_seed(params), det, hold_kv, kv)
+        return Request(request_id, list(prompt), prefix, params, resolve_seed(params), det, hold_kv, kv)
+
+    def enqueue(self, seq: Request) -> None:
+        if self.has_request(seq.request_id):
+            raise ValueError(f"request {seq.request_id!r} is already in this engine")
         self.waiting.append(seq)
-        return seq.seed
 
     def has_request(self, request_id: str) -> bool:
         return any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)) or (
@@ -185,7 +197,7 @@ class Engine:
             if self.cfg.lockstep:  # expert-parallel peers still run their MoE collectives
                 self._forward([], self.cfg.deterministic)
             return []
-        groups: dict[bool, list[tuple[_Seq, int]]] = {}
+        groups: dict[bool, list[tuple[Request, int]]] = {}
         for seq, n in scheduled:
             groups.setdefault(seq.deterministic, []).append((seq, n))
         events: list[TokenEvent] = []
@@ -193,9 +205,9 @@ class Engine:
             events += self._run(items, det)
         return events
 
-    def _schedule(self) -> list[tuple[_Seq, int]]:
+    def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.cfg.max_batch_tokens
-        out: list[tuple[_Seq, int]] = []
+        out: list[tuple[Request, int]] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted while making room for an earlier one
                 continue
@@ -221,7 +233,7 @@ class Engine:
             budget -= n
         return out
 
-    def _admit(self, seq: _Seq) -> bool:
+    def _admit(self, seq: Request) -> bool:
         tokens = seq.tokens
         if not self.blocks.can_allocate(len(tokens)):
             return False
@@ -239,7 +251,7 @@ class Engine:
         seq.admitted = next(self._admissions)
         return True
 
-    def _reserve_decode_slot(self, seq: _Seq) -> bool:
+    def _reserve_decode_slot(self, seq: Request) -> bool:
         """Makes room for one more token, preempting the latest admitted sequences (never one scheduled
         earlier in this step: `running` is in admission order and scheduled front to back)."""
         while not self.blocks.can_append(seq.request_id, 1):
@@ -250,7 +262,7 @@ class Engine:
         self.blocks.append(seq.request_id, 1)
         return True
 
-    def _preempt(self, seq: _Seq) -> None:
+    def _preempt(self, seq: Request) -> None:
         """Frees a running sequence's KV; it is recomputed (prompt + output so far) when re-admitted."""
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
@@ -258,7 +270,7 @@ class Engine:
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
-    def _run(self, items: list[tuple[_Seq, int]], det: bool) -> list[TokenEvent]:
+    def _run(self, items: list[tuple[Request, int]], det: bool) -> list[TokenEvent]:
         logits = self._forward(items, det)
         events: list[TokenEvent] = []
         sampled = [seq for seq, _ in items if seq.num_computed == len(seq.tokens)]
@@ -282,7 +294,7 @@ class Engine:
                     self.blocks.free(seq.request_id)
         return events
 
-    def _forward(self, items: list[tuple[_Seq, int]], det: bool) -> torch.Tensor:
+    def _forward(self, items: list[tuple[Request, int]], det: bool) -> torch.Tensor:
         """Runs the model on `n` pending tokens of each sequence; returns logits of the sequences that are
         then fully computed, in order."""
         ids: list[int] = []
@@ -316,7 +328,7 @@ class Engine:
         self.stats.forward_rows.append(len(ids))
         return model.forward(batch, self.kv)
 
-    def _finish_reason(self, seq: _Seq, token: int) -> str | None:
+    def _finish_reason(self, seq: Request, token: int) -> str | None:
         p = seq.params
         if (token in self.eos_ids and not p.ignore_eos) or token in set(p.stop_token_ids or ()):
             return "stop"

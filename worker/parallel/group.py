@@ -28,7 +28,7 @@ from k2serve.worker.engine.blocks import block_hashes
 from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.parallel.ep import expert_range
-from k2serve.worker.parallel.rank import RankSnapshot, RankWorker
+from k2serve.worker.parallel.rank import CONCURRENCY_GROUPS, RankSnapshot, RankWorker
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
@@ -122,7 +122,7 @@ class ExpertParallelGroup:
         self._pg = placement_group([dict(bundle) for _ in range(s.world_size)], strategy=s.placement)
         if not self._pg.wait(s.start_timeout_s):
             raise RuntimeError(f"placement group of {s.world_size} × {bundle} not placed in {s.start_timeout_s} s")
-        actor = ray.remote(RankWorker)
+        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RankWorker)
         self.ranks = [
             actor.options(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor, resources=s.resources,
                           max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -223,7 +223,8 @@ class ExpertParallelGroup:
     def step(self) -> list[TokenEvent]:
         """One step of every rank. While requests remain, up to `spec.steps_ahead` following steps are submitted
         before this one's events are returned: a rank runs its calls in order, so it keeps stepping while the
-        leader streams these tokens instead of idling for a round trip (calls made meanwhile run after them)."""
+        leader streams these tokens instead of idling for a round trip (calls made meanwhile run after them, except
+        `add_request`, which a rank answers beside its steps)."""
         self._check()
         refs = self._ahead.popleft() if self._ahead else [r.step.remote() for r in self.ranks]
         results = self._gather(refs)

@@ -5,17 +5,19 @@ its place in the group's `torch.distributed` process group."""
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 
 from k2serve.worker.allocator import keep_freed_memory
-from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, TokenEvent
+from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, TokenEvent, Request
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
@@ -40,6 +42,7 @@ class RankSnapshot:
 
 
 LOAD_REPORT_S = 1.0  # the leader exports expert load to Prometheus once a second
+CONCURRENCY_GROUPS = {"admission": 1}  # the actor's groups besides the default one (steps and the rest)
 
 
 def free_port(host: str) -> int:
@@ -58,13 +61,18 @@ def reserved_cpus() -> int:
 
 class RankWorker:
     """Constructed cheaply; `setup` loads the shard and joins the process group (it blocks until every rank
-    of the group has called it, so the group calls it on all ranks at once)."""
+    of the group has called it, so the group calls it on all ranks at once).
+
+    `add_request` runs in its own concurrency group (`CONCURRENCY_GROUPS`), beside a step: a new request is
+    checked and answered at once instead of after the steps the group queued ahead, and waits in an inbox
+    that the engine's own thread empties before each of its calls."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         torch.set_num_threads(reserved_cpus())  # ranks share a node's cores: use only what Ray reserved for us
         self.rank = rank
         self.world_size = world_size
         self.engine: Engine | None = None
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # prepared by add_request, not yet enqueued
         self.executor: ExpertParallelMoE | None = None
         self._load_reported = 0.0
 
@@ -108,32 +116,44 @@ class RankWorker:
             raise RuntimeError(f"rank {self.rank} is not set up")
         return self.engine
 
+    def _stepping(self) -> Engine:
+        """The engine, for the calls that run on its thread (the default concurrency group), with every request
+        added so far enqueued: they see the requests in the order the leader added them."""
+        eng = self._engine()
+        while not self._inbox.empty():
+            eng.enqueue(self._inbox.get_nowait())
+        return eng
+
     def max_model_len(self) -> int:
         return self._engine().max_model_len
 
+    @ray.method(concurrency_group="admission")
     def add_request(self, request_id: str, prompt: list[int], params: Any, kwargs: dict[str, Any],
                     kv: KVHandoff | None = None) -> int:
         """`kv`: a handed-off KV. The leader passes its object-store ref as this top-level argument, so Ray
-        resolves it here: the KV goes from where the prefill rank left it to this rank, never through a leader."""
-        return self._engine().add_request(request_id, prompt, params, kv=kv, **kwargs)
+        resolves it here: the KV goes from where the prefill rank left it to this rank, never through a leader.
+        A bad request raises here; a good one is in the engine before the next call on the engine's thread."""
+        seq = self._engine().prepare(request_id, prompt, params, kv=kv, **kwargs)
+        self._inbox.put(seq)
+        return seq.seed
 
     def cancel(self, request_id: str) -> bool:
-        return self._engine().cancel(request_id)
+        return self._stepping().cancel(request_id)
 
     def export_kv(self, request_id: str) -> tuple[int, KVHandoff]:
         """(its token count, the KV). The group calls it with `num_returns=2`: it reads the count and leaves the
         KV, a task return it owns, in the object store for the decode group's rank."""
-        kv = self._engine().export_kv(request_id)
+        kv = self._stepping().export_kv(request_id)
         return len(kv.tokens), kv
 
     def release(self, request_id: str) -> bool:
-        return self._engine().release(request_id)
+        return self._stepping().release(request_id)
 
     def step(self) -> tuple[list[TokenEvent], RankSnapshot]:
         """One lockstep step (an empty forward when this rank has nothing to run). The expert-load counts
         (K2: 61 × 384 numbers) ride along at most every LOAD_REPORT_S, and whenever the rank runs dry, so
         nothing is left uncounted."""
-        eng = self._engine()
+        eng = self._stepping()
         events = eng.step()
         now = time.monotonic()
         report = not eng.has_work() or now - self._load_reported >= LOAD_REPORT_S
