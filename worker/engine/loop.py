@@ -2,7 +2,8 @@
 their tokens while the engine keeps batching.
 
 Every call into the engine — add, cancel, step, KV export — runs on one dedicated thread, in order, so the
-engine itself needs no locks and the event loop never blocks on a model step.
+engine itself needs no locks and the event loop never blocks on a model step. A worker group's step is split
+(`SplitStepping`): only its wait for the ranks runs off that thread.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from k2serve.worker.engine.engine import TokenEvent
 
@@ -24,6 +25,15 @@ class SteppingEngine(Protocol):
     def cancel(self, request_id: str) -> bool: ...
     def has_work(self) -> bool: ...
     def step(self) -> list[TokenEvent]: ...
+
+
+@runtime_checkable
+class SplitStepping(Protocol):
+    """`step` in three parts: launch and finish on the engine's thread, collect (the wait) on any thread."""
+
+    def launch_step(self) -> Any: ...
+    def collect_step(self, launched: Any) -> Any: ...
+    def finish_step(self, collected: Any) -> list[TokenEvent]: ...
 
 
 class EngineLoop:
@@ -104,6 +114,16 @@ class EngineLoop:
                 del self._streams[request_id]
                 await self.call(self.engine.cancel, request_id)
 
+    async def _step(self) -> list[TokenEvent]:
+        """One step. An engine that splits it (`SplitStepping`: a worker group, whose step is mostly waiting on
+        its ranks) is waited for on another thread, so calls on the engine's thread need not wait it out."""
+        engine = self.engine
+        if not isinstance(engine, SplitStepping):
+            return await self.call(engine.step)
+        refs = await self.call(engine.launch_step)
+        results = await asyncio.to_thread(engine.collect_step, refs)
+        return await self.call(engine.finish_step, results)
+
     async def _run(self) -> None:
         while True:
             if not await self.call(self.engine.has_work):
@@ -111,7 +131,7 @@ class EngineLoop:
                 await self._wake.wait()
                 continue
             try:
-                events = await self.call(self.engine.step)
+                events = await self._step()
             except Exception as e:  # a broken engine fails every stream instead of hanging it
                 self.error = e
                 for queue in self._streams.values():

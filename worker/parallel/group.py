@@ -221,13 +221,25 @@ class ExpertParallelGroup:
         return [None] * sum(s.waiting for s in self._snaps)
 
     def step(self) -> list[TokenEvent]:
-        """One step of every rank. While requests remain, up to `spec.steps_ahead` following steps are submitted
-        before this one's events are returned: a rank runs its calls in order, so it keeps stepping while the
+        """One step of every rank: `launch_step`, `collect_step` and `finish_step` in a row."""
+        refs = self.launch_step()
+        return self.finish_step(self.collect_step(refs))
+
+    def launch_step(self) -> list[Any]:
+        """The ranks' next step (already queued ahead, or submitted now): one ref per rank."""
+        self._check()
+        return self._ahead.popleft() if self._ahead else [r.step.remote() for r in self.ranks]
+
+    def collect_step(self, refs: list[Any]) -> list[tuple[list[TokenEvent], RankSnapshot]]:
+        """Waits for the ranks' results. It touches no request state, so an `EngineLoop` runs it off the
+        engine's thread: adds, cancels and KV exports go on meanwhile instead of waiting out the step."""
+        return self._gather(refs)
+
+    def finish_step(self, results: list[tuple[list[TokenEvent], RankSnapshot]]) -> list[TokenEvent]:
+        """The step's events, with the group's books updated. While requests remain, up to `spec.steps_ahead`
+        following steps are submitted first: a rank runs its calls in order, so it keeps stepping while the
         leader streams these tokens instead of idling for a round trip (calls made meanwhile run after them, except
         `add_request`, which a rank answers beside its steps)."""
-        self._check()
-        refs = self._ahead.popleft() if self._ahead else [r.step.remote() for r in self.ranks]
-        results = self._gather(refs)
         events = [ev for evs, _ in results for ev in evs]
         for ev in events:
             if ev.finish_reason is not None:

@@ -166,7 +166,8 @@ class GroupLeader:
                 await asyncio.sleep(REBUILD_BACKOFF_S)
 
     def _on_step(self, events: list[TokenEvent]) -> None:
-        """Runs between steps (the engine thread is idle), so reading the group is safe."""
+        """Runs between steps (no step is being launched, collected or finished), so reading the group's step
+        results is safe."""
         group = self._group
         if group is None:
             return
