@@ -167,10 +167,6 @@ class RouterCore:
             live = self._launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
         else:
             await self._io(self.store.get_chain, chain_id)  # raises ChainNotFound
-            previous = self._live.get(chain_id)
-            if previous is not None and previous.finished and previous.task is not None:
-                # Its reader (this client) has the last token; its task is still leaving `_live`.
-                await asyncio.shield(previous.task)
             await self._await_lease(chain_id)
             async with self._starting.hold(chain_id):
                 if chain_id in self._live:
@@ -392,6 +388,7 @@ class RouterCore:
                             # client's next turn on the chain finds it free.
                             await self._io(self._finish, ckpt, status, reason)
                             status = ""
+                            self._unregister(live)  # also before the last token: a next turn may start at once
                             live.publish(tok)
                             return
                         live.publish(tok)
@@ -419,13 +416,16 @@ class RouterCore:
             error = e
         finally:
             self.metrics.router_queue.dec()
-            if self._live.get(chain_id) is live:
-                del self._live[chain_id]
+            self._unregister(live)
             if live.abandoned:  # make what we have durable and leave the turn "running" for another router
                 await asyncio.shield(self._io(self._flush_quietly, ckpt))
             elif status:  # else it ended with its last token
                 await asyncio.shield(self._io(self._finish, ckpt, status, reason))
             live.end(error)
+
+    def _unregister(self, live: LiveTurn) -> None:
+        if self._live.get(live.chain_id) is live:
+            del self._live[live.chain_id]
 
     def _flush_quietly(self, ckpt: ChainCheckpointer) -> None:
         """Makes an abandoned turn's tokens so far durable and releases the chain; a store that is down loses

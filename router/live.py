@@ -31,11 +31,6 @@ class LiveTurn:
     task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    @property
-    def finished(self) -> bool:
-        """Its last token is published (the generating task may still be releasing the chain's lease)."""
-        return bool(self.items) and self.items[-1].finish_reason is not None
-
     def publish(self, item: TokenRecord) -> None:
         if item.index != len(self.items):
             raise RuntimeError(f"chain {self.chain_id}: token {item.index} published after {len(self.items)}")

@@ -106,8 +106,7 @@ def test_a_failed_wait_fails_every_stream() -> None:
         try:
             _, events = await loop.submit("a", [1], 3)
             with pytest.raises(RuntimeError, match="rank 0 died"):
-                async for _ in events:
-                    pass
+                [ev async for ev in events]
             return loop.error
         finally:
             await loop.stop()

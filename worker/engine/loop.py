@@ -39,6 +39,8 @@ class SplitStepping(Protocol):
 class EngineLoop:
     def __init__(self, engine: SteppingEngine, on_step: Callable[[list[TokenEvent]], None] | None = None) -> None:
         self.engine = engine
+        # Checked once (a Protocol isinstance is not cheap): the engine again, when it splits its step.
+        self._split: SplitStepping | None = engine if isinstance(engine, SplitStepping) else None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2serve-engine")
         self._streams: dict[str, asyncio.Queue[TokenEvent | BaseException]] = {}
         self._wake = asyncio.Event()
@@ -117,12 +119,12 @@ class EngineLoop:
     async def _step(self) -> list[TokenEvent]:
         """One step. An engine that splits it (`SplitStepping`: a worker group, whose step is mostly waiting on
         its ranks) is waited for on another thread, so calls on the engine's thread need not wait it out."""
-        engine = self.engine
-        if not isinstance(engine, SplitStepping):
-            return await self.call(engine.step)
-        refs = await self.call(engine.launch_step)
-        results = await asyncio.to_thread(engine.collect_step, refs)
-        return await self.call(engine.finish_step, results)
+        split = self._split
+        if split is None:
+            return await self.call(self.engine.step)
+        refs = await self.call(split.launch_step)
+        results = await asyncio.to_thread(split.collect_step, refs)
+        return await self.call(split.finish_step, results)
 
     async def _run(self) -> None:
         while True:

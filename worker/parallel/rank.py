@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from k2serve.worker.allocator import keep_freed_memory
-from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, TokenEvent, Request
+from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, Request, TokenEvent
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
