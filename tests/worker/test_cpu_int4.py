@@ -4,6 +4,8 @@ bound is bf16 activations and outputs (W4A16), about 2^-8 relative per value."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,6 +56,20 @@ def test_matches_reference(tokens: int, top_k: int, combine: bool) -> None:
         local = ids - START
         foreign = (local < 0) | (local >= NUM_LOCAL)
         assert foreign.any() and not got[foreign].any()
+
+
+@pytest.mark.parametrize("combine", [True, False])
+def test_a_shard_owning_every_expert_matches_the_reference(combine: bool) -> None:
+    """Every (token, slot) pair is the shard's: the rows go back to their slots by the inverse permutation."""
+    gen = torch.Generator().manual_seed(21)
+    shard = dataclasses.replace(quantized_shard(gen), start=0, num_experts=NUM_LOCAL)
+    x = torch.randn(19, HIDDEN, generator=gen)
+    ids = torch.stack([torch.randperm(NUM_LOCAL, generator=gen)[:3] for _ in range(19)])  # [T, 3]
+    w = torch.rand(19, 3, generator=gen) + 0.1
+    got = cpu_int4_moe(x, ids, w, repack(shard), combine=combine)
+    ref = reference_moe(x, ids, w, shard, combine=combine)
+    assert got.shape == ref.shape and float(ref.abs().max()) > 0.1
+    assert rel_err(got, ref) <= TOLERANCE
 
 
 def test_rows_do_not_depend_on_the_batch_or_thread_count() -> None:

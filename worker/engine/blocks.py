@@ -168,6 +168,10 @@ class BlockManager:
         seq.num_tokens += num_new_tokens
         return new_blocks
 
+    def num_committed_blocks(self, seq_id: Hashable) -> int:
+        """The sequence's full blocks `commit` has hashed so far (a commit below a next full block is a no-op)."""
+        return len(self._seq(seq_id).block_hashes)
+
     def commit(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
         """Register every now-full block of the sequence in the prefix cache.
 

@@ -78,6 +78,15 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def num_tokens(self) -> int:
+        """len(tokens), without building the list (a step asks for every running sequence)."""
+        return len(self.prompt) + len(self.output)
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[i] if i < n else self.output[i - n]
+
 
 @dataclass
 class EngineStats:
@@ -211,7 +220,7 @@ class Engine:
         for seq in list(self.running):
             if seq not in self.running:  # preempted while making room for an earlier one
                 continue
-            pending = len(seq.tokens) - seq.num_computed
+            pending = seq.num_tokens - seq.num_computed
             if pending == 1:
                 if budget < 1 or not self._reserve_decode_slot(seq):
                     continue
@@ -227,7 +236,7 @@ class Engine:
                 break
             self.waiting.popleft()
             self.running.append(seq)
-            pending = len(seq.tokens) - seq.num_computed
+            pending = seq.num_tokens - seq.num_computed
             n = min(pending, budget)
             out.append((seq, n))
             budget -= n
@@ -273,18 +282,19 @@ class Engine:
     def _run(self, items: list[tuple[Request, int]], det: bool) -> list[TokenEvent]:
         logits = self._forward(items, det)
         events: list[TokenEvent] = []
-        sampled = [seq for seq, _ in items if seq.num_computed == len(seq.tokens)]
+        sampled = [seq for seq, _ in items if seq.num_computed == seq.num_tokens]
         if not sampled:
             return events
-        positions = [len(s.tokens) for s in sampled]
+        positions = [s.num_tokens for s in sampled]
         result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled], positions)
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # one conversion, not one per row
         for i, seq in enumerate(sampled):
-            token = int(result.tokens[i])
+            token = tokens[i]
             seq.output.append(token)
             seq.finish_reason = self._finish_reason(seq, token)
             row = result.top_logprobs[i]
             top = list(zip(*row)) if row is not None else None
-            events.append(TokenEvent(seq.request_id, len(seq.output) - 1, token, float(result.logprobs[i]), top,
+            events.append(TokenEvent(seq.request_id, len(seq.output) - 1, token, logprobs[i], top,
                                      seq.finish_reason))
             if seq.finish_reason is not None:
                 self.running.remove(seq)
@@ -307,24 +317,34 @@ class Engine:
         width = max(map(len, tables), default=0)
         grid = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64).view(len(items), width)
         all_slots = (grid.unsqueeze(2) * bs + torch.arange(bs)).view(len(items), width * bs)  # [B, nb] -> [B, nb * bs]
+        owner: list[int] = []  # [T] the item each new token belongs to
         for i, (seq, n) in enumerate(items):
             start = seq.num_computed
-            tokens = seq.tokens
             ctx = start + n
-            seqs.append(SeqSlice(len(ids), n, start, all_slots[i, :ctx]))  # slots [ctx]
-            ids += tokens[start:ctx]
-            positions += range(start, ctx)
+            seqs.append(SeqSlice(len(ids), n, start, all_slots[i]))  # slots [width * bs >= ctx]
+            if n == 1:  # a decode: no copy of the sequence's tokens
+                ids.append(seq.token_at(start))
+                positions.append(start)
+                owner.append(i)
+            else:
+                ids += seq.tokens[start:ctx]
+                positions += range(start, ctx)
+                owner += [i] * n
             seq.num_computed = ctx
-            if ctx == len(tokens):
+            done = ctx == seq.num_tokens
+            if done:
                 logits_rows.append(len(ids) - 1)
-            if n == 1 and ctx == len(tokens) and seq.output:
+            if n == 1 and done and seq.output:
                 self.stats.decode_tokens += 1
             else:
                 self.stats.prefill_tokens += n
-            self.blocks.commit(seq.request_id, tokens[:ctx])
+            if self.blocks.enable_prefix_caching and ctx // bs > self.blocks.num_committed_blocks(seq.request_id):
+                self.blocks.commit(seq.request_id, seq.tokens[:ctx])  # its full blocks join the prefix cache
         model = self._models.get(det) or self._models.setdefault(det, self.model.with_determinism(det))
-        batch = ForwardBatch(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), seqs,
-                             torch.tensor(logits_rows, dtype=torch.int64))
+        pos = torch.tensor(positions, dtype=torch.int64)  # [T]
+        token_slots = all_slots.view(-1)[torch.tensor(owner, dtype=torch.int64) * (width * bs) + pos]  # [T]
+        batch = ForwardBatch(torch.tensor(ids, dtype=torch.int64), pos, seqs,
+                             torch.tensor(logits_rows, dtype=torch.int64), grid, token_slots)
         self.stats.forward_rows.append(len(ids))
         return model.forward(batch, self.kv)
 
@@ -332,6 +352,6 @@ class Engine:
         p = seq.params
         if (token in self.eos_ids and not p.ignore_eos) or token in set(p.stop_token_ids or ()):
             return "stop"
-        if len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

@@ -24,13 +24,13 @@ CPU_CHUNK_BYTES = 1 << 20
 @dataclass
 class SeqSlice:
     """One sequence's part of a step: `num_new` tokens starting at position `start_pos`, rows
-    [row, row + num_new) of the flattened batch; `slots` [start_pos + num_new] holds the cache slot of every
-    token of the sequence so far (the block table expanded)."""
+    [row, row + num_new) of the flattened batch; `slots` [>= start_pos + num_new] holds the cache slot of every
+    token of the sequence so far (the block table expanded; what lies past context_len is not read)."""
 
     row: int
     num_new: int
     start_pos: int
-    slots: torch.Tensor  # [ctx] int64
+    slots: torch.Tensor  # [>= ctx] int64
 
     @property
     def context_len(self) -> int:
@@ -43,8 +43,11 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64
     seqs: list[SeqSlice]
     logits_rows: torch.Tensor  # [B] int64: rows whose next-token logits the step returns
+    # [len(seqs), nb] int64: each sequence's block table, padded with block 0 (derived from the slots if not given)
+    block_tables: torch.Tensor | None = None
+    # [T] int64: the cache slot each new token's latent is written to (gathered from the slots if not given)
+    token_slots: torch.Tensor | None = None
     _decode: "DecodeGather | None" = field(default=None, repr=False)
-    _write_slots: torch.Tensor | None = field(default=None, repr=False)
 
     def decode_gather(self, kv: "LatentKVCache") -> "DecodeGather | None":
         """The one-token sequences of the step, in chunks that each attend at once (computed once per step,
@@ -53,21 +56,44 @@ class ForwardBatch:
         shortest context first, each chunk padded only to its own longest, and on CPU a chunk's gathered keys
         stay within `CPU_CHUNK_BYTES` so both products over them read from cache, not memory."""
         if self._decode is None:
-            decodes = sorted((s for s in self.seqs if s.num_new == 1), key=lambda s: s.context_len)
+            decodes = sorted((i for i, s in enumerate(self.seqs) if s.num_new == 1),
+                             key=lambda i: self.seqs[i].context_len)
             if len(decodes) < 2:
                 return None
             bs = kv.block_size
             budget = CPU_CHUNK_BYTES if kv.data.device.type == "cpu" else None
             key_bytes = kv.data.shape[-1] * kv.data.element_size()
-            chunks: list[list[SeqSlice]] = [[]]
-            for s in decodes:  # ascending context: the newest member is the longest
-                padded = -(-s.context_len // bs) * bs
-                if chunks[-1] and budget is not None and (len(chunks[-1]) + 1) * padded * key_bytes > budget:
-                    chunks.append([])
-                chunks[-1].append(s)
-            self._decode = DecodeGather([DecodeChunk.of(c, bs, kv.data.dtype, kv.data.device) for c in chunks],
-                                        {id(s) for s in decodes})
+            contexts = [self.seqs[i].context_len for i in decodes]  # ascending
+            ends: list[int] = []  # chunk j is decodes[ends[j-1]:ends[j]]
+            for n, ctx in enumerate(contexts):  # the newest member of a chunk is its longest
+                padded = -(-ctx // bs) * bs
+                start = ends[-1] if ends else 0
+                if n > start and budget is not None and (n - start + 1) * padded * key_bytes > budget:
+                    ends.append(n)
+            ends.append(len(decodes))
+            self._decode = self._chunks(decodes, contexts, ends, bs, kv.data.dtype, kv.data.device)
         return self._decode
+
+    def _chunks(self, decodes: list[int], contexts: list[int], ends: list[int], bs: int, dtype: torch.dtype,
+                device: torch.device) -> "DecodeGather":
+        """Every chunk's tensors as views of one set built for all decodes (a few ops per step, not per chunk)."""
+        context = torch.tensor(contexts)  # [n]
+        blocks = self._tables(bs)[decodes].to(device)  # [n, nb]: padded with block 0
+        pad = torch.arange(blocks.shape[1] * bs)[None, :] >= context[:, None]  # [n, nb * bs]
+        bias = torch.zeros(pad.shape, dtype=dtype).masked_fill_(pad, float("-inf")).unsqueeze(1).to(device)
+        rows = torch.tensor([self.seqs[i].row for i in decodes], dtype=torch.int64, device=device)  # [n]
+        chunks, start = [], 0
+        for end in ends:
+            nb = -(-contexts[end - 1] // bs)  # the chunk's longest context, in blocks
+            chunks.append(DecodeChunk(rows[start:end], blocks[start:end, :nb], bias[start:end, :, : nb * bs]))
+            start = end
+        return DecodeGather(chunks, {id(self.seqs[i]) for i in decodes})
+
+    def _tables(self, block_size: int) -> torch.Tensor:
+        if self.block_tables is None:
+            self.block_tables = pad_sequence([s.slots[: s.context_len : block_size] // block_size for s in self.seqs],
+                                             batch_first=True)
+        return self.block_tables
 
     @property
     def num_tokens(self) -> int:
@@ -76,10 +102,10 @@ class ForwardBatch:
     @property
     def write_slots(self) -> torch.Tensor:
         """[T] cache slot each new token's latent is written to (computed once per step, shared by the layers)."""
-        if self._write_slots is None:
-            self._write_slots = torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs]) if self.seqs \
+        if self.token_slots is None:
+            self.token_slots = torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs]) if self.seqs \
                 else torch.empty(0, dtype=torch.int64)
-        return self._write_slots
+        return self.token_slots
 
 
 @dataclass
@@ -87,15 +113,6 @@ class DecodeChunk:
     rows: torch.Tensor  # [b] rows of the flattened batch
     blocks: torch.Tensor  # [b, nb] cache blocks of each sequence's keys, padded (padding reads block 0)
     bias: torch.Tensor  # [b, 1, nb * block_size] added to the scores: 0 for a key, -inf for padding
-
-    @classmethod
-    def of(cls, seqs: list[SeqSlice], block_size: int, dtype: torch.dtype, device: torch.device) -> "DecodeChunk":
-        blocks = pad_sequence([s.slots[: s.context_len : block_size] // block_size for s in seqs], batch_first=True)
-        context = torch.tensor([s.context_len for s in seqs])  # [b]
-        pad = torch.arange(blocks.shape[1] * block_size)[None, :] >= context[:, None]  # [b, nb * bs]
-        bias = torch.zeros(pad.shape, dtype=dtype).masked_fill_(pad, float("-inf")).unsqueeze(1)
-        rows = torch.tensor([s.row for s in seqs], dtype=torch.int64)
-        return cls(rows.to(device), blocks.to(device), bias.to(device))
 
 
 @dataclass

@@ -10,32 +10,35 @@ import torch
 import torch.nn.functional as F
 
 from k2serve.worker.model.config import K2Config
+from k2serve.worker.model.linear import Projection, Projections
 from k2serve.worker.model.rowwise import rowwise
-from k2serve.worker.quant.moe import ExpertShard, MoEBackend, linear
+from k2serve.worker.quant.moe import ExpertShard, MoEBackend
 
 
 @dataclass
 class DenseMLP:
-    gate: torch.Tensor  # [I, D]
-    up: torch.Tensor  # [I, D]
-    down: torch.Tensor  # [D, I]
+    gate: Projection  # [I, D]
+    up: Projection  # [I, D]
+    down: Projection  # [D, I]
     det: bool = False
 
     @classmethod
-    def from_weights(cls, w: dict[str, torch.Tensor], prefix: str, det: bool) -> "DenseMLP":
-        return cls(w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"], w[prefix + "down_proj.weight"], det)
+    def from_weights(cls, proj: Projections, prefix: str, det: bool) -> "DenseMLP":
+        return cls(proj.get(prefix + "gate_proj.weight"), proj.get(prefix + "up_proj.weight"),
+                   proj.get(prefix + "down_proj.weight"), det)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
-        return linear(F.silu(linear(x, self.gate, self.det)) * linear(x, self.up, self.det), self.down, self.det)
+        return self.down(F.silu(self.gate(x, self.det)) * self.up(x, self.det), self.det)
 
 
 class Router:
     """DeepSeek-V3 / K2 routing: sigmoid scores; `noaux_tc` picks experts by score + e_score_correction_bias
     within the best `topk_group` of `n_group` groups, and weights them by the unbiased scores."""
 
-    def __init__(self, config: K2Config, w: dict[str, torch.Tensor], prefix: str, det: bool) -> None:
-        self.weight = w[prefix + "gate.weight"].float()  # [E, D]
+    def __init__(self, config: K2Config, w: dict[str, torch.Tensor], proj: Projections, prefix: str,
+                 det: bool) -> None:
+        self.gate = proj.get(prefix + "gate.weight", torch.float32)  # [E, D]
         bias = w.get(prefix + "gate.e_score_correction_bias")
         if config.topk_method == "noaux_tc" and bias is None:
             raise KeyError(f"{prefix}gate.e_score_correction_bias is required for topk_method noaux_tc")
@@ -46,9 +49,13 @@ class Router:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, k] int64, topk_weights [T, k] float32)."""
         c = self.c
-        logits = linear(x.float(), self.weight, self.det)  # [T, E]
-        # A token's scores must not depend on its batch (rowwise.py); softmax reduces each row alone already.
-        scores = rowwise(torch.sigmoid, logits) if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        logits = self.gate(x.float(), self.det)  # [T, E]
+        # In deterministic mode a token's scores must not depend on its batch (rowwise.py); softmax reduces each
+        # row alone already. Elsewhere the GEMMs before it depend on the batch anyway.
+        if c.scoring_func == "sigmoid":
+            scores = rowwise(torch.sigmoid, logits) if self.det else torch.sigmoid(logits)
+        else:
+            scores = logits.softmax(dim=-1)
         choice = scores if self.bias is None or c.topk_method != "noaux_tc" else scores + self.bias
         if c.n_group > 1 and c.topk_method != "greedy":
             grouped = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)  # [T, G, E/G]
@@ -103,12 +110,12 @@ class ExpertLoad:
 
 
 class MoEBlock:
-    def __init__(self, config: K2Config, layer: int, w: dict[str, torch.Tensor], experts: MoEExecutor,
-                 load: ExpertLoad, det: bool) -> None:
+    def __init__(self, config: K2Config, layer: int, w: dict[str, torch.Tensor], proj: Projections,
+                 experts: MoEExecutor, load: ExpertLoad, det: bool) -> None:
         prefix = f"model.layers.{layer}.mlp."
         self.layer = layer
-        self.router = Router(config, w, prefix, det)
-        self.shared = DenseMLP.from_weights(w, prefix + "shared_experts.", det) if config.n_shared_experts else None
+        self.router = Router(config, w, proj, prefix, det)
+        self.shared = DenseMLP.from_weights(proj, prefix + "shared_experts.", det) if config.n_shared_experts else None
         self.experts = experts
         self.load = load
 

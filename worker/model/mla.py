@@ -13,13 +13,14 @@ import torch.nn.functional as F
 
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache
 from k2serve.worker.model.config import K2Config
+from k2serve.worker.model.linear import Projection, Projections
 from k2serve.worker.model.norm import rms_norm
 from k2serve.worker.model.rope import Rotary, softmax_scale
-from k2serve.worker.quant.moe import linear
 
 
 class MLAttention:
-    def __init__(self, config: K2Config, layer: int, w: dict[str, torch.Tensor], deterministic: bool) -> None:
+    def __init__(self, config: K2Config, layer: int, w: dict[str, torch.Tensor], proj: Projections,
+                 deterministic: bool) -> None:
         p = f"model.layers.{layer}.self_attn."
         self.layer = layer
         self.heads = config.num_attention_heads
@@ -29,18 +30,19 @@ class MLAttention:
         self.scale = softmax_scale(config)
         self.det = deterministic
         if config.q_lora_rank is None:
-            self.q_proj: torch.Tensor | None = w[p + "q_proj.weight"]
+            self.q_proj: Projection | None = proj.get(p + "q_proj.weight")
         else:
             self.q_proj = None
-            self.q_a = w[p + "q_a_proj.weight"]
+            self.q_a = proj.get(p + "q_a_proj.weight")
             self.q_a_norm = w[p + "q_a_layernorm.weight"]
-            self.q_b = w[p + "q_b_proj.weight"]
-        self.kv_a = w[p + "kv_a_proj_with_mqa.weight"]  # [c + r, D]
+            self.q_b = proj.get(p + "q_b_proj.weight")
+        self.kv_a = proj.get(p + "kv_a_proj_with_mqa.weight")  # [c + r, D]
         self.kv_a_norm = w[p + "kv_a_layernorm.weight"]
         kv_b = w[p + "kv_b_proj.weight"].view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         self.w_uk = kv_b[:, : self.nope].contiguous()  # [H, nope, c]
         self.w_uv = kv_b[:, self.nope :].contiguous()  # [H, v, c]
-        self.o_proj = w[p + "o_proj.weight"]  # [D, H * v]
+        self.w_uv_t = self.w_uv.transpose(1, 2).contiguous()  # [H, c, v]: the batched product's right operand
+        self.o_proj = proj.get(p + "o_proj.weight")  # [D, H * v]
 
     def __call__(
         self, x: torch.Tensor, batch: ForwardBatch, kv: LatentKVCache, cos: torch.Tensor, sin: torch.Tensor,
@@ -49,15 +51,15 @@ class MLAttention:
         """x [T, D] (normed hidden states of every new token) -> [T, D]."""
         T = x.shape[0]
         if self.q_proj is not None:
-            q = linear(x, self.q_proj, self.det)
+            q = self.q_proj(x, self.det)
         else:
-            q = linear(rms_norm(linear(x, self.q_a, self.det), self.q_a_norm, self.eps), self.q_b, self.det)
+            q = self.q_b(rms_norm(self.q_a(x, self.det), self.q_a_norm, self.eps), self.det)
         q = q.view(T, self.heads, self.nope + self.rope_dim)  # [T, H, nope + r]
         q_nope, q_rope = q[..., : self.nope], rotary.apply(q[..., self.nope :], cos, sin)
         # Queries in latent space: [T, H, c].
-        q_lat = self._per_head("thn,hnc->thc", q_nope, self.w_uk)
+        q_lat = self._per_head("thn,hnc->thc", q_nope, self.w_uk)  # [T, H, c]
 
-        ckv = linear(x, self.kv_a, self.det)  # [T, c + r]
+        ckv = self.kv_a(x, self.det)  # [T, c + r]
         latent = rms_norm(ckv[:, : self.kv_lora_rank], self.kv_a_norm, self.eps)  # [T, c]
         k_rope = rotary.apply(ckv[:, self.kv_lora_rank :], cos, sin)  # [T, r]
         kv.write(self.layer, batch.write_slots, latent, k_rope)
@@ -86,14 +88,18 @@ class MLAttention:
                 n = s.start_pos + i + 1  # the keys this query sees, exactly: prefill and decode alike
                 out[s.row + i] = self._attend(q_lat[s.row + i : s.row + i + 1], q_rope[s.row + i : s.row + i + 1],
                                               c_all[:n], r_all[:n])[0]
-        o = self._per_head("thc,hvc->thv", out, self.w_uv).reshape(T, self.heads * self.v_dim)  # [T, H * v]
-        return linear(o, self.o_proj, self.det)
+        o = self._per_head("thc,hvc->thv", out, self.w_uv, self.w_uv_t)  # [T, H, v]
+        o = o.reshape(T, self.heads * self.v_dim)
+        return self.o_proj(o, self.det)
 
-    def _per_head(self, equation: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """A per-head projection of every row; row by row in deterministic mode (see `linear`)."""
-        if not self.det or x.shape[0] == 0:
-            return torch.einsum(equation, x, w)
-        return torch.cat([torch.einsum(equation, x[t : t + 1], w) for t in range(x.shape[0])])
+    def _per_head(self, equation: str, x: torch.Tensor, w: torch.Tensor, w_bmm: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """A per-head projection of every row, x [T, H, a] -> [T, H, b] (`equation` over w); one batched product
+        over the heads (w_bmm [H, a, b]: w itself when that is its layout), or row by row in deterministic mode
+        (see `Projection`). The batched product is half einsum's cost at decode sizes (8 vs 16 µs)."""
+        if self.det and x.shape[0]:
+            return torch.cat([torch.einsum(equation, x[t : t + 1], w) for t in range(x.shape[0])])
+        return torch.bmm(x.transpose(0, 1), w if w_bmm is None else w_bmm).transpose(0, 1)
 
     def _attend_causal(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
         """q [n, H, c + r] at positions start.., keys [ctx, c + r] -> attended latents [n, H, c], each query seeing

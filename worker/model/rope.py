@@ -62,9 +62,14 @@ class Rotary:
         self.inv_freq = inv_freq.to(device)  # [r/2]
         self.interleave = config.rope_interleave
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, exact_rows: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """exact_rows (deterministic mode): a position's angles do not depend on how many share the call."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [T, r/2]
-        cos, sin = rowwise(torch.cos, freqs), rowwise(torch.sin, freqs)  # a position's angles, however many
+        if exact_rows:
+            cos, sin = rowwise(torch.cos, freqs), rowwise(torch.sin, freqs)
+        else:
+            cos, sin = torch.cos(freqs), torch.sin(freqs)
         return (cos * self.attention_factor).to(dtype), (sin * self.attention_factor).to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -121,27 +121,33 @@ def route_to_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     per the `MoEBackend` contract.
 
     A prefill makes these [T * k, H] tensors megabytes each, so each is made once: the tokens are cast to
-    rows_dtype before the k-fold gather (half the bytes for bf16), and when this shard owns every expert each
-    slot is written, so none is zero-filled first. (The weighting casts run's output first: one product of a
-    bf16 and a float32 operand took twice as long as the cast and a float32 product.)"""
+    rows_dtype before the k-fold gather (half the bytes for bf16), and when this shard owns every expert the
+    slots are gathered back in one pass, with nothing zero-filled. (The weighting casts run's output first: one
+    product of a bf16 and a float32 operand took twice as long as the cast and a float32 product.)"""
     T, k = topk_ids.shape
     H = shard.hidden_size
     local_ids = (topk_ids - shard.start).flatten()  # [T*k], pair t*k + s = token t's slot s
-    if shard.num_local == shard.num_experts:  # every pair is this shard's
+    owns_all = shard.num_local == shard.num_experts  # every pair is this shard's
+    if owns_all:
         pairs, ids = torch.arange(T * k, device=x.device), local_ids  # [P = T*k] each
-        slots = x.new_empty(T * k, H, dtype=torch.float32)  # every row written below
     else:
         pairs = ((local_ids >= 0) & (local_ids < shard.num_local)).nonzero().flatten()  # [P] owned pairs
         ids = local_ids[pairs]  # [P]
-        slots = x.new_zeros(T * k, H, dtype=torch.float32)
-    if pairs.numel():
-        order = ids.argsort(stable=True)  # [P] pairs grouped by expert, in pair order within one
-        pairs, ids = pairs[order], ids[order]
-        per_expert = torch.bincount(ids, minlength=shard.num_local)  # [E_l]
-        hit = per_expert.nonzero().flatten()  # [n_hit]
-        y = run(x.to(rows_dtype)[pairs // k], hit, per_expert[hit].tolist())  # [P, H]
-        weighted = y.float().mul_(topk_weights.flatten()[pairs].float().unsqueeze(-1))  # [P, H]
-        slots.index_copy_(0, pairs, weighted)
+    if not pairs.numel():
+        return x.new_zeros(T, k, H) if not combine else x.new_zeros(T, H)
+    order = ids.argsort(stable=True)  # [P] pairs grouped by expert, in pair order within one
+    pairs, ids = pairs[order], ids[order]
+    per_expert = torch.bincount(ids, minlength=shard.num_local)  # [E_l]
+    hit = per_expert.nonzero().flatten()  # [n_hit]
+    # index_select, not advanced indexing: ~3x faster for a prefill's rows on CPU (one copy per row)
+    y = run(x.to(rows_dtype).index_select(0, pairs // k), hit, per_expert[hit].tolist())  # [P, H]
+    weighted = y.float().mul_(topk_weights.flatten().index_select(0, pairs).float().unsqueeze(-1))  # [P, H]
+    if owns_all:  # pairs is a permutation: gathering rows back by its inverse beats scattering them (2x on CPU)
+        inverse = torch.empty_like(pairs)
+        inverse[pairs] = torch.arange(T * k, device=x.device)
+        slots = weighted.index_select(0, inverse)  # [T*k, H]
+    else:
+        slots = x.new_zeros(T * k, H, dtype=torch.float32).index_copy_(0, pairs, weighted)
     slots = slots.view(T, k, H)
     if not combine:
         return slots.to(x.dtype)
