@@ -27,6 +27,7 @@ from k2serve.proto.convert import sampling_to_proto
 from k2serve.router.live import LiveTurn
 from k2serve.router.mux import DecodeMux, GroupFailed
 from k2serve.router.schedule import GroupDirectory, GroupState, NoGroupAvailable, Scheduler
+from k2serve.router.stall import StallWatch
 from k2serve.sampling_params import SamplingParams
 
 RPC_TIMEOUT_S = 2.0
@@ -141,22 +142,25 @@ class Dispatcher:
         call = g.mux.open(request)
         first = True
         events = aiter(call)
-        with self._tracked(g, live, call):
-            while True:
-                # The first event may wait for a whole prefill (the request deadline); later ones only for a
-                # decode step. A timeout scope, not wait_for: that would start a task per token.
-                deadline = self.config.router.request_timeout_s if first else self.stall_timeout_s
-                try:
-                    async with asyncio.timeout(deadline):
-                        ev = await self._next_event(g, events, first)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise GroupFailed(g.state.addr.group_id, f"stream stalled for {deadline} s") from None
-                if first and ev.kv_handoff:
-                    self.metrics.kv_handoffs.labels(outcome=ev.kv_handoff).inc()
-                first = False
-                yield ev
+        watch = StallWatch()  # one timer per stream, not one per token (stall.py)
+        try:
+            with self._tracked(g, live, call):
+                while True:
+                    # The first event may wait for a whole prefill (the request deadline); later ones only for a
+                    # decode step.
+                    deadline = self.config.router.request_timeout_s if first else self.stall_timeout_s
+                    try:
+                        ev = await watch.wait(self._next_event(g, events, first), deadline)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise GroupFailed(g.state.addr.group_id, f"stream stalled for {deadline} s") from None
+                    if first and ev.kv_handoff:
+                        self.metrics.kv_handoffs.labels(outcome=ev.kv_handoff).inc()
+                    first = False
+                    yield ev
+        finally:
+            watch.close()
 
     async def _next_event(self, g: GroupClient, events: AsyncIterator[pb.TokenEvent], first: bool) -> pb.TokenEvent:
         ev = await anext(events)
