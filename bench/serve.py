@@ -5,11 +5,13 @@ as the baseline, and the router's overhead (the same load streamed straight from
 the router, in alternating runs).
 
     python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--rank-cpus 1] [--max-tokens 64]
+                          [--requests-per-slot 4]
 
-Requests: prompts of 16-256 tokens, and `--max-tokens` generated tokens each: one number (every request the
-same), or LO-HI (uniform, per request). With one length for all, a closed loop stays in waves: requests admitted
-together finish together and their successors arrive together, so a prefill pool and a decode pool take turns
-instead of overlapping; mixed lengths are what serving traffic looks like.
+Requests: 4 x concurrency per level (a client takes the next as soon as one ends), prompts of 16-256 tokens,
+and `--max-tokens` generated tokens each: one number (every request the same), or LO-HI (uniform, per request).
+With one length for all, a closed loop stays in waves: requests admitted together finish together and their
+successors arrive together, so a prefill pool and a decode pool take turns instead of overlapping; mixed
+lengths are what serving traffic looks like.
 
 The transformers baseline runs `DeepseekV3ForCausalLM` built from the served model's config with dense float
 experts (transformers cannot run the INT4 pack-quantized experts here), every request forced to its full
@@ -366,11 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-runs", type=int, default=5, help="direct/routed pairs for the router overhead")
     ap.add_argument("--rank-cpus", type=float, default=1.0, help="Ray CPUs (= torch threads) of every rank")
     ap.add_argument("--groups", type=int, default=1, help="worker groups per pool (model replicas)")
+    ap.add_argument("--requests-per-slot", type=int,
+                    help="requests per level = this x its concurrency (default 4; 1 with --smoke): the run's end, "
+                         "when fewer than `concurrency` requests are left, is then a smaller part of it")
     ap.add_argument("--max-tokens", type=lengths,
                     help="tokens generated per request: N, or LO-HI for lengths drawn uniformly per request "
                          "(default 64; 4 with --smoke)")
     args = ap.parse_args(argv)
-    levels, per_level, lens = ([1, 4], 1, (4, 24)) if args.smoke else ([1, 8, 32], 2, (16, 256))
+    levels, per_level, lens = ([1, 4], 1, (4, 24)) if args.smoke else ([1, 8, 32], 4, (16, 256))
+    per_level = args.requests_per_slot or per_level
     outs = args.max_tokens or ((4, 4) if args.smoke else (64, 64))
 
     import ray
