@@ -65,6 +65,23 @@ def test_prefix_cache_prefills_only_new_tokens_and_keeps_output() -> None:
     assert uncached.stats.prefill_tokens == len(second)
 
 
+def test_blocks_filled_while_decoding_join_the_prefix_cache() -> None:
+    """A chain's next turn (prompt + the previous turn's output + more) reuses every block the previous turn
+    filled, generated tokens included: the engine commits a block when its step fills it."""
+    g = torch.Generator().manual_seed(12)
+    prompt = torch.randint(0, 256, (21,), generator=g).tolist()
+    engine = tiny_engine(block_size=8)
+    engine.add_request("turn-1", prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    output = run_all(engine)["turn-1"]
+    assert len(output) == 30
+    before = engine.stats.prefill_tokens
+    engine.add_request("turn-2", prompt + output + [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=2))
+    run_all(engine)
+    # the KV of the last token sampled was never computed: 21 + 29 = 50 tokens have KV, 48 of them in full blocks
+    assert engine.blocks.prefix_hit_tokens == 48
+    assert engine.stats.prefill_tokens - before == len(prompt) + 30 + 3 - 48
+
+
 def test_kv_cache_holds_only_the_latent_per_token() -> None:
     config = tiny_weights().config
     engine = tiny_engine(num_blocks=64, block_size=16)
