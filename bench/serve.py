@@ -5,7 +5,7 @@ as the baseline, and the router's overhead (the same load streamed straight from
 the router, in alternating runs).
 
     python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--rank-cpus 1] [--max-tokens 64]
-                          [--requests-per-slot 4]
+                          [--requests-per-slot 4] [--pin-ranks]
 
 Requests: 4 x concurrency per level (a client takes the next as soon as one ends), prompts of 16-256 tokens,
 and `--max-tokens` generated tokens each: one number (every request the same), or LO-HI (uniform, per request).
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -122,13 +123,8 @@ class CpuMeter:
         self.shares: dict[str, float] = {}  # role -> % of one core over the window
 
     def _sample(self) -> dict[int, tuple[str, float]]:
-        me = psutil.Process()
-        out = {me.pid: ("router + clients (this process)", sum(me.cpu_times()[:2]))}
-        for proc in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or ())
-            if proc.pid == me.pid or "ray" not in cmd.lower():
-                continue
-            role = next((name for key, name in self.ROLES if key in cmd), "Ray (raylet, GCS, other actors)")
+        out = {}
+        for proc, role in stack_processes():
             with contextlib.suppress(psutil.Error):
                 out[proc.pid] = (role, sum(proc.cpu_times()[:2]))
         return out
@@ -148,6 +144,44 @@ class CpuMeter:
         rows = sorted(self.shares.items(), key=lambda kv: -kv[1])
         return "\n".join([f"CPU per process, {label} (% of one core):", "| process | CPU % |", "|---|---|",
                           *(f"| {role} | {pct:.0f} |" for role, pct in rows)])
+
+
+def stack_processes() -> list[tuple[psutil.Process, str]]:
+    """This process (the router and the clients) and Ray's, each with its role in `CpuMeter.ROLES`' terms."""
+    me = psutil.Process()
+    out = [(me, "router + clients (this process)")]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or ())
+        if proc.pid == me.pid or "ray" not in cmd.lower():
+            continue
+        role = next((name for key, name in CpuMeter.ROLES if key in cmd), "Ray (raylet, GCS, other actors)")
+        out.append((proc, role))
+    return out
+
+
+def pin_ranks() -> Callable[[], None]:
+    """Gives each rank a core of its own (the last ones; ranks share when there are not enough) and every other
+    process of the stack the remaining cores, thread by thread (Linux). On a small machine the router's, the
+    leaders' and the clients' wakeups otherwise land on the ranks' cores. Returns what undoes it for this
+    process, whose later rows (engine alone, transformers) must have every core again."""
+    cores = sorted(os.sched_getaffinity(0))
+    procs = stack_processes()
+    ranks = [p for p, role in procs if role == "ranks"]
+    n = max(1, min(len(ranks), len(cores) - 1))
+    rank_cores, rest = cores[len(cores) - n:], set(cores[: len(cores) - n]) or set(cores)
+
+    def pin(proc: psutil.Process, mask: set[int]) -> None:
+        with contextlib.suppress(psutil.Error, OSError):
+            for t in proc.threads():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(t.id, mask)
+
+    for i, rank in enumerate(ranks):
+        pin(rank, {rank_cores[i % n]})
+    for proc, role in procs:
+        if role != "ranks":
+            pin(proc, rest)
+    return lambda: pin(psutil.Process(), set(cores))
 
 
 def serving_config(tmp: Path, aggregated: bool, rank_cpus: float, groups: int) -> ServingConfig:
@@ -192,8 +226,8 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
 
 
 async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int],
-                      groups_in: str, rank_cpus: float, groups: int, overhead_runs: int, cpu: list[str]
-                      ) -> tuple[list[Row], list[Row]]:
+                      groups_in: str, rank_cpus: float, groups: int, overhead_runs: int, cpu: list[str],
+                      pin: bool = False) -> tuple[list[Row], list[Row]]:
     """The stack's rows and the router-overhead pairs; appends a CPU-per-process table per mode to `cpu`."""
     rows: list[Row] = []
     overhead: list[Row] = []
@@ -201,6 +235,7 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
     for aggregated in (False, True):
         stack = await start_stack(serving_config(tmp, aggregated, rank_cpus, groups), groups_in)
         server, port = await start_router_server(stack.core, "127.0.0.1", 0)
+        unpin = pin_ranks() if pin else None
         vocab = stack.core.tokenizer.vocab_size
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -237,6 +272,8 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
         finally:
             await server.stop(0)
             await stack.close()
+            if unpin is not None:
+                unpin()
     return rows, overhead
 
 
@@ -371,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-slot", type=int,
                     help="requests per level = this x its concurrency (default 4; 1 with --smoke): the run's end, "
                          "when fewer than `concurrency` requests are left, is then a smaller part of it")
+    ap.add_argument("--pin-ranks", action="store_true",
+                    help="a core of its own for each rank, the rest of the stack on the other cores (Linux)")
     ap.add_argument("--max-tokens", type=lengths,
                     help="tokens generated per request: N, or LO-HI for lengths drawn uniformly per request "
                          "(default 64; 4 with --smoke)")
@@ -392,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, outs, args.groups_in,
                                                      args.rank_cpus, args.groups,
-                                                     1 if args.smoke else args.overhead_runs, cpu))
+                                                     1 if args.smoke else args.overhead_runs, cpu, args.pin_ranks))
     finally:
         ray.shutdown()
     import torch
