@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,3 +41,16 @@ class SamplingParams(BaseModel):
 def resolve_seed(params: SamplingParams) -> int:
     """The seed a request samples with: its own, or a fresh one the caller must record to replay the request."""
     return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def finish_reason(params: SamplingParams, token: int, generated: int, total: int, max_len: int,
+                  eos_ids: Collection[int]) -> str | None:
+    """Why a sequence ends at `token`, its `generated`-th generated token (`total` tokens with the prompt), or None
+    when it goes on. The engine asks after every token it samples; a router asks of a turn's last durable token
+    when it takes over a turn a dead router left running (that router may have died after making the last token
+    durable but before ending the turn)."""
+    if (token in eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        return "stop"
+    if generated >= params.max_tokens or total >= max_len:
+        return "length"
+    return None

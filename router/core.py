@@ -34,7 +34,7 @@ from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, LiveTurn
 from k2serve.router.dispatch import Dispatcher, GroupFailed
 from k2serve.router.schedule import GroupDirectory
-from k2serve.sampling_params import SamplingParams, resolve_seed
+from k2serve.sampling_params import SamplingParams, finish_reason, resolve_seed
 from k2serve.worker.loader import resolve_model
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.tokenizer import K2Tokenizer
@@ -233,18 +233,27 @@ class RouterCore:
             if not await self._io(self.store.claim, chain_id, self.router_id, self.lease_ttl_s):
                 return None
             turn = (await self._io(self.store.get_chain, chain_id)).turns[-1]
-            if turn.status != "running":  # it ended between our read and the claim
+            det = bool(turn.sampling.get("deterministic", False))
+            params = SamplingParams.model_validate({k: v for k, v in turn.sampling.items() if k != "deterministic"})
+            reason = turn.finish_reason
+            if turn.status == "running" and turn.generated:
+                # Its router may have died after making the last token durable but before ending the turn:
+                # generating on would add a token past the end.
+                reason = finish_reason(params, turn.generated[-1], len(turn.generated),
+                                       len(turn.prompt_tokens) + len(turn.generated), self.max_context,
+                                       self.tokenizer.eos_ids)
+                if reason is not None:
+                    await self._io(self.store.finish_turn, chain_id, turn.index, "finished", reason)
+            if turn.status != "running" or reason is not None:  # it ended (maybe between our read and the claim)
                 await self._io(self.store.release, chain_id, self.router_id)
                 live = LiveTurn(chain_id, turn.index, len(turn.prompt_tokens))
                 for i, t in enumerate(turn.generated):
                     last = i == len(turn.generated) - 1
                     live.publish(ChainToken(chain_id, turn.index, i, t, None, None,
-                                            turn.finish_reason if last else None, len(turn.prompt_tokens)))
+                                            reason if last else None, len(turn.prompt_tokens)))
                 live.end()
                 return live
             self.metrics.chain_resumes.labels(cause="router").inc()
-            det = bool(turn.sampling.get("deterministic", False))
-            params = SamplingParams.model_validate({k: v for k, v in turn.sampling.items() if k != "deterministic"})
             log.info("chain %s: resuming turn %d at token %d", chain_id, turn.index, len(turn.generated))
             return self._launch(chain_id, turn.index, turn.prompt_tokens, params, det, turn.generated,
                                 began_here=False)

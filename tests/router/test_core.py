@@ -89,6 +89,36 @@ def test_resume_continues_a_turn_left_running_by_a_dead_router(tmp_path: Path) -
     assert status == "finished"
 
 
+@pytest.mark.parametrize("ends_by", ["length", "stop"])
+def test_a_running_turn_whose_durable_tokens_complete_it_is_ended_not_generated_on(tmp_path: Path,
+                                                                                    ends_by: str) -> None:
+    """A router that died after its turn's last token was durable but before it ended the turn: the router
+    taking over ends it with that token's finish reason instead of generating one past the end."""
+    cfg = serving(tmp_path, router={"aggregated": True})
+
+    async def body(stack: LocalStack) -> tuple[list[int], list[ChainToken], Any, float]:
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=ends_by == "length")
+        stored = [t.token for t in await collect(stack.core.generate(PROMPT, params.model_copy(
+            update={"ignore_eos": True})))]
+        if ends_by == "stop":
+            stored = stored[:3] + [stack.core.tokenizer.eos_ids[0]]
+        store = stack.core.store
+        chain_id = store.create_chain()
+        turn = store.begin_turn(chain_id, {}, {**params.model_dump(mode="json"), "deterministic": True}, PROMPT)
+        store.append_tokens(chain_id, turn, 0, stored)
+        before = sum(g.service.loop.engine.stats.decode_tokens for g in stack.groups)
+        resumed = await collect(stack.core.resume(chain_id, 1))
+        after = sum(g.service.loop.engine.stats.decode_tokens for g in stack.groups)
+        return stored, resumed, (await stack.core.get_chain(chain_id)).turns[0], after - before
+
+    stored, resumed, turn, decoded = with_stack(cfg, body)
+    assert [t.index for t in resumed] == list(range(1, len(stored)))
+    assert [t.token for t in resumed] == stored[1:]
+    assert resumed[-1].finish_reason == ends_by
+    assert (turn.status, turn.finish_reason, turn.generated) == ("finished", ends_by, stored)
+    assert decoded == 0
+
+
 def test_closing_router_leaves_the_turn_running_with_its_tokens_durable(tmp_path: Path) -> None:
     """A router shutting down mid-turn checkpoints what it generated and leaves the turn for another router."""
     cfg = serving(tmp_path, router={"aggregated": True}, chain_store={

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from k2serve.sampling_params import finish_reason
 from k2serve.worker.engine.blocks import BlockManager
 from k2serve.worker.engine.sampling import SamplingParams, resolve_seed, sample
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
@@ -349,9 +350,4 @@ class Engine:
         return model.forward(batch, self.kv)
 
     def _finish_reason(self, seq: Request, token: int) -> str | None:
-        p = seq.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in set(p.stop_token_ids or ()):
-            return "stop"
-        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return finish_reason(seq.params, token, len(seq.output), seq.num_tokens, self.max_model_len, self.eos_ids)
