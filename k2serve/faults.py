@@ -71,6 +71,11 @@ class RouterFaults:
                 log.error("fault injection: kill_router after %d tokens", generated)
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    @property
+    def hangs(self) -> bool:
+        """Whether any hang fault is configured (else `stream_event` never waits and callers may skip it)."""
+        return bool(self._hang)
+
     async def stream_event(self, group_id: str, role: str, *, first: bool = False) -> None:
         """Called before the router takes an event from a group's stream; stalls forever when a hang fires
         (the caller's stall deadline ends the wait). A hang models a stream stalling between tokens: one due

@@ -23,15 +23,16 @@ class StallWatch:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[object] | None = None
+        self._task: asyncio.Task[object] | None = None  # the task that waits, from its first wait on
         self._deadline = 0.0  # of the wait in progress, in loop time; 0 when none is
         self._handle: asyncio.TimerHandle | None = None
         self._fired = False
 
     async def wait(self, aw: Awaitable[T], allowance: float) -> T:
-        task = asyncio.current_task()
-        assert task is not None, "StallWatch.wait runs in a task"
-        self._task = task
+        task = self._task
+        if task is None:  # one task uses a watch: look it up once, not per event
+            task = self._task = asyncio.current_task()
+            assert task is not None, "StallWatch.wait runs in a task"
         deadline = self._loop.time() + allowance
         self._deadline = deadline
         if self._handle is None or self._handle.when() > deadline:  # the timer must fire by this deadline

@@ -84,25 +84,41 @@ class SqliteChainStore(ChainStore):
         # anyway. Other processes on the same file coordinate through WAL and the busy timeout.
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
+        self._batch_thread: int | None = None  # the thread whose write transaction is open (joined by its writes)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The writes inside are one transaction: one commit (one fsync), all or none of them."""
+        with self._write():
+            yield
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        if self._batch_thread == threading.get_ident():  # inside this thread's `batch()`: part of its transaction
+            yield self._db
+            return
         # IMMEDIATE takes the write lock up front, so read-check-write sequences are atomic across processes.
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            self._batch_thread = threading.get_ident()
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._batch_thread = None
             self._db.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
+        if self._batch_thread == threading.get_ident():
+            yield self._db
+            return
         with self._lock:
             self._db.execute("BEGIN")
             try:

@@ -14,10 +14,11 @@ Calls block; async callers run them on `io_threads` threads of their own.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from k2serve.config import ChainStoreConfig
@@ -150,6 +151,13 @@ class ChainStore(abc.ABC):
         if ttl_s <= 0 or not owner:
             raise ValueError(f"claim: need a non-empty owner and ttl_s > 0, got {owner!r}, {ttl_s}")
         return self._claim(chain_id, owner, ttl_s)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Groups the writes made inside (by this thread) into one durable commit where the backend can: SQLite
+        makes them one transaction (one fsync instead of one per write; all or none). Elsewhere (Redis) each
+        write commits on its own, as outside a batch. Either way they are durable when the block exits."""
+        yield
 
     @abc.abstractmethod
     def release(self, chain_id: str, owner: str) -> None:

@@ -190,6 +190,51 @@ def test_lease(store: ChainStore) -> None:
         store.claim(chain, "router-a", 0)
 
 
+def test_writes_in_a_batch_are_all_durable_when_it_ends(store: ChainStore) -> None:
+    with store.batch():
+        chain, turn = new_turn(store)
+        assert store.claim(chain, "router-a", 10)
+        store.append_tokens(chain, turn, 0, [4, 5])
+        assert store.get_chain(chain).turns[0].generated == [4, 5]  # reads inside see the batch's writes
+    reopened = store.get_chain(chain)
+    assert (reopened.owner, reopened.turns[0].generated, reopened.turns[0].status) == ("router-a", [4, 5], "running")
+    with store.batch():
+        store.finish_turn(chain, turn, "finished", "stop")
+        store.release(chain, "router-a")
+    assert (store.get_chain(chain).owner, store.get_chain(chain).status) == (None, "finished")
+
+
+def test_sqlite_batch_is_one_transaction(tmp_path: Path) -> None:
+    store = SqliteChainStore(tmp_path / "chains.sqlite3")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    with store.batch():
+        chain, turn = new_turn(store)
+        store.claim(chain, "router-a", 10)
+    assert sum(s == "COMMIT" for s in statements) == 1 and statements[0] == "BEGIN IMMEDIATE"
+    statements.clear()
+    store.append_tokens(chain, turn, 0, [1])  # outside a batch: a transaction of its own
+    assert statements.count("COMMIT") == 1
+    # An error out of the block rolls back every write in it.
+    with pytest.raises(TurnClosed), store.batch():
+        store.finish_turn(chain, turn, "finished", "stop")
+        store.release(chain, "router-a")
+        store.append_tokens(chain, turn, 1, [2])
+    after = store.get_chain(chain)
+    assert (after.turns[0].status, after.turns[0].generated, after.owner) == ("running", [1], "router-a")
+    # Another thread's writes wait for the batch and are not part of it.
+    with store.batch():
+        other = threading.Thread(target=store.release, args=(chain, "router-a"))
+        other.start()
+        other.join(0.2)
+        assert other.is_alive()  # blocked on the batch's lock
+        store.append_tokens(chain, turn, 1, [3])
+    other.join()
+    after = store.get_chain(chain)
+    assert (after.turns[0].generated, after.owner) == ([1, 3], None)
+    store.close()
+
+
 def test_delete_list_and_ttl_purge(store: ChainStore) -> None:
     old, _ = new_turn(store)
     store.finish_turn(old, 0, "finished", "stop")
