@@ -5,7 +5,7 @@ as the baseline, and the router's overhead (the same load streamed straight from
 the router, in alternating runs).
 
     python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--rank-cpus 1] [--max-tokens 64]
-                          [--requests-per-slot 4] [--pin-ranks]
+                          [--requests-per-slot 4] [--cpu-binding auto|none]
 
 Requests: 4 x concurrency per level (a client takes the next as soon as one ends), prompts of 16-256 tokens,
 and `--max-tokens` generated tokens each: one number (every request the same), or LO-HI (uniform, per request).
@@ -43,6 +43,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.chains import open_store
 from k2serve.router.core import RouterCore
+from k2serve.cpu_binding import allowed_cores, bind_tree
 from k2serve.router.directory import RegistryDirectory
 from k2serve.router.local import start_local_stack
 from k2serve.router.server import start_router_server
@@ -159,35 +160,12 @@ def stack_processes() -> list[tuple[psutil.Process, str]]:
     return out
 
 
-def pin_ranks() -> Callable[[], None]:
-    """Gives each rank a core of its own (the last ones; ranks share when there are not enough) and every other
-    process of the stack the remaining cores, thread by thread (Linux). On a small machine the router's, the
-    leaders' and the clients' wakeups otherwise land on the ranks' cores. Returns what undoes it for this
-    process, whose later rows (engine alone, transformers) must have every core again."""
-    cores = sorted(os.sched_getaffinity(0))
-    procs = stack_processes()
-    ranks = [p for p, role in procs if role == "ranks"]
-    n = max(1, min(len(ranks), len(cores) - 1))
-    rank_cores, rest = cores[len(cores) - n:], set(cores[: len(cores) - n]) or set(cores)
-
-    def pin(proc: psutil.Process, mask: set[int]) -> None:
-        with contextlib.suppress(psutil.Error, OSError):
-            for t in proc.threads():
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(t.id, mask)
-
-    for i, rank in enumerate(ranks):
-        pin(rank, {rank_cores[i % n]})
-    for proc, role in procs:
-        if role != "ranks":
-            pin(proc, rest)
-    return lambda: pin(psutil.Process(), set(cores))
-
-
-def serving_config(tmp: Path, aggregated: bool, rank_cpus: float, groups: int) -> ServingConfig:
+def serving_config(tmp: Path, aggregated: bool, rank_cpus: float, groups: int,
+                   cpu_binding: str = "auto") -> ServingConfig:
     pool = {"groups": groups, "max_running": 64, "num_cpus_per_actor": rank_cpus}
     return ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / f"chains-{aggregated}.sqlite3")},
-                                         "router": {"aggregated": aggregated}, "prefill": pool, "decode": pool})
+                                         "router": {"aggregated": aggregated}, "prefill": pool, "decode": pool,
+                                         "cpu_binding": cpu_binding})
 
 
 @dataclass
@@ -211,6 +189,10 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
 
     controller = PoolController(config, namespace=f"k2serve-bench-{config.router.aggregated}")
     await asyncio.to_thread(controller.start)
+    own_cores = allowed_cores()
+    ranks = [pid for g in controller.groups() for pid in g["rank_pids"]]
+    if controller.cores is not None:  # the router, the clients and Ray off the ranks' cores, as `k2serve up` does
+        bind_tree(controller.cores.front, skip=ranks)
     tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
     core = RouterCore(config, tokenizer, open_store(config.chain_store), Metrics(),
                       RegistryDirectory(controller.namespace))
@@ -221,21 +203,22 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
         await core.aclose()
         core.store.close()
         await asyncio.to_thread(controller.stop)
+        if controller.cores is not None and own_cores:  # every core back for what runs after this stack
+            bind_tree(own_cores)
 
     return Stack(core, both[0]["address"] if both else None, close)
 
 
 async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int],
                       groups_in: str, rank_cpus: float, groups: int, overhead_runs: int, cpu: list[str],
-                      pin: bool = False) -> tuple[list[Row], list[Row]]:
+                      cpu_binding: str = "auto") -> tuple[list[Row], list[Row]]:
     """The stack's rows and the router-overhead pairs; appends a CPU-per-process table per mode to `cpu`."""
     rows: list[Row] = []
     overhead: list[Row] = []
     where = "groups in Ray actors" if groups_in == "ray" else "groups in the router's process"
     for aggregated in (False, True):
-        stack = await start_stack(serving_config(tmp, aggregated, rank_cpus, groups), groups_in)
+        stack = await start_stack(serving_config(tmp, aggregated, rank_cpus, groups, cpu_binding), groups_in)
         server, port = await start_router_server(stack.core, "127.0.0.1", 0)
-        unpin = pin_ranks() if pin else None
         vocab = stack.core.tokenizer.vocab_size
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -272,8 +255,6 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
         finally:
             await server.stop(0)
             await stack.close()
-            if unpin is not None:
-                unpin()
     return rows, overhead
 
 
@@ -408,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-slot", type=int,
                     help="requests per level = this x its concurrency (default 4; 1 with --smoke): the run's end, "
                          "when fewer than `concurrency` requests are left, is then a smaller part of it")
-    ap.add_argument("--pin-ranks", action="store_true",
-                    help="a core of its own for each rank, the rest of the stack on the other cores (Linux)")
+    ap.add_argument("--cpu-binding", choices=("auto", "none"), default="auto",
+                    help="the stack's cpu_binding (k2serve/cpu_binding.py): auto binds each rank to cores of its "
+                         "own when the node has one to spare; none leaves every thread to the OS")
     ap.add_argument("--max-tokens", type=lengths,
                     help="tokens generated per request: N, or LO-HI for lengths drawn uniformly per request "
                          "(default 64; 4 with --smoke)")
@@ -431,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             rows, overhead = asyncio.run(bench_stack(Path(tmp), levels, per_level, lens, outs, args.groups_in,
                                                      args.rank_cpus, args.groups,
-                                                     1 if args.smoke else args.overhead_runs, cpu, args.pin_ranks))
+                                                     1 if args.smoke else args.overhead_runs, cpu, args.cpu_binding))
     finally:
         ray.shutdown()
     import torch

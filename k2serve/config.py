@@ -114,6 +114,11 @@ class ServingConfig(_Strict):
         False, description="Batch-invariant kernels: outputs independent of batch composition (slower)."
     )
     faults: list[FaultSpec] = Field(default_factory=list)
+    cpu_binding: Literal["auto", "none"] = Field(
+        "auto", description="auto: when the Ray cluster is one node with a core to spare, each rank runs on cores "
+        "of its own and the router, leaders and Ray on the rest (k2serve/cpu_binding.py); none: the OS places "
+        "every thread."
+    )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ServingConfig":

@@ -18,6 +18,7 @@ import math
 import os
 
 from k2serve.config import ServingConfig
+from k2serve.cpu_binding import bind_tree
 from k2serve.localray import init_local_ray
 from k2serve.router.directory import RegistryDirectory
 from k2serve.router.serve import run_router, stop_on_signals
@@ -65,6 +66,12 @@ async def run(config: ServingConfig) -> None:
         for g in controller.groups():
             print(f"k2serve up: {g['role']} group {g['group_id']} (EP {g['world_size']}) on {g['address']}, "
                   f"metrics on :{g['metrics_port']}", flush=True)
+        if controller.cores is not None:  # the router here and Ray's processes off the ranks' cores (cpu_binding.py)
+            ranks = [pid for g in controller.groups() for pid in g["rank_pids"]]
+            bind_tree(controller.cores.front, skip=ranks)
+            plan = "; ".join(f"{gid}: {c.ranks}" for gid, c in controller.cores.groups.items())
+            print(f"k2serve up: ranks bound to cores of their own ({plan}); the router, leaders and Ray on "
+                  f"{controller.cores.front} (cpu_binding: none turns this off)", flush=True)
         metrics = serve_group_metrics(controller.metrics_texts, 0, config.router.host)
         print(f"k2serve up: every group's metrics, merged, at http://{config.router.host}:{metrics.server_port}"
               "/metrics", flush=True)

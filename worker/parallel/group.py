@@ -50,6 +50,7 @@ class GroupSpec:
     # streams tokens (one ahead still left a decode rank idle ~20% of the time on CPU, two ~12%). A KV export
     # waits behind the queued steps, so prefill groups, whose exports are on the TTFT path, queue none.
     steps_ahead: int = 0
+    rank_cores: list[list[int]] | None = None  # [world_size] cores each rank binds to (k2serve/cpu_binding.py)
 
 
 # Within a group, a request goes to the rank that holds its prompt's longest known prefix (keys: `block_hashes`
@@ -126,7 +127,8 @@ class ExpertParallelGroup:
         self.ranks = [
             actor.options(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor, resources=s.resources,
                           max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                              self._pg, placement_group_bundle_index=r)).remote(r, s.world_size)
+                              self._pg, placement_group_bundle_index=r)).remote(
+                                  r, s.world_size, s.rank_cores[r] if s.rank_cores else None)
             for r in range(s.world_size)
         ]
         host, port = ray.get(self.ranks[0].rendezvous_address.remote(), timeout=s.start_timeout_s)

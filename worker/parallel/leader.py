@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from k2serve.config import FaultSpec, PoolConfig, ServingConfig
+from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
 from k2serve.worker.engine.engine import EngineConfig, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
@@ -68,13 +69,16 @@ class GroupLeader:
     """Use as a Ray actor (`ray.remote(GroupLeader)`); `start()` must be awaited before anything else."""
 
     def __init__(self, config: ServingConfig, pool: Pool, index: int, role: Role, *,
-                 collective_timeout_s: float = 30.0) -> None:
+                 collective_timeout_s: float = 30.0, cores: GroupCores | None = None) -> None:
         self.config = config
         self.pool = pool
         self.role: Role = role
         self.group_id = f"{role}-{index}"
         self.spec = group_spec(config, getattr(config, pool), collective_timeout_s=collective_timeout_s,
                                steps_ahead=0 if role == "prefill" else DECODE_STEPS_AHEAD)
+        self.spec.rank_cores = cores.ranks if cores is not None else None
+        if cores is not None:  # off the ranks' cores (k2serve/cpu_binding.py)
+            bind_process(cores.front)
         self.faults = [_ArmedFault(f) for f in config.faults
                        if f.pool == pool and f.group == index and f.kind in ("kill_actor", "kill_group")]
         self.metrics = Metrics()

@@ -24,6 +24,7 @@ import ray
 from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
 from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import FaultSpec, ServingConfig
+from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
 from k2serve.localray import init_local_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
@@ -82,6 +83,7 @@ class PoolController:
         # fire them again.
         self._faults_left = [f.times for f in config.faults]
         self._registry: Any = None
+        self.cores: CorePlan | None = None  # made by start() (k2serve/cpu_binding.py)
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -94,6 +96,7 @@ class PoolController:
         self._registry = ray.remote(GroupRegistry).options(
             name=REGISTRY_NAME, namespace=self.namespace, lifetime="detached", num_cpus=0,
             get_if_exists=True).remote()
+        self.cores = self._plan_cores()
         pending = {slot.group_id: self._adopt_or_launch(slot) for slot in self._slots}
         for slot in self._slots:
             slot.info = ray.get(pending[slot.group_id], timeout=START_TIMEOUT_S)
@@ -143,6 +146,14 @@ class PoolController:
             self._registry = None
 
     # ---- internals ------------------------------------------------------------------------------------
+    def _plan_cores(self) -> CorePlan | None:
+        """Cores of their own for the ranks, when the whole cluster is this one node and has a core to spare."""
+        if self.config.cpu_binding != "auto" or len([n for n in ray.nodes() if n["Alive"]]) != 1:
+            return None
+        pools = {p: getattr(self.config, p) for p in ("prefill", "decode")}
+        return plan_cores([(s.group_id, pools[s.pool].expert_parallel, pools[s.pool].num_cpus_per_actor)
+                           for s in self._slots], allowed_cores())
+
     def _adopt_or_launch(self, slot: _Slot) -> Any:
         """A ref to the slot's leader info: the running leader's, or a freshly started one's."""
         try:
@@ -162,7 +173,8 @@ class PoolController:
                 slot.leader = ray.remote(GroupLeader).options(
                     name=self._name(slot), namespace=self.namespace, lifetime="detached", num_cpus=LEADER_CPUS,
                     max_restarts=0).remote(config, slot.pool, slot.index, slot.role,
-                                           collective_timeout_s=self.collective_timeout_s)
+                                           collective_timeout_s=self.collective_timeout_s,
+                                           cores=self.cores.groups[slot.group_id] if self.cores else None)
                 return slot.leader.start.remote()
             except ValueError:  # the dead leader's name is not released yet
                 if time.monotonic() > deadline:

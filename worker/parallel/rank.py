@@ -16,6 +16,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from k2serve.cpu_binding import bind_process
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, Request, TokenEvent
 from k2serve.worker.loader import load_weights
@@ -67,8 +68,12 @@ class RankWorker:
     checked and answered at once instead of after the steps the group queued ahead, and waits in an inbox
     that the engine's own thread empties before each of its calls."""
 
-    def __init__(self, rank: int, world_size: int) -> None:
-        torch.set_num_threads(reserved_cpus())  # ranks share a node's cores: use only what Ray reserved for us
+    def __init__(self, rank: int, world_size: int, cores: list[int] | None = None) -> None:
+        if cores:  # cores of its own (cpu_binding: auto): every thread there, one torch thread per core
+            bind_process(cores)
+            torch.set_num_threads(len(cores))
+        else:  # ranks share a node's cores: use only what Ray reserved for us
+            torch.set_num_threads(reserved_cpus())
         self.rank = rank
         self.world_size = world_size
         self.engine: Engine | None = None

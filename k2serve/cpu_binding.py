@@ -1,0 +1,107 @@
+"""CPU binding of a single-node stack (`cpu_binding: auto`): each rank gets whole cores of its own, and the
+router, the group leaders and Ray share the rest.
+
+Why: a rank's decode step is a chain of CPU work whose length is the inter-token latency. Left to the OS, the
+router's and leaders' short wakeups (a few per token) land on the rank's core and preempt it; on a small node
+that is several percent of ITL (bench/RESULTS.md). vLLM's CPU backend reserves a core for its front end and binds
+each worker's threads the same way; on Kubernetes the kubelet's CPU manager gives Guaranteed pods exclusive cores,
+so there this only applies inside one pod.
+
+The pool controller makes the plan (it knows every group) when the whole Ray cluster is one node and the node
+has a core to spare beyond the ranks'; otherwise there is no plan and the OS places every thread. A group's cores
+belong to its slot, so a replacement group gets the same ones. Linux only (`os.sched_setaffinity`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+from pydantic import BaseModel
+
+
+class GroupCores(BaseModel):
+    """One group's share of a plan (crosses to the leader actor)."""
+
+    ranks: list[list[int]]  # [world_size] cores of each rank
+    front: list[int]  # the cores left to the router, the leaders and Ray
+
+
+class CorePlan(BaseModel):
+    groups: dict[str, GroupCores]  # group id -> its ranks' cores
+    front: list[int]
+
+
+def plan_cores(groups: Sequence[tuple[str, int, float]], cores: Sequence[int]) -> CorePlan | None:
+    """Cores for each rank of `groups` ((group id, world size, CPUs per rank) in launch order; a rank gets its CPUs
+    rounded up to whole cores), taken from the end of `cores`; None when they would leave no core for the rest
+    (or there are no ranks)."""
+    ordered = sorted(cores)
+    need = sum(world * max(1, math.ceil(cpus)) for _, world, cpus in groups)
+    if need == 0 or need >= len(ordered):
+        return None
+    front = ordered[: len(ordered) - need]
+    taken = iter(ordered[len(ordered) - need:])
+    plan = {group_id: GroupCores(ranks=[[next(taken) for _ in range(max(1, math.ceil(cpus)))] for _ in range(world)],
+                                 front=front)
+            for group_id, world, cpus in groups}
+    return CorePlan(groups=plan, front=front)
+
+
+def allowed_cores() -> list[int]:
+    """The cores this process may run on (its cpuset), or none where the OS cannot say."""
+    getter = getattr(os, "sched_getaffinity", None)
+    return sorted(getter(0)) if getter is not None else []
+
+
+def bind_process(cores: Iterable[int], pid: int | None = None) -> None:
+    """Every thread of process `pid` (this one by default) onto `cores`; threads started later inherit it from
+    the thread that starts them. A thread that ends meanwhile is skipped."""
+    mask = set(cores)
+    if not mask:
+        raise ValueError("bind_process: no cores given")
+    pid = os.getpid() if pid is None else pid
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), mask)
+        except ProcessLookupError:
+            continue
+
+
+def bind_tree(cores: Iterable[int], skip: Iterable[int] = ()) -> None:
+    """This process and its descendants but `skip` (and theirs) onto `cores`. For the process that started a local
+    Ray (`k2serve up`): its children are Ray's own processes (GCS, raylet, and through the raylet every worker),
+    which then start new workers on `cores` too; a rank moves itself to its own cores when it starts."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+    children: dict[int, list[int]] = {}
+    for pid, parent in parent_of.items():
+        children.setdefault(parent, []).append(pid)
+    skipped, todo = set(skip), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        if pid in skipped:
+            continue
+        try:
+            bind_process(cores, pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        todo.extend(children.get(pid, ()))
+
+
+def thread_cores(pid: int) -> dict[int, set[int]]:
+    """Each live thread of `pid` and the cores it may run on."""
+    out: dict[int, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = os.sched_getaffinity(int(tid))
+        except ProcessLookupError:
+            continue
+    return out

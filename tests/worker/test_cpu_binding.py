@@ -1,0 +1,114 @@
+"""CPU binding (`cpu_binding: auto`, k2serve/cpu_binding.py): the plan, binding a live process's threads, and a
+pool controller's group whose rank runs on a core of its own while its leader stays off it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+from helpers.tiny import run_all, tiny_engine
+
+from k2serve.config import PoolConfig, ServingConfig
+from k2serve.cpu_binding import CorePlan, GroupCores, allowed_cores, bind_process, plan_cores, thread_cores
+from k2serve.proto import k2serve_pb2 as pb
+from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.worker.engine.sampling import SamplingParams
+from k2serve.worker.parallel.pools import PoolController
+
+
+def test_ranks_take_whole_cores_from_the_end_and_leave_the_rest() -> None:
+    assert plan_cores([("both-0", 1, 1.0)], [1, 0]) == CorePlan(
+        groups={"both-0": GroupCores(ranks=[[1]], front=[0])}, front=[0])
+    plan = plan_cores([("prefill-0", 1, 1.5), ("decode-0", 2, 0.5)], range(8))
+    assert plan is not None and plan.front == [0, 1, 2, 3]
+    assert plan.groups["prefill-0"].ranks == [[4, 5]]  # 1.5 CPUs: two whole cores
+    assert plan.groups["decode-0"].ranks == [[6], [7]]  # a fraction still gets a core of its own
+    # No core left for the router, the leaders and Ray, or no ranks at all: no plan, the OS places everything.
+    assert plan_cores([("prefill-0", 1, 1.0), ("decode-0", 1, 1.0)], [0, 1]) is None
+    assert plan_cores([("both-0", 2, 1.0)], [0, 1, 2]) is not None
+    assert plan_cores([("both-0", 3, 1.0)], [0, 1, 2]) is None
+    assert plan_cores([], [0, 1]) is None
+
+
+def test_bind_process_moves_every_thread_of_a_running_process() -> None:
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import threading, time\n"
+        "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "print('up', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
+        last = allowed_cores()[-1]
+        bind_process([last], child.pid)
+        threads = thread_cores(child.pid)
+        assert len(threads) == 4 and all(cores == {last} for cores in threads.values())
+        with pytest.raises(ValueError, match="no cores"):
+            bind_process([], child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+PROMPT = [5, 17, 33, 2, 91]
+
+
+def expected() -> list[int]:
+    engine = tiny_engine(deterministic=True)
+    engine.add_request("x", PROMPT, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    return run_all(engine)["x"]
+
+
+TREE = """
+import os, subprocess, sys
+from k2serve.cpu_binding import bind_tree, thread_cores
+SLEEPER = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+           "print(c.pid, flush=True); time.sleep(60)")
+every = sorted(os.sched_getaffinity(0))
+kept, moved = (subprocess.Popen([sys.executable, "-c", SLEEPER], stdout=subprocess.PIPE, text=True) for _ in "ab")
+kept_child, moved_child = int(kept.stdout.readline()), int(moved.stdout.readline())
+bind_tree([every[-1]], skip=[kept.pid])
+cores = {pid: sorted(set().union(*thread_cores(pid).values()))
+         for pid in (os.getpid(), moved.pid, moved_child, kept.pid, kept_child)}
+for pid in (kept_child, moved_child, kept.pid, moved.pid):
+    os.kill(pid, 9)
+print(list(cores.values()) == [[every[-1]]] * 3 + [every] * 2, cores)
+"""
+
+
+def test_bind_tree_moves_a_process_and_its_descendants_but_the_skipped() -> None:
+    out = subprocess.run([sys.executable, "-c", TREE], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("True"), out.stdout + out.stderr
+
+
+def serve_one(address: str) -> list[int]:
+    stub = pb_grpc.WorkerGroupStub(grpc.insecure_channel(address))
+    req = pb.DecodeRequest(request_id="bound", prompt=PROMPT, deterministic=True,
+                           sampling=pb.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    return [ev.token for ev in stub.Decode(req, timeout=60)]
+
+
+@pytest.mark.parametrize("binding", ["auto", "none"])
+def test_a_groups_rank_runs_on_its_own_core_and_its_leader_off_it(ray_cluster: None, binding: str) -> None:
+    pool = PoolConfig(groups=1, kv_blocks=256, num_cpus_per_actor=1.0)
+    config = ServingConfig(deterministic=True, prefill=pool, decode=PoolConfig(groups=0), cpu_binding=binding,
+                           router={"aggregated": True})  # type: ignore[arg-type]
+    controller = PoolController(config, namespace=f"k2serve-test-cpus-{binding}")
+    controller.start()
+    try:
+        cores = allowed_cores()
+        group = controller.groups()[0]
+        rank_pid, leader_pid = group["rank_pids"][0], group["leader_pid"]
+        rank_threads, leader_threads = thread_cores(rank_pid), thread_cores(leader_pid)
+        if binding == "none" or len(cores) < 2:  # no plan: every thread may run anywhere
+            assert controller.cores is None
+            assert all(c == set(cores) for c in [*rank_threads.values(), *leader_threads.values()])
+        else:
+            assert controller.cores is not None
+            assert controller.cores.groups[group["group_id"]].ranks == [[cores[-1]]]
+            assert controller.cores.front == cores[:-1]
+            assert all(c == {cores[-1]} for c in rank_threads.values())
+            assert all(c == set(cores[:-1]) for c in leader_threads.values())
+        assert serve_one(group["address"]) == expected()  # and it serves the same tokens
+    finally:
+        controller.stop()
