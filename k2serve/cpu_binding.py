@@ -3,13 +3,15 @@ router, the group leaders and Ray share the rest.
 
 Why: a rank's decode step is a chain of CPU work whose length is the inter-token latency. Left to the OS, the
 router's and leaders' short wakeups (a few per token) land on the rank's core and preempt it; on a small node
-that is several percent of ITL (bench/RESULTS.md). vLLM's CPU backend reserves a core for its front end and binds
-each worker's threads the same way; on Kubernetes the kubelet's CPU manager gives Guaranteed pods exclusive cores,
-so there this only applies inside one pod.
+that is several percent of ITL (bench/RESULTS.md). vLLM's CPU backend likewise reserves a core for its front end
+and binds each worker's threads. On Kubernetes the Ray cluster spans pods, so there is no plan: the kubelet's CPU
+manager gives Guaranteed pods exclusive cores instead.
 
 The pool controller makes the plan (it knows every group) when the whole Ray cluster is one node and the node
-has a core to spare beyond the ranks'; otherwise there is no plan and the OS places every thread. A group's cores
-belong to its slot, so a replacement group gets the same ones. Linux only (`os.sched_setaffinity`).
+has a core to spare beyond the ranks'; otherwise there is no plan and the OS places every thread. Ranks bind
+themselves when they start, leaders when they are made; `k2serve up` then moves itself (the router) and Ray's
+processes to the rest (`bind_tree`). A group's cores belong to its slot, so a replacement group gets the same
+ones. Linux only (`os.sched_setaffinity`).
 """
 
 from __future__ import annotations
@@ -94,14 +96,3 @@ def bind_tree(cores: Iterable[int], skip: Iterable[int] = ()) -> None:
         except (FileNotFoundError, ProcessLookupError):
             continue
         todo.extend(children.get(pid, ()))
-
-
-def thread_cores(pid: int) -> dict[int, set[int]]:
-    """Each live thread of `pid` and the cores it may run on."""
-    out: dict[int, set[int]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out[int(tid)] = os.sched_getaffinity(int(tid))
-        except ProcessLookupError:
-            continue
-    return out

@@ -3,6 +3,8 @@ pool controller's group whose rank runs on a core of its own while its leader st
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 
@@ -11,11 +13,20 @@ import pytest
 from helpers.tiny import run_all, tiny_engine
 
 from k2serve.config import PoolConfig, ServingConfig
-from k2serve.cpu_binding import CorePlan, GroupCores, allowed_cores, bind_process, plan_cores, thread_cores
+from k2serve.cpu_binding import CorePlan, GroupCores, allowed_cores, bind_process, plan_cores
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.parallel.pools import PoolController
+
+
+def thread_cores(pid: int) -> dict[int, set[int]]:
+    """Each live thread of `pid` and the cores it may run on."""
+    out: dict[int, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            out[int(tid)] = os.sched_getaffinity(int(tid))
+    return out
 
 
 def test_ranks_take_whole_cores_from_the_end_and_leave_the_rest() -> None:
@@ -61,14 +72,14 @@ def expected() -> list[int]:
 
 TREE = """
 import os, subprocess, sys
-from k2serve.cpu_binding import bind_tree, thread_cores
+from k2serve.cpu_binding import bind_tree
 SLEEPER = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
            "print(c.pid, flush=True); time.sleep(60)")
 every = sorted(os.sched_getaffinity(0))
 kept, moved = (subprocess.Popen([sys.executable, "-c", SLEEPER], stdout=subprocess.PIPE, text=True) for _ in "ab")
 kept_child, moved_child = int(kept.stdout.readline()), int(moved.stdout.readline())
 bind_tree([every[-1]], skip=[kept.pid])
-cores = {pid: sorted(set().union(*thread_cores(pid).values()))
+cores = {pid: sorted(set().union(*(os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{pid}/task"))))
          for pid in (os.getpid(), moved.pid, moved_child, kept.pid, kept_child)}
 for pid in (kept_child, moved_child, kept.pid, moved.pid):
     os.kill(pid, 9)
