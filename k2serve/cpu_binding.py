@@ -7,8 +7,9 @@ that is several percent of ITL (bench/RESULTS.md). vLLM's CPU backend likewise r
 and binds each worker's threads. On Kubernetes the Ray cluster spans pods, so there is no plan: the kubelet's CPU
 manager gives Guaranteed pods exclusive cores instead.
 
-The pool controller makes the plan (it knows every group) when the whole Ray cluster is one node and the node
-has a core to spare beyond the ranks'; otherwise there is no plan and the OS places every thread. Ranks bind
+The pool controller makes the plan (it knows every group) when the whole Ray cluster is one node with at least a
+core per rank; otherwise there is no plan and the OS places every thread. With exactly a core per rank, ranks
+are still kept apart (two ranks on one core while another idles costs a P/D pair ~7% of its tokens/s on 2 cores). Ranks bind
 themselves when they start, leaders when they are made; `k2serve up` then moves itself (the router) and Ray's
 processes to the rest (`bind_tree`). A group's cores belong to its slot, so a replacement group gets the same
 ones. Linux only (`os.sched_setaffinity`).
@@ -37,13 +38,14 @@ class CorePlan(BaseModel):
 
 def plan_cores(groups: Sequence[tuple[str, int, float]], cores: Sequence[int]) -> CorePlan | None:
     """Cores for each rank of `groups` ((group id, world size, CPUs per rank) in launch order; a rank gets its CPUs
-    rounded up to whole cores), taken from the end of `cores`; None when they would leave no core for the rest
-    (or there are no ranks)."""
+    rounded up to whole cores), taken from the end of `cores`, and the rest (`front`) for everything else. With
+    no core to spare, the ranks still get one each, apart, and `front` is every core (the rest cannot be kept off
+    them). None when the ranks need more cores than there are (or there are no ranks)."""
     ordered = sorted(cores)
     need = sum(world * max(1, math.ceil(cpus)) for _, world, cpus in groups)
-    if need == 0 or need >= len(ordered):
+    if need == 0 or need > len(ordered):
         return None
-    front = ordered[: len(ordered) - need]
+    front = ordered[: len(ordered) - need] or ordered
     taken = iter(ordered[len(ordered) - need:])
     plan = {group_id: GroupCores(ranks=[[next(taken) for _ in range(max(1, math.ceil(cpus)))] for _ in range(world)],
                                  front=front)

@@ -36,10 +36,13 @@ def test_ranks_take_whole_cores_from_the_end_and_leave_the_rest() -> None:
     assert plan is not None and plan.front == [0, 1, 2, 3]
     assert plan.groups["prefill-0"].ranks == [[4, 5]]  # 1.5 CPUs: two whole cores
     assert plan.groups["decode-0"].ranks == [[6], [7]]  # a fraction still gets a core of its own
-    # No core left for the router, the leaders and Ray, or no ranks at all: no plan, the OS places everything.
-    assert plan_cores([("prefill-0", 1, 1.0), ("decode-0", 1, 1.0)], [0, 1]) is None
-    assert plan_cores([("both-0", 2, 1.0)], [0, 1, 2]) is not None
-    assert plan_cores([("both-0", 3, 1.0)], [0, 1, 2]) is None
+    # A core per rank and none to spare: the ranks still apart, everything else anywhere.
+    assert plan_cores([("prefill-0", 1, 1.0), ("decode-0", 1, 1.0)], [0, 1]) == CorePlan(
+        groups={"prefill-0": GroupCores(ranks=[[0]], front=[0, 1]), "decode-0": GroupCores(ranks=[[1]], front=[0, 1])},
+        front=[0, 1])
+    # More rank cores than cores, or no ranks at all: no plan, the OS places every thread.
+    assert plan_cores([("both-0", 3, 1.0)], [0, 1, 2]) is not None
+    assert plan_cores([("both-0", 2, 1.0), ("both-1", 1, 1.5)], [0, 1, 2]) is None
     assert plan_cores([], [0, 1]) is None
 
 
