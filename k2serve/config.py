@@ -115,9 +115,9 @@ class ServingConfig(_Strict):
     )
     faults: list[FaultSpec] = Field(default_factory=list)
     cpu_binding: Literal["auto", "none"] = Field(
-        "auto", description="auto: when the Ray cluster is one node with a core to spare, each rank runs on cores "
-        "of its own and the router, leaders and Ray on the rest (k2serve/cpu_binding.py); none: the OS places "
-        "every thread."
+        "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "
+        "of its own, and with cores to spare the router, leaders and Ray on those (k2serve/cpu_binding.py); none: "
+        "the OS places every thread."
     )
 
     @classmethod
