@@ -72,6 +72,9 @@ def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
     return ServingConfig(
         model=model, prefill=_pool_config("prefill", spec.prefill), decode=_pool_config("decode", spec.decode),
         router=router, chain_store=ChainStoreConfig.model_validate(store), deterministic=spec.deterministic,
+        # Ranks run in worker pods the head pod's controller cannot see the cores of (they may not have joined
+        # when it plans): pods get their cores from their CPU requests and the kubelet's CPU manager instead.
+        cpu_binding="none",
     )
 
 

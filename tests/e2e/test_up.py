@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from k2serve.cpu_binding import allowed_cores
 from k2serve.router.chat import main as chat_main
 
 
@@ -39,6 +40,9 @@ def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> N
                             text=True, env=env, cwd=tmp_path)
     try:
         url, lines = wait_for_endpoint(proc, 120)
+        # cpu_binding auto: the prefill and the decode rank each on a core of its own where there are two.
+        split = [line for line in lines if "ranks bound to cores of their own" in line]
+        assert len(split) == (1 if len(allowed_cores()) >= 2 else 0), lines
         merged = next(m.group(1) for line in lines if (m := re.search(r"merged, at (http://\S+)", line)))
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-k2"
