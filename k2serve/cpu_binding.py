@@ -9,10 +9,10 @@ manager gives Guaranteed pods exclusive cores instead.
 
 The pool controller makes the plan (it knows every group) when the whole Ray cluster is one node with at least a
 core per rank; otherwise there is no plan and the OS places every thread. With exactly a core per rank, ranks
-are still kept apart (two ranks on one core while another idles costs a P/D pair ~7% of its tokens/s on 2 cores). Ranks bind
-themselves when they start, leaders when they are made; `k2serve up` then moves itself (the router) and Ray's
-processes to the rest (`bind_tree`). A group's cores belong to its slot, so a replacement group gets the same
-ones. Linux only (`os.sched_setaffinity`).
+are still kept apart (two ranks on one core while another idles cost a P/D pair ~7% of its tokens/s on 2 cores).
+Ranks bind themselves when they start (`bind_own`: not to cores their node lacks), leaders when they are made;
+`k2serve up` then moves itself (the router) and Ray's processes to the rest (`bind_tree`). A group's cores
+belong to its slot, so a replacement group gets the same ones. Linux only (`os.sched_setaffinity`).
 """
 
 from __future__ import annotations
@@ -71,6 +71,15 @@ def bind_process(cores: Iterable[int], pid: int | None = None) -> None:
             os.sched_setaffinity(int(tid), mask)
         except ProcessLookupError:
             continue
+
+
+def bind_own(cores: Sequence[int]) -> bool:
+    """This process onto `cores` if it may run on every one of them; False, nothing bound, if not (a plan made
+    for another node's cores must not take a rank down)."""
+    if not cores or not set(cores) <= set(allowed_cores()):
+        return False
+    bind_process(cores)
+    return True
 
 
 def bind_tree(cores: Iterable[int], skip: Iterable[int] = ()) -> None:

@@ -16,7 +16,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from k2serve.cpu_binding import allowed_cores, bind_process
+from k2serve.cpu_binding import bind_own
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, Request, TokenEvent
 from k2serve.worker.loader import load_weights
@@ -69,10 +69,9 @@ class RankWorker:
     that the engine's own thread empties before each of its calls."""
 
     def __init__(self, rank: int, world_size: int, cores: list[int] | None = None) -> None:
-        if cores and set(cores) <= set(allowed_cores()):  # cores of its own (cpu_binding: auto): every thread
-            bind_process(cores)                              # there, one torch thread per core
+        if cores and bind_own(cores):  # cores of its own (cpu_binding: auto): every thread there, a torch thread each
             torch.set_num_threads(len(cores))
-        else:  # ranks share a node's cores (or the plan was made for another node's): use what Ray reserved for us
+        else:  # ranks share a node's cores: use only what Ray reserved for us
             torch.set_num_threads(reserved_cpus())
         self.rank = rank
         self.world_size = world_size
