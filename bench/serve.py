@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import statistics
 import tempfile
@@ -190,9 +189,8 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
     controller = PoolController(config, namespace=f"k2serve-bench-{config.router.aggregated}")
     await asyncio.to_thread(controller.start)
     own_cores = allowed_cores()
-    ranks = [pid for g in controller.groups() for pid in g["rank_pids"]]
     if controller.cores is not None:  # the router, the clients and Ray off the ranks' cores, as `k2serve up` does
-        bind_tree(controller.cores.front, skip=ranks)
+        bind_tree(controller.cores.front, skip=[pid for g in controller.groups() for pid in g["rank_pids"]])
     tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
     core = RouterCore(config, tokenizer, open_store(config.chain_store), Metrics(),
                       RegistryDirectory(controller.namespace))
@@ -391,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                          "when fewer than `concurrency` requests are left, is then a smaller part of it")
     ap.add_argument("--cpu-binding", choices=("auto", "none"), default="auto",
                     help="the stack's cpu_binding (k2serve/cpu_binding.py): auto binds each rank to cores of its "
-                         "own when the node has one to spare; none leaves every thread to the OS")
+                         "own when the node has a core per rank; none leaves every thread to the OS")
     ap.add_argument("--max-tokens", type=lengths,
                     help="tokens generated per request: N, or LO-HI for lengths drawn uniformly per request "
                          "(default 64; 4 with --smoke)")

@@ -399,7 +399,7 @@ class RouterCore:
                             self.metrics.e2e.observe(now - t0)
                             # Ended in the store and the lease released before the last token is out, so the
                             # client's next turn on the chain finds it free.
-                            await self._io(self._finish, ckpt, status, reason)
+                            await self._io(self._leave, ckpt, status, reason)
                             status = ""
                             self._unregister(live)  # also before the last token: a next turn may start at once
                             live.publish(tok)
@@ -431,38 +431,29 @@ class RouterCore:
             self.metrics.router_queue.dec()
             self._unregister(live)
             if live.abandoned:  # make what we have durable and leave the turn "running" for another router
-                await asyncio.shield(self._io(self._flush_quietly, ckpt))
+                await asyncio.shield(self._io(self._leave, ckpt))
             elif status:  # else it ended with its last token
-                await asyncio.shield(self._io(self._finish, ckpt, status, reason))
+                await asyncio.shield(self._io(self._leave, ckpt, status, reason))
             live.end(error)
 
     def _unregister(self, live: LiveTurn) -> None:
         if self._live.get(live.chain_id) is live:
             del self._live[live.chain_id]
 
-    def _flush_quietly(self, ckpt: ChainCheckpointer) -> None:
-        """Makes an abandoned turn's tokens so far durable and releases the chain; a store that is down loses
-        only them (a resume regenerates from the last durable token)."""
+    def _leave(self, ckpt: ChainCheckpointer, status: str | None = None, reason: str | None = None) -> None:
+        """Makes the turn's tokens durable, ends it with `status` (none: it stays "running" for another router to
+        resume) and releases the chain: one thread hop and one commit. A store that is down loses only the tokens
+        since the last checkpoint: the turn stays "running" and a resume regenerates them."""
         try:
             with self.store.batch():
-                ckpt.flush()
+                if status is None:
+                    ckpt.flush()
+                else:
+                    ckpt.finish(status, reason)  # type: ignore[arg-type]
                 self.store.release(ckpt.chain_id, self.router_id)
             self.metrics.chain_checkpoints.inc()
         except Exception:
-            log.exception("chain %s: could not checkpoint turn %d on shutdown", ckpt.chain_id, ckpt.turn)
-            self._release_quietly(ckpt.chain_id)
-
-    def _finish(self, ckpt: ChainCheckpointer, status: str, reason: str) -> None:
-        """Ends the turn in the store and releases the chain: one thread hop and one commit for both."""
-        try:
-            with self.store.batch():
-                ckpt.finish(status, reason)  # type: ignore[arg-type]
+            log.exception("chain %s: could not %s turn %d", ckpt.chain_id, "end" if status else "checkpoint",
+                          ckpt.turn)
+            with contextlib.suppress(Exception):  # an unreleased lease lapses by itself
                 self.store.release(ckpt.chain_id, self.router_id)
-            self.metrics.chain_checkpoints.inc()
-        except Exception:  # the store is down: the turn stays "running" and can be resumed later
-            log.exception("chain %s: could not finish turn %d", ckpt.chain_id, ckpt.turn)
-            self._release_quietly(ckpt.chain_id)
-
-    def _release_quietly(self, chain_id: str) -> None:
-        with contextlib.suppress(Exception):  # an unreleased lease lapses by itself
-            self.store.release(chain_id, self.router_id)
