@@ -112,8 +112,10 @@ class _Owner:
 
 def test_kv_handoff_between_groups_goes_rank_to_rank(ray_cluster: None) -> None:
     """Prefill group → decode group with the ref of the KV the prefill rank exported (the groups never load it):
-    the single engine's greedy tokens. A ref whose owner died is refused with KVHandoffLost, and the group then
-    serves the request by re-prefilling it."""
+    the single engine's greedy tokens. The count comes from the prefill group's books without asking its rank, and
+    is what the exported KV covers. A ref whose owner died, or of an export that failed on the prefill rank, is
+    refused with KVHandoffLost (not a failure of the decode group), and the group then serves the request by
+    re-prefilling it."""
     prompt = mixed_prompts(1, seed=11)[0] + list(range(40))
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     engine = tiny_engine(deterministic=True, max_batch_tokens=512)
@@ -124,7 +126,7 @@ def test_kv_handoff_between_groups_goes_rank_to_rank(ray_cluster: None) -> None:
         prefill.add_request("r", prompt, greedy.model_copy(update={"max_tokens": 1}), hold_kv=True)
         first = run_all(prefill)["r"]  # type: ignore[arg-type]
         ref, count = prefill.export_kv_ref("r")
-        assert isinstance(ref, ray.ObjectRef) and count == len(prompt)
+        assert isinstance(ref, ray.ObjectRef) and count == len(prompt) == len(ray.get(ref).tokens)
         decode.add_request("r", prompt, greedy, output_prefix=first, kv=ref)
         assert first + run_all(decode)["r"] == expected  # type: ignore[arg-type]
         assert decode.stats.prefill_tokens == 0  # the KV was imported, not recomputed
@@ -145,6 +147,10 @@ def test_kv_handoff_between_groups_goes_rank_to_rank(ray_cluster: None) -> None:
             time.sleep(0.2)
         with pytest.raises(KVHandoffLost):
             decode.add_request("again", prompt, greedy, output_prefix=first, kv=lost)
+        with pytest.raises(KVHandoffLost, match="KeyError"):  # the prefill rank holds no KV of that request
+            decode.add_request("again", prompt, greedy, output_prefix=first,
+                               kv=prefill.ranks[0].export_kv.remote("never-prefilled"))
+        assert decode.failed is None and "again" not in decode.owner
         decode.add_request("again", prompt, greedy, output_prefix=first)
         assert first + run_all(decode)["again"] == expected  # type: ignore[arg-type]
     finally:

@@ -183,7 +183,8 @@ class Engine:
 
     # ---- KV handoff -----------------------------------------------------------------------------------
     def export_kv(self, request_id: str) -> KVHandoff:
-        """The prompt KV of a finished `hold_kv` request (then released)."""
+        """The prompt KV of a finished `hold_kv` request (then released). A finished one-token request has computed
+        exactly its prompt + output_prefix, which is what a worker group counts on without asking."""
         seq = self.held.pop(request_id, None)
         if seq is None:
             raise KeyError(f"no held KV for request {request_id!r}")

@@ -100,7 +100,9 @@ class ExpertParallelGroup:
         self.max_model_len = 0
         self.owner: dict[str, int] = {}  # request id -> rank, for every request added and not yet dropped
         self.active: set[str] = set()  # requests still generating
-        self.holding: set[str] = set()  # hold_kv requests: their rank keeps the KV after they finish
+        # hold_kv requests -> the tokens their KV will cover (prompt + output_prefix: a finished one-token request
+        # has computed exactly those), kept by their rank after they finish
+        self.holding: dict[str, int] = {}
         self.blocks = GroupBlocks()
         self.stats = GroupStats()
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, E] since the last take
@@ -172,11 +174,20 @@ class ExpertParallelGroup:
         if cached is not None and load[cached] <= load[rank] + AFFINITY_SLACK:
             rank = cached
         kv = kwargs.pop("kv", None)  # a KVHandoff or its ObjectRef: a top-level argument, which Ray resolves
+        ref = self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs, *(() if kv is None else (kv,)))
         try:
-            seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs,
-                                                                 *(() if kv is None else (kv,))))
+            seed = ray.get(ref, timeout=self.spec.collective_timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            # The rank refused the request (ValueError: a bad request), or Ray could not hand it the KV argument:
+            # the export that made it failed (RayTaskError of its KeyError, or of the prefill rank's death). The
+            # second is the prefill side's loss, not this group's: re-prefill instead.
+            if kv is None or isinstance(e.cause, ValueError):
+                raise
+            raise KVHandoffLost(f"request {request_id!r}: handed-off KV not produced: {e.cause!r}") from e
         except ray.exceptions.ObjectLostError as e:  # the ref's object is gone or its owner died
             raise KVHandoffLost(f"request {request_id!r}: handed-off KV unreadable: {type(e).__name__}") from e
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise self._fail(f"rank call failed: {type(e).__name__}") from e
         for k in keys:
             self._affinity[k] = rank
             self._affinity.move_to_end(k)
@@ -185,7 +196,7 @@ class ExpertParallelGroup:
         self.owner[request_id] = rank
         self.active.add(request_id)
         if kwargs.get("hold_kv"):
-            self.holding.add(request_id)
+            self.holding[request_id] = len(prompt) + len(kwargs.get("output_prefix") or ())
         return seed
 
     def cancel(self, request_id: str) -> bool:
@@ -199,13 +210,15 @@ class ExpertParallelGroup:
 
     def export_kv_ref(self, request_id: str) -> tuple[Any, int]:
         """(ObjectRef of the KVHandoff, its token count) of a finished `hold_kv` request: the KV stays in the
-        object store as the rank's task return (owned by this process), never loaded here."""
+        object store as the rank's task return (owned by this process), never loaded here. Nothing waits for the
+        rank: the count is in this group's books, and an export that fails shows where the KV is read (the
+        decode side re-prefills), so a prefill answers without another round trip to its rank."""
         self._check()
+        tokens = self.holding.get(request_id)
         rank = self._drop(request_id)
-        if rank is None:
+        if rank is None or tokens is None:
             raise KeyError(f"no held KV for request {request_id!r}")
-        count, kv = self.ranks[rank].export_kv.options(num_returns=2).remote(request_id)
-        return kv, self._get(count)
+        return self.ranks[rank].export_kv.remote(request_id), tokens
 
     def release(self, request_id: str) -> bool:
         rank = self._drop(request_id)
@@ -261,7 +274,7 @@ class ExpertParallelGroup:
     # ---- internals ------------------------------------------------------------------------------------
     def _drop(self, request_id: str) -> int | None:
         self.active.discard(request_id)
-        self.holding.discard(request_id)
+        self.holding.pop(request_id, None)
         return self.owner.pop(request_id, None)
 
     def _check(self) -> None:

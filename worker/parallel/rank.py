@@ -144,11 +144,9 @@ class RankWorker:
     def cancel(self, request_id: str) -> bool:
         return self._stepping().cancel(request_id)
 
-    def export_kv(self, request_id: str) -> tuple[int, KVHandoff]:
-        """(its token count, the KV). The group calls it with `num_returns=2`: it reads the count and leaves the
-        KV, a task return it owns, in the object store for the decode group's rank."""
-        kv = self._stepping().export_kv(request_id)
-        return len(kv.tokens), kv
+    def export_kv(self, request_id: str) -> KVHandoff:
+        """The KV, left as a task return the group owns in the object store for the decode group's rank."""
+        return self._stepping().export_kv(request_id)
 
     def release(self, request_id: str) -> bool:
         return self._stepping().release(request_id)
