@@ -4,7 +4,7 @@
 One generation (a chain turn): validate → `begin_turn` in the chain store (sampling with its resolved seed,
 so a replay after any failure draws the same numbers) → dispatch (P/D: `Prefill` on a prefill group, then a
 `Decode` stream on a decode group that takes the KV handle; aggregated: one `Decode` stream) → stream
-tokens, checkpointing every `checkpoint_every` → `finish_turn`. When a group fails mid-stream (an RPC error,
+tokens, checkpointing every `checkpoint_every` (all live turns in one commit: `GroupCommit`) → `finish_turn`. When a group fails mid-stream (an RPC error,
 a stream that ends without a finish reason, or one that stalls) the rest is re-dispatched to a healthy group
 with the tokens so far as `output_prefix`; indices the client already has are skipped, so its stream has no
 gap or repeat.
@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import Chain, ChainCheckpointer, ChainStore, ToolCall
+from k2serve.router.chains.group_commit import GroupCommit
 from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, LiveTurn
 from k2serve.router.dispatch import Dispatcher, GroupFailed
@@ -82,6 +83,7 @@ class RouterCore:
         # Store calls block: they run on the store's own threads, as many as its backend writes in parallel
         # (SQLite: one writer — more threads only contend for its lock and the GIL).
         self._store_threads = concurrent.futures.ThreadPoolExecutor(store.io_threads, "k2serve-chain-store")
+        self._commits = GroupCommit(store, self._io)  # the live turns' checkpoints, written together
 
     def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`fn(*args)` (a blocking store call) on the store's threads."""
@@ -351,6 +353,7 @@ class RouterCore:
         ckpt = ChainCheckpointer(self.store, chain_id, turn, self.config.chain_store.checkpoint_every,
                                  durable=len(done))
         self._live[chain_id] = live
+        self._commits.join(ckpt)
         live.task = asyncio.get_running_loop().create_task(
             self._drive(live, prompt, params, det, ckpt, began_here), name=f"turn {chain_id}:{turn}")
         return live
@@ -382,7 +385,7 @@ class RouterCore:
                         ckpt.pending.append(ev.token)
                         finish = ev.finish_reason or None
                         if finish is None and len(ckpt.pending) >= ckpt.every:
-                            await self._io(ckpt.flush)
+                            await self._commits.flush(ckpt)
                             self.metrics.chain_checkpoints.inc()
                         now = time.monotonic()
                         if failed_at is not None:
@@ -399,7 +402,7 @@ class RouterCore:
                             self.metrics.e2e.observe(now - t0)
                             # Ended in the store and the lease released before the last token is out, so the
                             # client's next turn on the chain finds it free.
-                            await self._io(self._leave, ckpt, status, reason)
+                            await self._close(ckpt, status, reason)
                             status = ""
                             self._unregister(live)  # also before the last token: a next turn may start at once
                             live.publish(tok)
@@ -431,14 +434,19 @@ class RouterCore:
             self.metrics.router_queue.dec()
             self._unregister(live)
             if live.abandoned:  # make what we have durable and leave the turn "running" for another router
-                await asyncio.shield(self._io(self._leave, ckpt))
+                await asyncio.shield(self._close(ckpt))
             elif status:  # else it ended with its last token
-                await asyncio.shield(self._io(self._leave, ckpt, status, reason))
+                await asyncio.shield(self._close(ckpt, status, reason))
             live.end(error)
 
     def _unregister(self, live: LiveTurn) -> None:
         if self._live.get(live.chain_id) is live:
             del self._live[live.chain_id]
+
+    async def _close(self, ckpt: ChainCheckpointer, status: str | None = None, reason: str | None = None) -> None:
+        """The turn's last writes (`_leave`), once no group write holds its tokens."""
+        await self._commits.leave(ckpt)
+        await self._io(self._leave, ckpt, status, reason)
 
     def _leave(self, ckpt: ChainCheckpointer, status: str | None = None, reason: str | None = None) -> None:
         """Makes the turn's tokens durable, ends it with `status` (none: it stays "running" for another router to

@@ -22,6 +22,7 @@ class ChainCheckpointer:
     every: int = 16
     durable: int = 0
     pending: list[int] = field(default_factory=list)
+    inflight: int = 0  # tokens a group write (`GroupCommit`) took and has not confirmed yet
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -35,7 +36,23 @@ class ChainCheckpointer:
     @property
     def position(self) -> int:
         """Tokens generated so far (durable + buffered): the index of the next token."""
-        return self.durable + len(self.pending)
+        return self.durable + self.inflight + len(self.pending)
+
+    def take(self) -> tuple[int, list[int]]:
+        """The buffered tokens, for a write made elsewhere (a group commit): (their start, them)."""
+        start, tokens = self.durable + self.inflight, self.pending
+        self.pending = []
+        self.inflight += len(tokens)
+        return start, tokens
+
+    def settle(self, durable: int) -> None:
+        """The write of what `take` gave out is durable: the store holds `durable` tokens of the turn."""
+        self.durable, self.inflight = durable, 0
+
+    def restore(self, tokens: list[int]) -> None:
+        """The write of `tokens` (from `take`) failed: they are buffered again, ahead of any buffered since."""
+        self.pending = tokens + self.pending
+        self.inflight = 0
 
     def add(self, tokens: Sequence[int]) -> None:
         self.pending.extend(tokens)
@@ -44,6 +61,8 @@ class ChainCheckpointer:
 
     def flush(self) -> int:
         """Makes every buffered token durable; returns the durable count."""
+        if self.inflight:
+            raise RuntimeError(f"chain {self.chain_id!r}: a group write of turn {self.turn} is still in flight")
         if self.pending:
             self.durable = self.store.append_tokens(self.chain_id, self.turn, self.durable, self.pending)
             self.pending = []

@@ -1,0 +1,91 @@
+"""Group commit of the live turns' checkpoints: when one turn's buffered tokens are due, every live turn's
+buffered tokens go to the store in the same transaction (one commit, one fsync). Turns written together stay in
+step, so while chains run one commit serves all of them instead of one per chain — the checkpoint writes were a
+fifth of the router's CPU per token. No turn's tokens wait longer to be durable than before: each is still
+written at least every `checkpoint_every` tokens, most of them sooner.
+
+Tokens leave the turns' buffers on the event loop (`ChainCheckpointer.take`) and are written on the store's
+threads, one group write at a time, so a chain's writes never overtake each other. A group write that fails is
+redone chain by chain, so one chain's error (a turn closed under it, say) fails that chain's turn only, and the
+tokens of a chain whose write failed are buffered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from k2serve.router.chains.checkpoint import ChainCheckpointer
+from k2serve.router.chains.store import ChainStore
+
+Write = tuple[ChainCheckpointer, int, list[int]]  # (turn, start, tokens)
+
+
+class GroupCommit:
+    def __init__(self, store: ChainStore, run: Callable[..., Awaitable[Any]]) -> None:
+        self.store = store
+        self._run = run  # runs a blocking store call on the store's threads
+        self._members: dict[int, ChainCheckpointer] = {}  # id() -> the live turns' checkpointers
+        self._due: dict[int, asyncio.Future[None]] = {}  # turns waiting for their tokens to be durable
+        self._writer: asyncio.Task[None] | None = None
+        self.commits = 0  # group writes made (each one store transaction)
+
+    def join(self, ckpt: ChainCheckpointer) -> None:
+        self._members[id(ckpt)] = ckpt
+
+    async def leave(self, ckpt: ChainCheckpointer) -> None:
+        """Writes of `ckpt` are its own again: no later group write takes its tokens, and one in flight that holds
+        some has ended (so what the turn writes next starts where the store ends)."""
+        self._members.pop(id(ckpt), None)
+        while ckpt.inflight and self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def flush(self, ckpt: ChainCheckpointer) -> None:
+        """Returns once every token `ckpt` has buffered is durable, written with every other member's; raises
+        the store's error for this chain."""
+        loop = asyncio.get_running_loop()
+        fut = self._due.get(id(ckpt))
+        if fut is None:
+            fut = self._due[id(ckpt)] = loop.create_future()
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_due(), name="k2serve-group-commit")
+        await asyncio.shield(fut)  # a turn cancelled meanwhile leaves the write to finish
+
+    async def _write_due(self) -> None:
+        while self._due:
+            due, self._due = self._due, {}
+            batch = [(c, *c.take()) for c in self._members.values() if c.pending]
+            try:
+                results: list[int | BaseException] = await self._run(self._write, batch)
+            except Exception as e:  # the store's threads are gone: nothing was written
+                results = [e] * len(batch)
+            self.commits += 1
+            for (ckpt, _, tokens), result in zip(batch, results):
+                fut = due.pop(id(ckpt), None)
+                if isinstance(result, BaseException):
+                    ckpt.restore(tokens)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(result)
+                else:
+                    ckpt.settle(result)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+            for fut in due.values():  # nothing buffered any more: written by an earlier group write
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _write(self, batch: list[Write]) -> list[int | BaseException]:
+        """On a store thread: every write in one transaction, or, when that fails, each in its own."""
+        try:
+            with self.store.batch():
+                return [self.store.append_tokens(c.chain_id, c.turn, start, tokens) for c, start, tokens in batch]
+        except Exception:  # one chain's error rolled back all of them: write each alone so only it fails
+            pass
+        results: list[int | BaseException] = []
+        for c, start, tokens in batch:
+            try:
+                results.append(self.store.append_tokens(c.chain_id, c.turn, start, tokens))
+            except Exception as e:
+                results.append(e)
+        return results
