@@ -83,7 +83,8 @@ class RouterCore:
         # Store calls block: they run on the store's own threads, as many as its backend writes in parallel
         # (SQLite: one writer — more threads only contend for its lock and the GIL).
         self._store_threads = concurrent.futures.ThreadPoolExecutor(store.io_threads, "k2serve-chain-store")
-        self._commits = GroupCommit(store, self._io)  # the live turns' checkpoints, written together
+        # The live turns' checkpoints, written together.
+        self._commits = GroupCommit(store, self._io, metrics.chain_checkpoints.inc)
 
     def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`fn(*args)` (a blocking store call) on the store's threads."""
@@ -386,7 +387,6 @@ class RouterCore:
                         finish = ev.finish_reason or None
                         if finish is None and len(ckpt.pending) >= ckpt.every:
                             await self._commits.flush(ckpt)
-                            self.metrics.chain_checkpoints.inc()
                         now = time.monotonic()
                         if failed_at is not None:
                             self.metrics.failover_seconds.observe(now - failed_at)

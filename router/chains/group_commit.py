@@ -23,9 +23,11 @@ Write = tuple[ChainCheckpointer, int, list[int]]  # (turn, start, tokens)
 
 
 class GroupCommit:
-    def __init__(self, store: ChainStore, run: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(self, store: ChainStore, run: Callable[..., Awaitable[Any]],
+                 on_written: Callable[[int], Any] | None = None) -> None:
         self.store = store
         self._run = run  # runs a blocking store call on the store's threads
+        self._on_written = on_written  # told how many chains' appends each group write made durable
         self._members: dict[int, ChainCheckpointer] = {}  # id() -> the live turns' checkpointers
         self._due: dict[int, asyncio.Future[None]] = {}  # turns waiting for their tokens to be durable
         self._writer: asyncio.Task[None] | None = None
@@ -61,6 +63,8 @@ class GroupCommit:
             except Exception as e:  # the store's threads are gone: nothing was written
                 results = [e] * len(batch)
             self.commits += 1
+            if self._on_written is not None:
+                self._on_written(sum(not isinstance(r, BaseException) for r in results))
             for (ckpt, _, tokens), result in zip(batch, results):
                 fut = due.pop(id(ckpt), None)
                 if isinstance(result, BaseException):

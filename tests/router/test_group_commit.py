@@ -77,7 +77,8 @@ def test_a_due_turn_writes_every_live_turn_in_one_commit(store: ChainStore) -> N
     gone = turns(store, 1)[0]
 
     async def go(io: Any) -> None:
-        commits = GroupCommit(counting, io)  # type: ignore[arg-type]
+        written: list[int] = []
+        commits = GroupCommit(counting, io, written.append)  # type: ignore[arg-type]
         for ckpt in (a, b, c, gone):
             commits.join(ckpt)
         await commits.leave(gone)
@@ -86,6 +87,7 @@ def test_a_due_turn_writes_every_live_turn_in_one_commit(store: ChainStore) -> N
         gone.pending += [4]
         await commits.flush(a)
         assert commits.commits == 1 and counting.batches == 1 and counting.appends == 2  # a and b, not c or gone
+        assert written == [2]
 
     run(go)
     assert (store.generated(a.chain_id, a.turn), store.generated(b.chain_id, b.turn)) == ([5, 6, 7, 8], [9])
