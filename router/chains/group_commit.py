@@ -19,7 +19,7 @@ from typing import Any
 from k2serve.router.chains.checkpoint import ChainCheckpointer
 from k2serve.router.chains.store import ChainStore
 
-Write = tuple[ChainCheckpointer, int, list[int]]  # (turn, start, tokens)
+Write = tuple[ChainCheckpointer, int, list[int]]  # (the turn's checkpointer, start, tokens)
 
 
 class GroupCommit:
@@ -31,7 +31,6 @@ class GroupCommit:
         self._members: dict[int, ChainCheckpointer] = {}  # id() -> the live turns' checkpointers
         self._due: dict[int, asyncio.Future[None]] = {}  # turns waiting for their tokens to be durable
         self._writer: asyncio.Task[None] | None = None
-        self.commits = 0  # group writes made (each one store transaction)
 
     def join(self, ckpt: ChainCheckpointer) -> None:
         self._members[id(ckpt)] = ckpt
@@ -62,7 +61,6 @@ class GroupCommit:
                 results: list[int | BaseException] = await self._run(self._write, batch)
             except Exception as e:  # the store's threads are gone: nothing was written
                 results = [e] * len(batch)
-            self.commits += 1
             if self._on_written is not None:
                 self._on_written(sum(not isinstance(r, BaseException) for r in results))
             for (ckpt, _, tokens), result in zip(batch, results):
@@ -75,7 +73,7 @@ class GroupCommit:
                     ckpt.settle(result)
                     if fut is not None and not fut.done():
                         fut.set_result(None)
-            for fut in due.values():  # nothing buffered any more: written by an earlier group write
+            for fut in due.values():  # turns that left meanwhile: their own last write takes their tokens
                 if not fut.done():
                     fut.set_result(None)
 
@@ -83,13 +81,16 @@ class GroupCommit:
         """On a store thread: every write in one transaction, or, when that fails, each in its own."""
         try:
             with self.store.batch():
-                return [self.store.append_tokens(c.chain_id, c.turn, start, tokens) for c, start, tokens in batch]
+                return [self._append(write) for write in batch]
         except Exception:  # one chain's error rolled back all of them: write each alone so only it fails
-            pass
-        results: list[int | BaseException] = []
-        for c, start, tokens in batch:
-            try:
-                results.append(self.store.append_tokens(c.chain_id, c.turn, start, tokens))
-            except Exception as e:
-                results.append(e)
-        return results
+            return [self._try_append(write) for write in batch]
+
+    def _append(self, write: Write) -> int:
+        ckpt, start, tokens = write
+        return self.store.append_tokens(ckpt.chain_id, ckpt.turn, start, tokens)
+
+    def _try_append(self, write: Write) -> int | BaseException:
+        try:
+            return self._append(write)
+        except Exception as e:
+            return e

@@ -174,9 +174,9 @@ class ExpertParallelGroup:
         if cached is not None and load[cached] <= load[rank] + AFFINITY_SLACK:
             rank = cached
         kv = kwargs.pop("kv", None)  # a KVHandoff or its ObjectRef: a top-level argument, which Ray resolves
-        ref = self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs, *(() if kv is None else (kv,)))
         try:
-            seed = ray.get(ref, timeout=self.spec.collective_timeout_s)
+            seed = self._get(self.ranks[rank].add_request.remote(request_id, prompt, params, kwargs,
+                                                                 *(() if kv is None else (kv,))))
         except ray.exceptions.RayTaskError as e:
             # The rank refused the request (ValueError: a bad request), or Ray could not hand it the KV argument:
             # the export that made it failed (RayTaskError of its KeyError, or of the prefill rank's death). The
@@ -186,8 +186,6 @@ class ExpertParallelGroup:
             raise KVHandoffLost(f"request {request_id!r}: handed-off KV not produced: {e.cause!r}") from e
         except ray.exceptions.ObjectLostError as e:  # the ref's object is gone or its owner died
             raise KVHandoffLost(f"request {request_id!r}: handed-off KV unreadable: {type(e).__name__}") from e
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-            raise self._fail(f"rank call failed: {type(e).__name__}") from e
         for k in keys:
             self._affinity[k] = rank
             self._affinity.move_to_end(k)
@@ -286,9 +284,12 @@ class ExpertParallelGroup:
         return self.failed
 
     def _get(self, ref: Any) -> Any:
-        """One rank call; a dead rank fails the group."""
+        """One rank call; a dead rank fails the group. The call's own error (RayTaskError) is the caller's: it
+        is also a RayActorError when an argument came from a rank that died — another group's, not this one."""
         try:
             return ray.get(ref, timeout=self.spec.collective_timeout_s)
+        except ray.exceptions.RayTaskError:
+            raise
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             raise self._fail(f"rank call failed: {type(e).__name__}") from e
 
