@@ -113,9 +113,10 @@ async def drive(open_stream, items: list[Item], concurrency: int, label: str) ->
 
 class CpuMeter:
     """CPU each part of the stack used over a window, in % of one core: this process (the router and the
-    clients), and Ray's processes by role (the ranks, the group leaders, the rest of Ray)."""
+    clients), and Ray's processes by role (rank actors, group leaders — a group of one steps its engine in its
+    leader —, the rest of Ray)."""
 
-    ROLES = (("RankWorker", "ranks"), ("GroupLeader", "leaders"))
+    ROLES = (("RankWorker", "rank actors"), ("GroupLeader", "group leaders"))
 
     def __init__(self) -> None:
         self.start: dict[int, tuple[str, float]] = {}

@@ -177,10 +177,15 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = True
-        async for ev in self.loop.stream(rid, queue):
-            yield event_to_proto(ev, seed if first else None, outcome if first else "")
-            first = False
-            await self._maybe_die(context)
+        try:
+            async for ev in self.loop.stream(rid, queue):
+                yield event_to_proto(ev, seed if first else None, outcome if first else "")
+                first = False
+                await self._maybe_die(context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # the engine or group failed: everything it held is lost, this request with it
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker group {self.group_id} lost {rid}: {e}")
 
     async def DecodeMany(self, request_iterator: AsyncIterator[pb.DecodeManyRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvents]:

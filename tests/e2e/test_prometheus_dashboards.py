@@ -2,11 +2,12 @@
 API: each must return data.
 
 Scraped: `k2serve up` as a user starts it (local Ray, the pool controller's group-leader actors — one prefill,
-two decode — each serving /metrics on its own port, the router serving /metrics on its HTTP port) and the real
-kopf operator (`--metrics-port`) reconciling the tiny sample in a kmock cluster. The load feeds every panel:
+two decode — whose metrics the controller serves merged on one port, the router serving /metrics on its HTTP port)
+and the real kopf operator (`--metrics-port`) reconciling the tiny sample in a kmock cluster. The load feeds every panel:
 - concurrent streams sharing a prompt prefix (latency histograms, KV handoffs, prefix-cache hits, expert load);
-- a configured `kill_actor` fault on decode-0: its rank dies mid-stream, the router re-dispatches to decode-1
-  (migrations, failover time) and the leader rebuilds the group (its metrics port stays up);
+- a configured `kill_actor` fault on decode-0: the process of its rank — a group of one's leader — dies mid-stream,
+  the router re-dispatches to decode-1 (migrations, failover time) and the pool controller replaces the group
+  (group restarts);
 - a second router process on the same chain store, killed mid-turn by a configured `kill_router` fault; the
   client reconnects to the `up` router (`GET /v1/chains/{id}/stream?from=N`), which takes the turn over
   (chain resumes);
@@ -142,7 +143,7 @@ def test_every_dashboard_panel_has_data_from_the_real_stack(tmp_path: Path) -> N
         up = stack.enter_context(k2serve_up(up_config, tmp_path))
         cluster = stack.enter_context(running_cluster(True, tmp_path / "kube"))
         prom = stack.enter_context(running_prometheus(
-            {"k2serve-router": [up.url.removeprefix("http://")], "k2serve-groups": up.metrics,
+            {"k2serve-router": [up.url.removeprefix("http://")], "k2serve-groups": [up.metrics],
              "k2serve-operator": [f"127.0.0.1:{cluster.metrics_port}"]}, tmp_path / "prom"))
         # Histograms and counters must be scraped before they move, or their rate shows nothing.
         prom.wait_for_scrapes(2)

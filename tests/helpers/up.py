@@ -21,7 +21,7 @@ class Stack:
     url: str  # the router's HTTP base (its /metrics too)
     grpc: str  # the router's gRPC address
     groups: list[str]  # "ID=ROLE@HOST:PORT" of every group's gRPC service (`k2serve.router.serve --group`)
-    metrics: list[str]  # "host:port" of every group leader's /metrics
+    metrics: str  # "host:port" of every group's metrics, merged (the pool controller's /metrics)
 
 
 def wait_for_line(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout_s: float) -> re.Match[str]:
@@ -56,7 +56,8 @@ def k2serve_up(config: Path, workdir: Path) -> Iterator[Stack]:
         url = wait_for_line(proc, log, r"serving \S+ at (http://\S+)/v1", 150).group(1)
         lines = [m.groups() for m in GROUP_LINE.finditer(log.read_text())]
         grpc_addr = wait_for_line(proc, log, r"\(gRPC (\S+)\)", 5).group(1)
+        merged = wait_for_line(proc, log, r"metrics, merged, at http://(\S+)/metrics", 5).group(1)
         yield Stack(url=url, grpc=grpc_addr, groups=[f"{gid}={role}@{address}" for role, gid, address, _ in lines],
-                    metrics=[f"{address.rsplit(':', 1)[0]}:{port}" for _, _, address, port in lines])
+                    metrics=merged)
     finally:
         stop(proc)

@@ -1,5 +1,6 @@
 """CPU binding (`cpu_binding: auto`, k2serve/cpu_binding.py): the plan, binding a live process's threads, and a
-pool controller's group whose rank runs on a core of its own while its leader stays off it."""
+pool controller's group of one whose engine thread runs on a core of its own while the leader's other threads stay
+off it."""
 
 from __future__ import annotations
 
@@ -72,11 +73,12 @@ def test_cores_this_process_may_not_run_on_are_not_bound() -> None:
 
 
 PROMPT = [5, 17, 33, 2, 91]
+MAX_TOKENS = 64  # enough steps that the thread running them is its process's busiest
 
 
 def expected() -> list[int]:
     engine = tiny_engine(deterministic=True)
-    engine.add_request("x", PROMPT, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    engine.add_request("x", PROMPT, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     return run_all(engine)["x"]
 
 
@@ -105,12 +107,26 @@ def test_bind_tree_moves_a_process_and_its_descendants_but_the_skipped() -> None
 def serve_one(address: str) -> list[int]:
     stub = pb_grpc.WorkerGroupStub(grpc.insecure_channel(address))
     req = pb.DecodeRequest(request_id="bound", prompt=PROMPT, deterministic=True,
-                           sampling=pb.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+                           sampling=pb.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     return [ev.token for ev in stub.Decode(req, timeout=60)]
 
 
+def thread_cpu(pid: int) -> dict[int, int]:
+    """Each live thread of `pid` and its CPU time so far (clock ticks)."""
+    out: dict[int, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
 @pytest.mark.parametrize("binding", ["auto", "none"])
-def test_a_groups_rank_runs_on_its_own_core_and_its_leader_off_it(ray_cluster: None, binding: str) -> None:
+def test_a_group_of_ones_engine_thread_runs_on_its_own_core_and_the_leader_off_it(ray_cluster: None,
+                                                                                   binding: str) -> None:
+    """A group of one steps its engine in the leader (worker/parallel/local.py): the thread that runs the model
+    (the leader's busiest while it serves) is bound to the rank's core, every other thread to the rest."""
     pool = PoolConfig(groups=1, kv_blocks=256, num_cpus_per_actor=1.0)
     config = ServingConfig(deterministic=True, prefill=pool, decode=PoolConfig(groups=0), cpu_binding=binding,
                            router={"aggregated": True})  # type: ignore[arg-type]
@@ -119,17 +135,21 @@ def test_a_groups_rank_runs_on_its_own_core_and_its_leader_off_it(ray_cluster: N
     try:
         cores = allowed_cores()
         group = controller.groups()[0]
-        rank_pid, leader_pid = group["rank_pids"][0], group["leader_pid"]
-        rank_threads, leader_threads = thread_cores(rank_pid), thread_cores(leader_pid)
+        leader_pid = group["leader_pid"]
+        assert group["rank_pids"] == [leader_pid]  # no rank actor: rank 0 lives in the leader
+        before = thread_cpu(leader_pid)
+        assert serve_one(group["address"]) == expected()  # and it serves the same tokens
+        after = thread_cpu(leader_pid)
+        engine_tid = max(after, key=lambda t: after[t] - before.get(t, 0))
+        threads = thread_cores(leader_pid)
         if binding == "none" or len(cores) < 2:  # no plan: every thread may run anywhere
             assert controller.cores is None
-            assert all(c == set(cores) for c in [*rank_threads.values(), *leader_threads.values()])
+            assert all(c == set(cores) for c in threads.values())
         else:
             assert controller.cores is not None
             assert controller.cores.groups[group["group_id"]].ranks == [[cores[-1]]]
             assert controller.cores.front == cores[:-1]
-            assert all(c == {cores[-1]} for c in rank_threads.values())
-            assert all(c == set(cores[:-1]) for c in leader_threads.values())
-        assert serve_one(group["address"]) == expected()  # and it serves the same tokens
+            assert threads.pop(engine_tid) == {cores[-1]}
+            assert all(c == set(cores[:-1]) for c in threads.values())
     finally:
         controller.stop()

@@ -1,6 +1,7 @@
-"""Failures of expert-parallel groups over real Ray actors: a rank's process killed mid-decode fails the group
-within 5 s naming the lost requests and the rebuilt group serves correctly within 30 s; under the pool
-controller, a whole decode group killed by a configured fault leaves the other serving and is replaced."""
+"""Failures of worker groups over real Ray actors: a rank's process killed mid-decode fails the group within 5 s
+naming the lost requests and the rebuilt group serves correctly within 30 s; a group of one whose step raises is
+rebuilt in place; under the pool controller, a whole decode group killed by a configured fault leaves the other
+serving and is replaced (and counts a restart)."""
 
 from __future__ import annotations
 
@@ -122,9 +123,13 @@ def test_killed_rank_fails_group_fast_and_group_serves_again(ray_cluster: None, 
         ray.kill(leader)
 
 
-def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_torch_thread: None) -> None:
-    config = ServingConfig(deterministic=True, prefill=pool(ep=1, groups=0), decode=pool(ep=2, groups=2),
-                           faults=[FaultSpec(kind="kill_group", pool="decode", group=0, after_tokens=5)])
+@pytest.mark.parametrize("ep, kind", [(2, "kill_group"), (1, "kill_actor")])
+def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_torch_thread: None, ep: int,
+                                                        kind: str) -> None:
+    """kill_group kills a group's ranks and leader; kill_actor on a group of one kills its leader, where its
+    engine runs. Either way the controller replaces the group once: the fault does not fire again."""
+    config = ServingConfig(deterministic=True, prefill=pool(ep=1, groups=0), decode=pool(ep=ep, groups=2),
+                           faults=[FaultSpec(kind=kind, pool="decode", group=0, after_tokens=5)])
     controller = PoolController(config, namespace="k2serve-test-pools", check_interval_s=0.2)
     controller.start()
     try:
@@ -154,5 +159,59 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
             ("decode-0", "decode", new["address"]), ("decode-1", "decode", groups["decode-1"]["address"])}
         assert tokens(new["address"], "revived", PROMPT, 12) == want  # fault fired its one time: it serves
         assert controller.replacements == 1
+        restarts = 'k2serve_worker_group_restarts_total{role="decode"} 1.0'
+        texts = controller.metrics_texts()
+        assert restarts in texts["decode-0"] and "k2serve_worker_group_restarts_total{" not in texts["decode-1"]
     finally:
         controller.stop()
+
+
+def test_a_group_of_one_whose_step_fails_is_rebuilt_in_place(ray_cluster: None, one_torch_thread: None) -> None:
+    """A group of one steps its engine in the leader's process (worker/parallel/local.py): a step that raises
+    ends the in-flight stream with an error naming its request, and the leader serves again on the same address
+    from a fresh engine."""
+    config = ServingConfig(deterministic=True, decode=pool(ep=1))
+
+    async def scenario() -> None:
+        leader = GroupLeader(config, "decode", 0, "decode")
+        info = await leader.start()
+        try:
+            assert info["rank_pids"] == [os.getpid()] and info["world_size"] == 1  # no rank actor
+            group = leader._group
+            broken = group.engine
+            steps = 0
+
+            def failing_step() -> list[Any]:
+                nonlocal steps
+                steps += 1
+                if steps == 4:
+                    raise RuntimeError("injected step failure")
+                return type(broken).step(broken)
+
+            broken.step = failing_step  # type: ignore[method-assign]
+            async with grpc.aio.insecure_channel(info["address"]) as channel:
+                stub = pb_grpc.WorkerGroupStub(channel)
+
+                async def decode_aio(request_id: str, max_tokens: int) -> list[int]:
+                    req = pb.DecodeRequest(request_id=request_id, prompt=PROMPT, deterministic=True,
+                                           sampling=pb.SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                      ignore_eos=True))
+                    return [ev.token async for ev in stub.Decode(req, timeout=60)]
+
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await decode_aio("doomed", 50)
+                assert "doomed" in (failed.value.details() or "")
+                deadline = time.monotonic() + 10
+                while not leader.failure_log() or leader.failure_log()[0]["recovered_at"] is None:
+                    assert time.monotonic() < deadline, "the leader did not rebuild the group"
+                    await asyncio.sleep(0.05)
+                assert leader.failure_log()[0]["request_ids"] == ["doomed"]
+                assert group.engine is not broken  # a fresh engine, the weights kept
+                assert group.engine.model is broken.model
+                assert await decode_aio("after", 12) == expected(PROMPT, 12)
+                assert leader.info()["address"] == info["address"] and leader.info()["healthy"]
+                assert 'k2serve_worker_group_restarts_total{role="decode"} 1.0' in leader.metrics_text()
+        finally:
+            await leader.stop()
+
+    asyncio.run(scenario())

@@ -37,11 +37,14 @@ class SplitStepping(Protocol):
 
 
 class EngineLoop:
-    def __init__(self, engine: SteppingEngine, on_step: Callable[[list[TokenEvent]], None] | None = None) -> None:
+    def __init__(self, engine: SteppingEngine, on_step: Callable[[list[TokenEvent]], None] | None = None,
+                 thread_init: Callable[[], None] | None = None) -> None:
+        """`thread_init` runs first on the engine's thread (e.g. to bind it to cores)."""
         self.engine = engine
         # Checked once (a Protocol isinstance is not cheap): the engine again, when it splits its step.
         self._split: SplitStepping | None = engine if isinstance(engine, SplitStepping) else None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2serve-engine")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2serve-engine",
+                                                               initializer=thread_init)
         self._streams: dict[str, asyncio.Queue[TokenEvent | BaseException]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -224,6 +224,10 @@ class ExpertParallelGroup:
             return False
         return bool(self._get(self.ranks[rank].release.remote(request_id)))
 
+    def request_ids(self) -> list[str]:
+        """Every request the group holds (generating, or finished and holding KV)."""
+        return sorted(self.owner)
+
     @property
     def running(self) -> list[None]:
         """One entry per running sequence (the service only counts them)."""

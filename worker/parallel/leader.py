@@ -1,9 +1,11 @@
-"""The group leader, a Ray actor: builds its `ExpertParallelGroup`, drives it with an `EngineLoop` and serves the
-`WorkerGroup` gRPC service over it. When the group fails (a rank died, a collective timed out) every in-flight
-stream ends with an error naming the lost requests, Health reports unhealthy, and the leader rebuilds the group
-(fresh ranks, placement group and rendezvous) and serves again on the same address.
+"""The group leader, a Ray actor: builds its group — an `ExpertParallelGroup` of rank actors, or for a group of one
+a `LocalGroup` whose engine runs in this process (local.py) —, drives it with an `EngineLoop` and serves the
+`WorkerGroup` gRPC service over it. When the group fails (a rank died, a collective timed out, a step raised)
+every in-flight stream ends with an error naming the lost requests, Health reports unhealthy, and the leader
+rebuilds the group (fresh ranks, placement group and rendezvous; a fresh engine) and serves again on the same
+address. A leader started in place of a dead one counts a restart too.
 
-It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process,
+It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process (a group of one's: this one),
 `kill_group` every rank's and then its own — by PID, so the same faults work in a real cluster.
 """
 
@@ -24,6 +26,7 @@ from k2serve.worker.engine.engine import EngineConfig, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import resolve_model
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
+from k2serve.worker.parallel.local import LocalGroup
 from k2serve.worker.service import Role, WorkerService
 from k2serve.worker.tokenizer import K2Tokenizer
 
@@ -69,7 +72,8 @@ class GroupLeader:
     """Use as a Ray actor (`ray.remote(GroupLeader)`); `start()` must be awaited before anything else."""
 
     def __init__(self, config: ServingConfig, pool: Pool, index: int, role: Role, *,
-                 collective_timeout_s: float = 30.0, cores: GroupCores | None = None) -> None:
+                 collective_timeout_s: float = 30.0, cores: GroupCores | None = None, replaces: bool = False) -> None:
+        """`replaces`: this leader takes the place of one that died (the pool controller's replacement)."""
         self.config = config
         self.pool = pool
         self.role: Role = role
@@ -85,7 +89,8 @@ class GroupLeader:
         self.failures: list[Failure] = []
         self.address = ""
         self.metrics_port = 0
-        self._group: ExpertParallelGroup | None = None
+        self._group: ExpertParallelGroup | LocalGroup | None = None
+        self._replaces = replaces
         self._service: WorkerService | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._last_load_export = 0.0
@@ -96,12 +101,15 @@ class GroupLeader:
         if self._service is not None:
             return self.info()
         host = ray.util.get_node_ip_address()
-        self._group = await asyncio.to_thread(ExpertParallelGroup, self.spec)
-        self._service = WorkerService(EngineLoop(self._group, self._on_step), group_id=self.group_id,
-                                      role=self.role, block_size=self.spec.engine.block_size, metrics=self.metrics)
+        kind = LocalGroup if self.spec.world_size == 1 else ExpertParallelGroup
+        self._group = await asyncio.to_thread(kind, self.spec)
+        self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
+                                      block_size=self.spec.engine.block_size, metrics=self.metrics)
         self.address = await self._service.start(host, 0)
         self.metrics_port = self.metrics.serve(0, host)
         self.metrics.group_healthy.labels(role=self.role, group=self.group_id).set(1)
+        if self._replaces:
+            self.metrics.group_restarts.labels(role=self.role).inc()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         return self.info()
 
@@ -146,13 +154,13 @@ class GroupLeader:
             if service is None or group is None or service.loop.error is None:
                 continue
             err = service.loop.error
-            lost = err.request_ids if isinstance(err, GroupFailed) else sorted(group.owner)
+            lost = err.request_ids if isinstance(err, GroupFailed) else group.request_ids()
             failure = Failure(time.time(), str(err), lost)
             self.failures.append(failure)
             service.failed = str(err)
             log.warning("group %s failed, rebuilding: %s", self.group_id, err)
             await self._rebuild(group)
-            old, service.loop = service.loop, EngineLoop(group, self._on_step)
+            old, service.loop = service.loop, self._loop(group)
             service.loop.start()
             await old.stop()
             service.failed = None
@@ -160,7 +168,12 @@ class GroupLeader:
             self.metrics.group_restarts.labels(role=self.role).inc()
 
 
-    async def _rebuild(self, group: ExpertParallelGroup) -> None:
+    def _loop(self, group: ExpertParallelGroup | LocalGroup) -> EngineLoop:
+        if isinstance(group, LocalGroup):
+            return EngineLoop(group.engine, self._on_step, thread_init=group.bind_thread)
+        return EngineLoop(group, self._on_step)
+
+    async def _rebuild(self, group: ExpertParallelGroup | LocalGroup) -> None:
         while True:
             try:
                 await asyncio.to_thread(group.rebuild)
@@ -189,7 +202,7 @@ class GroupLeader:
                 fault.tokens = 0
                 self._fire(fault.spec, group)
 
-    def _export_expert_load(self, group: ExpertParallelGroup) -> None:
+    def _export_expert_load(self, group: ExpertParallelGroup | LocalGroup) -> None:
         load = group.take_expert_load()  # [num_moe_layers, E]
         if load is None:
             return
@@ -198,7 +211,7 @@ class GroupLeader:
                 if n:
                     self.metrics.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(n)
 
-    def _fire(self, fault: FaultSpec, group: ExpertParallelGroup) -> None:
+    def _fire(self, fault: FaultSpec, group: ExpertParallelGroup | LocalGroup) -> None:
         log.warning("group %s: injecting fault %s", self.group_id, fault)
         if fault.kind == "kill_actor":
             if fault.rank >= len(group.pids):

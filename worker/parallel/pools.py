@@ -32,7 +32,7 @@ from k2serve.worker.service import Role
 
 log = logging.getLogger(__name__)
 
-LEADER_CPUS = 0.1  # a leader only relays requests and steps its ranks
+LEADER_CPUS = 0.1  # a leader of rank actors only relays requests and steps its ranks (a group of one's: its rank's)
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 5.0
 NAME_RELEASE_TIMEOUT_S = 30.0  # a dead actor's name is freed asynchronously
@@ -79,8 +79,8 @@ class PoolController:
         else:
             self._slots = [_Slot("prefill", i, "prefill") for i in range(config.prefill.groups)] + [
                 _Slot("decode", i, "decode") for i in range(config.decode.groups)]
-        # kill_group faults kill the leader that fired them: count firings here so a replacement doesn't
-        # fire them again.
+        # kill_group faults (and kill_actor in a group of one) kill the leader that fired them: count firings here
+        # so a replacement doesn't fire them again.
         self._faults_left = [f.times for f in config.faults]
         self._registry: Any = None
         self.cores: CorePlan | None = None  # made by start() (k2serve/cpu_binding.py)
@@ -165,16 +165,22 @@ class PoolController:
     def _name(self, slot: _Slot) -> str:
         return f"k2serve-{slot.group_id}"
 
-    def _launch(self, slot: _Slot) -> Any:
+    def _launch(self, slot: _Slot, replaces: bool = False) -> Any:
         config = self.config.model_copy(update={"faults": self._faults_for(slot)})
+        pool = getattr(self.config, slot.pool)
+        # A group of one runs its engine in the leader (local.py): the leader reserves what its rank would.
+        resources: dict[str, Any] = ({"num_cpus": pool.num_cpus_per_actor, "num_gpus": pool.num_gpus_per_actor,
+                                      "resources": dict(pool.ray_resources)}
+                                     if pool.expert_parallel == 1 else {"num_cpus": LEADER_CPUS})
         deadline = time.monotonic() + NAME_RELEASE_TIMEOUT_S
         while True:
             try:
                 slot.leader = ray.remote(GroupLeader).options(
-                    name=self._name(slot), namespace=self.namespace, lifetime="detached", num_cpus=LEADER_CPUS,
-                    max_restarts=0).remote(config, slot.pool, slot.index, slot.role,
-                                           collective_timeout_s=self.collective_timeout_s,
-                                           cores=self.cores.groups[slot.group_id] if self.cores else None)
+                    name=self._name(slot), namespace=self.namespace, lifetime="detached", max_restarts=0,
+                    **resources).remote(config, slot.pool, slot.index, slot.role,
+                                        collective_timeout_s=self.collective_timeout_s,
+                                        cores=self.cores.groups[slot.group_id] if self.cores else None,
+                                        replaces=replaces)
                 return slot.leader.start.remote()
             except ValueError:  # the dead leader's name is not released yet
                 if time.monotonic() > deadline:
@@ -207,11 +213,14 @@ class PoolController:
             slot.info = None
         self._publish()  # routers stop seeing the dead address at once
         ray.kill(slot.leader)
+        # The faults that kill a leader: kill_group, and kill_actor in a group of one (its rank is the leader).
+        one = getattr(self.config, slot.pool).expert_parallel == 1
         for i, f in enumerate(self.config.faults):
-            if f.kind == "kill_group" and f.pool == slot.pool and f.group == slot.index and self._faults_left[i]:
+            kills_leader = f.kind == "kill_group" or (f.kind == "kill_actor" and one)
+            if kills_leader and f.pool == slot.pool and f.group == slot.index and self._faults_left[i]:
                 self._faults_left[i] -= 1
         try:
-            info: dict[str, Any] = ray.get(self._launch(slot), timeout=START_TIMEOUT_S)
+            info: dict[str, Any] = ray.get(self._launch(slot, replaces=True), timeout=START_TIMEOUT_S)
         except Exception:  # no room yet, a start error: try again on the next round
             log.exception("replacing group %s failed", slot.group_id)
             return None

@@ -53,11 +53,42 @@ def free_port(host: str) -> int:
 
 
 def reserved_cpus() -> int:
-    """Whole CPUs Ray reserved for this actor (`num_cpus_per_actor`), at least 1."""
-    import ray
-
-    assigned = ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
+    """Whole CPUs Ray reserved for this actor (`num_cpus_per_actor`), at least 1 (1 outside an actor)."""
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    in_actor = context is not None and context.get_actor_id() is not None
+    assigned = context.get_assigned_resources() if in_actor else {}
     return max(1, int(assigned.get("CPU", 1)))
+
+
+@dataclass
+class BuiltEngine:
+    engine: Engine
+    expert_bytes: int  # resident routed-expert bytes
+    executor: ExpertParallelMoE | None  # the MoE's all-to-all side, in a group of more than one
+
+
+def build_engine(model_dir: str, engine_config: EngineConfig, eos_ids: list[int], deterministic: bool, *,
+                 rank: int = 0, world_size: int = 1, lockstep: bool = False) -> BuiltEngine:
+    """One rank's engine: the non-expert weights and expert shard `rank` of `world_size` (every expert for a group
+    of one), on this process's GPU if it has one. With world_size > 1 the process group must be joined first.
+    `lockstep`: one forward every step, in one determinism mode (a rank stepping with peers)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if not cuda:  # this process steps the model on CPU: its step's tensors come from malloc
+        keep_freed_memory()
+    rng = expert_range(rank, world_size, K2Config.from_dir(model_dir).n_routed_experts)
+    backend = select_moe_backend(device)
+    w = load_weights(model_dir, expert_range=rng, dtype=dtype, device=device)
+    shards = prepare_experts(w.experts, device, deterministic)
+    experts: MoEExecutor = LocalExperts(shards, backend, deterministic)
+    executor = None
+    if world_size > 1:
+        experts = executor = ExpertParallelMoE(shards, backend, rank, world_size, deterministic)
+    model = K2Model(w.config, w.dense, experts, deterministic=deterministic)
+    config = EngineConfig(**{**engine_config.__dict__, "lockstep": lockstep, "deterministic": deterministic})
+    return BuiltEngine(Engine(model, config, eos_token_ids=eos_ids), sum(s.nbytes() for s in shards.values()),
+                       executor)
 
 
 class RankWorker:
@@ -92,28 +123,16 @@ class RankWorker:
 
     def setup(self, model_dir: str, host: str, port: int, engine_config: EngineConfig, eos_ids: list[int],
               deterministic: bool, timeout_s: float) -> int:
-        """Loads weights + this rank's experts and joins the group; returns resident routed-expert bytes."""
-        cuda = torch.cuda.is_available()
+        """Joins the group and loads weights + this rank's experts; returns resident routed-expert bytes."""
         if host.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        dtype = torch.bfloat16 if cuda else torch.float32
-        if not cuda:  # this actor's process steps the model on CPU: its step's tensors come from malloc
-            keep_freed_memory()
-        rng = expert_range(self.rank, self.world_size, K2Config.from_dir(model_dir).n_routed_experts)
-        backend = select_moe_backend(device)
         if self.world_size > 1:  # a group of one holds every expert: no collectives to join
-            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
-        w = load_weights(model_dir, expert_range=rng, dtype=dtype, device=device)
-        shards = prepare_experts(w.experts, device, deterministic)
-        experts: MoEExecutor = LocalExperts(shards, backend, deterministic)
-        if self.world_size > 1:
-            experts = self.executor = ExpertParallelMoE(shards, backend, self.rank, self.world_size, deterministic)
-        model = K2Model(w.config, w.dense, experts, deterministic=deterministic)
-        config = EngineConfig(**{**engine_config.__dict__, "lockstep": True, "deterministic": deterministic})
-        self.engine = Engine(model, config, eos_token_ids=eos_ids)
-        return sum(s.nbytes() for s in shards.values())
+        built = build_engine(model_dir, engine_config, eos_ids, deterministic, rank=self.rank,
+                             world_size=self.world_size, lockstep=True)
+        self.engine, self.executor = built.engine, built.executor
+        return built.expert_bytes
 
     def _engine(self) -> Engine:
         if self.engine is None:
