@@ -30,6 +30,11 @@ class GroupCores(BaseModel):
     ranks: list[list[int]]  # [world_size] cores of each rank
     front: list[int]  # the cores left to the router, the leaders and Ray
 
+    @property
+    def front_apart(self) -> bool:
+        """Whether the front cores are none of the ranks' (the node had cores to spare)."""
+        return set(self.front).isdisjoint(core for cores in self.ranks for core in cores)
+
 
 class CorePlan(BaseModel):
     groups: dict[str, GroupCores]  # group id -> its ranks' cores

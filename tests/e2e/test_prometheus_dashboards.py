@@ -3,7 +3,8 @@ API: each must return data.
 
 Scraped: `k2serve up` as a user starts it (local Ray, the pool controller's group-leader actors — one prefill,
 two decode — whose metrics the controller serves merged on one port, the router serving /metrics on its HTTP port)
-and the real kopf operator (`--metrics-port`) reconciling the tiny sample in a kmock cluster. The load feeds every panel:
+and the real kopf operator (`--metrics-port`) reconciling the tiny sample in a kmock cluster. The load feeds every
+panel:
 - concurrent streams sharing a prompt prefix (latency histograms, KV handoffs, prefix-cache hits, expert load);
 - a configured `kill_actor` fault on decode-0: the process of its rank — a group of one's leader — dies mid-stream,
   the router re-dispatches to decode-1 (migrations, failover time) and the pool controller replaces the group

@@ -87,8 +87,8 @@ def test_bench_serve_smoke() -> None:
                    "k2serve engine alone, 1 torch thread", "transformers generate (static batches)"):
         assert f"| {system} | 4 | 4 | {sum(lengths)} |" in done.stdout
     assert "router overhead on ITL p50" in done.stdout
-    # Where the CPU went: this process (router and clients), the group leaders (each group of one's engine with
-    # it), no rank actor.
-    cpu = done.stdout.split("CPU per process, k2serve aggregated, 4 concurrent", 1)[1].split("\n\n", 1)[0]
-    assert "| router + clients (this process) |" in cpu and "| group leaders |" in cpu
-    assert "| rank actors |" not in cpu
+    # Where the CPU went: this process (router and clients), the group leaders (with their engines where they run
+    # them) and any rank actors.
+    for mode in ("P/D", "aggregated"):
+        cpu = done.stdout.split(f"CPU per process, k2serve {mode}, 4 concurrent", 1)[1].split("\n\n", 1)[0]
+        assert "| router + clients (this process) |" in cpu and "| group leaders |" in cpu

@@ -1,6 +1,6 @@
-"""CPU binding (`cpu_binding: auto`, k2serve/cpu_binding.py): the plan, binding a live process's threads, and a
-pool controller's group of one whose engine thread runs on a core of its own while the leader's other threads stay
-off it."""
+"""CPU binding (`cpu_binding: auto`, k2serve/cpu_binding.py): the plan, binding a live process's threads, a pool
+controller's group whose rank runs on a core of its own while its leader stays off it, and — with no core to spare —
+groups of one whose engine threads run on their ranks' cores inside their leaders."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from k2serve.cpu_binding import CorePlan, GroupCores, allowed_cores, bind_own, b
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.worker.engine.sampling import SamplingParams
+from k2serve.worker.parallel.local import engine_in_leader
 from k2serve.worker.parallel.pools import PoolController
 
 
@@ -41,6 +42,13 @@ def test_ranks_take_whole_cores_from_the_end_and_leave_the_rest() -> None:
     assert plan_cores([("prefill-0", 1, 1.0), ("decode-0", 1, 1.0)], [0, 1]) == CorePlan(
         groups={"prefill-0": GroupCores(ranks=[[0]], front=[0, 1]), "decode-0": GroupCores(ranks=[[1]], front=[0, 1])},
         front=[0, 1])
+    # Whether the leaders have cores apart decides where a group of one runs its engine (worker/parallel/local.py).
+    two = plan_cores([("prefill-0", 1, 1.0), ("decode-0", 1, 1.0)], [0, 1])
+    assert two is not None and not two.groups["decode-0"].front_apart
+    assert engine_in_leader(1, two.groups["decode-0"]) and engine_in_leader(1, None)
+    spare = plan_cores([("both-0", 1, 1.0)], [1, 0])
+    assert spare is not None and spare.groups["both-0"].front_apart
+    assert not engine_in_leader(1, spare.groups["both-0"]) and not engine_in_leader(2, None)
     # More rank cores than cores, or no ranks at all: no plan, the OS places every thread.
     assert plan_cores([("both-0", 3, 1.0)], [0, 1, 2]) is not None
     assert plan_cores([("both-0", 2, 1.0), ("both-1", 1, 1.5)], [0, 1, 2]) is None
@@ -123,10 +131,7 @@ def thread_cpu(pid: int) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("binding", ["auto", "none"])
-def test_a_group_of_ones_engine_thread_runs_on_its_own_core_and_the_leader_off_it(ray_cluster: None,
-                                                                                   binding: str) -> None:
-    """A group of one steps its engine in the leader (worker/parallel/local.py): the thread that runs the model
-    (the leader's busiest while it serves) is bound to the rank's core, every other thread to the rest."""
+def test_a_groups_rank_runs_on_its_own_core_and_its_leader_off_it(ray_cluster: None, binding: str) -> None:
     pool = PoolConfig(groups=1, kv_blocks=256, num_cpus_per_actor=1.0)
     config = ServingConfig(deterministic=True, prefill=pool, decode=PoolConfig(groups=0), cpu_binding=binding,
                            router={"aggregated": True})  # type: ignore[arg-type]
@@ -135,21 +140,48 @@ def test_a_group_of_ones_engine_thread_runs_on_its_own_core_and_the_leader_off_i
     try:
         cores = allowed_cores()
         group = controller.groups()[0]
-        leader_pid = group["leader_pid"]
-        assert group["rank_pids"] == [leader_pid]  # no rank actor: rank 0 lives in the leader
-        before = thread_cpu(leader_pid)
-        assert serve_one(group["address"]) == expected()  # and it serves the same tokens
-        after = thread_cpu(leader_pid)
-        engine_tid = max(after, key=lambda t: after[t] - before.get(t, 0))
-        threads = thread_cores(leader_pid)
+        rank_pid, leader_pid = group["rank_pids"][0], group["leader_pid"]
+        # The leader has a core apart from the rank's: the rank is an actor of its own (local.py, engine_in_leader).
+        assert (rank_pid == leader_pid) == (controller.cores is None)
+        rank_threads, leader_threads = thread_cores(rank_pid), thread_cores(leader_pid)
         if binding == "none" or len(cores) < 2:  # no plan: every thread may run anywhere
             assert controller.cores is None
-            assert all(c == set(cores) for c in threads.values())
+            assert all(c == set(cores) for c in [*rank_threads.values(), *leader_threads.values()])
         else:
             assert controller.cores is not None
             assert controller.cores.groups[group["group_id"]].ranks == [[cores[-1]]]
             assert controller.cores.front == cores[:-1]
-            assert threads.pop(engine_tid) == {cores[-1]}
-            assert all(c == set(cores[:-1]) for c in threads.values())
+            assert all(c == {cores[-1]} for c in rank_threads.values())
+            assert all(c == set(cores[:-1]) for c in leader_threads.values())
+        assert serve_one(group["address"]) == expected()  # and it serves the same tokens
+    finally:
+        controller.stop()
+
+
+def test_with_no_core_to_spare_each_engine_runs_in_its_leader_on_its_ranks_core(ray_cluster: None) -> None:
+    """P/D with a core per rank and none to spare: each group of one steps its engine in its leader
+    (worker/parallel/local.py) — the thread that runs the model (the leader's busiest while it serves) is bound to
+    the rank's core, the leader's other threads may run anywhere."""
+    # Half the cores per rank (one each on CI's 2): the two ranks take them all.
+    pool = PoolConfig(groups=1, kv_blocks=256, num_cpus_per_actor=max(1.0, len(allowed_cores()) / 2))
+    config = ServingConfig(deterministic=True, prefill=pool, decode=pool)
+    controller = PoolController(config, namespace="k2serve-test-cpus-pd")
+    controller.start()
+    try:
+        for group in controller.groups():
+            leader_pid = group["leader_pid"]
+            assert group["rank_pids"] == [leader_pid]  # no rank actor: rank 0 lives in the leader
+            before = thread_cpu(leader_pid)
+            assert serve_one(group["address"]) == expected()  # and it serves the same tokens
+            after = thread_cpu(leader_pid)
+            engine_tid = max(after, key=lambda t: after[t] - before.get(t, 0))
+            threads = thread_cores(leader_pid)
+            if controller.cores is None:  # fewer than 2 cores (or an odd count): no plan, every thread anywhere
+                assert all(c == set(allowed_cores()) for c in threads.values())
+                continue
+            rank_cores = controller.cores.groups[group["group_id"]].ranks
+            assert len(rank_cores) == 1 and not controller.cores.groups[group["group_id"]].front_apart
+            assert threads.pop(engine_tid) == set(rank_cores[0])
+            assert all(c == set(controller.cores.front) for c in threads.values())
     finally:
         controller.stop()

@@ -1,12 +1,12 @@
-"""The group leader, a Ray actor: builds its group — an `ExpertParallelGroup` of rank actors, or for a group of one
-a `LocalGroup` whose engine runs in this process (local.py) —, drives it with an `EngineLoop` and serves the
+"""The group leader, a Ray actor: builds its group — an `ExpertParallelGroup` of rank actors, or (mostly for a group
+of one, `engine_in_leader`) a `LocalGroup` whose engine runs in this process (local.py) —, drives it with an `EngineLoop` and serves the
 `WorkerGroup` gRPC service over it. When the group fails (a rank died, a collective timed out, a step raised)
 every in-flight stream ends with an error naming the lost requests, Health reports unhealthy, and the leader
 rebuilds the group (fresh ranks, placement group and rendezvous; a fresh engine) and serves again on the same
 address. A leader started in place of a dead one counts a restart too.
 
-It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process (a group of one's: this one),
-`kill_group` every rank's and then its own — by PID, so the same faults work in a real cluster.
+It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process (in a group
+of one, this one), `kill_group` every rank's and then its own — by PID, so the same faults work in a real cluster.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from k2serve.worker.engine.engine import EngineConfig, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import resolve_model
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
-from k2serve.worker.parallel.local import LocalGroup
+from k2serve.worker.parallel.local import LocalGroup, engine_in_leader
 from k2serve.worker.service import Role, WorkerService
 from k2serve.worker.tokenizer import K2Tokenizer
 
@@ -81,6 +81,7 @@ class GroupLeader:
         self.spec = group_spec(config, getattr(config, pool), collective_timeout_s=collective_timeout_s,
                                steps_ahead=0 if role == "prefill" else DECODE_STEPS_AHEAD)
         self.spec.rank_cores = cores.ranks if cores is not None else None
+        self._local = engine_in_leader(self.spec.world_size, cores)
         if cores is not None:  # off the ranks' cores (k2serve/cpu_binding.py)
             bind_process(cores.front)
         self.faults = [_ArmedFault(f) for f in config.faults
@@ -101,7 +102,7 @@ class GroupLeader:
         if self._service is not None:
             return self.info()
         host = ray.util.get_node_ip_address()
-        kind = LocalGroup if self.spec.world_size == 1 else ExpertParallelGroup
+        kind = LocalGroup if self._local else ExpertParallelGroup
         self._group = await asyncio.to_thread(kind, self.spec)
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
                                       block_size=self.spec.engine.block_size, metrics=self.metrics)

@@ -1,16 +1,20 @@
-"""A worker group of one (`expert_parallel: 1`): its engine runs inside the group leader's process, stepped on the
-engine loop's thread, instead of in a rank actor that the leader steps over Ray.
+"""A worker group of one (`expert_parallel: 1`) whose engine runs inside the group leader's process, stepped on the
+engine loop's thread, instead of in a rank actor that the leader steps over Ray — unless the node's CPU plan
+gives the leaders cores of their own (`engine_in_leader`).
 
-Why: one rank has no all-to-all to join, so a process of its own buys nothing, and a step over Ray costs a task
-submission, a pickled reply and two wakeups on each side every step — on the 2-core bench the leader relaying
-a decode rank's steps used a third of that rank's CPU, and P/D gained ~20% tokens/s with the engine in the leader
-(bench/RESULTS.md). vLLM likewise runs a single-device engine in its own process and uses Ray only across devices.
+Why: one rank has no all-to-all to join, and a step over Ray costs a task submission, a pickled reply and wakeups
+on both sides every step. Where the ranks take every core (P/D on 2 cores: the leaders could only run on the ranks'
+cores), that relay is pure cost: P/D gained ~20% tokens/s with the engines in their leaders. Where the leaders have
+cores of their own (aggregated on 2 cores: the rank on one, the rest on the other), a leader process relaying in
+parallel with its engine wins instead (~10%): in one process the relay and the engine's Python share one GIL
+(bench/RESULTS.md). Without a plan (a cluster, `cpu_binding: none`) the engine runs in the leader, as vLLM runs a
+single-device engine in-process and uses Ray only across devices.
 
-The leader reserves the rank's resources (CPUs, GPU, custom resources) for itself (pools.py). Under a CPU plan
-(k2serve/cpu_binding.py) the engine's thread, which runs every model step, binds itself to the rank's cores while
-the leader's other threads stay on the front cores. A step that raises fails the group: the leader's supervisor
-rebuilds it in place (a fresh engine over the loaded weights). A `kill_actor` fault on rank 0 kills the process
-holding rank 0 — here the leader — and the pool controller replaces the group.
+The leader then reserves the rank's resources (CPUs, GPU, custom resources) for itself (pools.py). Under a plan the
+engine's thread, which runs every model step, binds itself to the rank's cores while the leader's other threads
+stay on the front cores. A step that raises fails the group: the leader's supervisor rebuilds it in place (a fresh
+engine over the loaded weights). A `kill_actor` fault on rank 0 kills the process holding rank 0 — here the leader
+— and the pool controller replaces the group.
 """
 
 from __future__ import annotations
@@ -20,12 +24,19 @@ import os
 
 import torch
 
+from k2serve.cpu_binding import GroupCores
 from k2serve.worker.engine.engine import Engine
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.parallel.group import GroupSpec, GroupStats
 from k2serve.worker.parallel.rank import build_engine, reserved_cpus
 
 log = logging.getLogger(__name__)
+
+
+def engine_in_leader(world_size: int, cores: GroupCores | None) -> bool:
+    """Whether a group runs its engine in its leader (a `LocalGroup`): a group of one, unless the CPU plan gives
+    the leaders cores apart from the ranks'."""
+    return world_size == 1 and (cores is None or not cores.front_apart)
 
 
 class LocalGroup:

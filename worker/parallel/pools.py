@@ -27,12 +27,13 @@ from k2serve.config import FaultSpec, ServingConfig
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
 from k2serve.localray import init_local_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
+from k2serve.worker.parallel.local import engine_in_leader
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
 from k2serve.worker.service import Role
 
 log = logging.getLogger(__name__)
 
-LEADER_CPUS = 0.1  # a leader of rank actors only relays requests and steps its ranks (a group of one's: its rank's)
+LEADER_CPUS = 0.1  # a leader of rank actors only relays requests and steps its ranks
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 5.0
 NAME_RELEASE_TIMEOUT_S = 30.0  # a dead actor's name is freed asynchronously
@@ -79,8 +80,8 @@ class PoolController:
         else:
             self._slots = [_Slot("prefill", i, "prefill") for i in range(config.prefill.groups)] + [
                 _Slot("decode", i, "decode") for i in range(config.decode.groups)]
-        # kill_group faults (and kill_actor in a group of one) kill the leader that fired them: count firings here
-        # so a replacement doesn't fire them again.
+        # kill_group faults (and kill_actor where the engine runs in the leader) kill the leader that fired them:
+        # count firings here so a replacement doesn't fire them again.
         self._faults_left = [f.times for f in config.faults]
         self._registry: Any = None
         self.cores: CorePlan | None = None  # made by start() (k2serve/cpu_binding.py)
@@ -168,10 +169,10 @@ class PoolController:
     def _launch(self, slot: _Slot, replaces: bool = False) -> Any:
         config = self.config.model_copy(update={"faults": self._faults_for(slot)})
         pool = getattr(self.config, slot.pool)
-        # A group of one runs its engine in the leader (local.py): the leader reserves what its rank would.
+        # A leader that runs its group's engine (local.py) reserves what the rank would.
         resources: dict[str, Any] = ({"num_cpus": pool.num_cpus_per_actor, "num_gpus": pool.num_gpus_per_actor,
                                       "resources": dict(pool.ray_resources)}
-                                     if pool.expert_parallel == 1 else {"num_cpus": LEADER_CPUS})
+                                     if self._in_leader(slot) else {"num_cpus": LEADER_CPUS})
         deadline = time.monotonic() + NAME_RELEASE_TIMEOUT_S
         while True:
             try:
@@ -186,6 +187,10 @@ class PoolController:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+    def _in_leader(self, slot: _Slot) -> bool:
+        cores = self.cores.groups[slot.group_id] if self.cores else None
+        return engine_in_leader(getattr(self.config, slot.pool).expert_parallel, cores)
 
     def _faults_for(self, slot: _Slot) -> list[FaultSpec]:
         return [f.model_copy(update={"times": left}) for f, left in zip(self.config.faults, self._faults_left)
@@ -213,10 +218,10 @@ class PoolController:
             slot.info = None
         self._publish()  # routers stop seeing the dead address at once
         ray.kill(slot.leader)
-        # The faults that kill a leader: kill_group, and kill_actor in a group of one (its rank is the leader).
-        one = getattr(self.config, slot.pool).expert_parallel == 1
+        # The faults that kill a leader: kill_group, and kill_actor where the engine runs in the leader.
+        local = self._in_leader(slot)
         for i, f in enumerate(self.config.faults):
-            kills_leader = f.kind == "kill_group" or (f.kind == "kill_actor" and one)
+            kills_leader = f.kind == "kill_group" or (f.kind == "kill_actor" and local)
             if kills_leader and f.pool == slot.pool and f.group == slot.index and self._faults_left[i]:
                 self._faults_left[i] -= 1
         try:

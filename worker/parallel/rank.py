@@ -127,7 +127,8 @@ class RankWorker:
         if host.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         if self.world_size > 1:  # a group of one holds every expert: no collectives to join
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank,
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         built = build_engine(model_dir, engine_config, eos_ids, deterministic, rank=self.rank,
                              world_size=self.world_size, lockstep=True)
