@@ -1,12 +1,13 @@
 """The group leader, a Ray actor: builds its group — an `ExpertParallelGroup` of rank actors, or for a group of one
 whose leader has no cores apart from its rank's (`engine_in_leader`) a `LocalGroup` whose engine runs in this
-process (local.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the group fails (a rank died, a collective timed out, a step raised)
-every in-flight stream ends with an error naming the lost requests, Health reports unhealthy, and the leader
-rebuilds the group (fresh ranks, placement group and rendezvous; a fresh engine) and serves again on the same
-address. A leader started in place of a dead one counts a restart too.
+process (local.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the
+group fails (a rank died, a collective timed out, a step raised) every in-flight stream ends with an error naming
+the lost requests, Health reports unhealthy, and the leader rebuilds the group (fresh ranks, placement group and
+rendezvous; a fresh engine) and serves again on the same address. A leader started in place of a dead one counts
+a restart too.
 
-It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process (in a group
-of one, this one), `kill_group` every rank's and then its own — by PID, so the same faults work in a real cluster.
+It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process (this one,
+where the engine runs here), `kill_group` every rank's and then its own — by PID, so the same faults work in a real cluster.
 """
 
 from __future__ import annotations
