@@ -7,7 +7,8 @@ rendezvous; a fresh engine) and serves again on the same address. A leader start
 a restart too.
 
 It also executes configured faults (`ServingConfig.faults`): `kill_actor` SIGKILLs one rank's process (this one,
-where the engine runs here), `kill_group` every rank's and then its own — by PID, so the same faults work in a real cluster.
+where the engine runs here), `kill_group` every rank's and then its own — by PID, so the same faults work in a
+real cluster.
 """
 
 from __future__ import annotations
