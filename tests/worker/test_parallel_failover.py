@@ -130,7 +130,7 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
     engine runs. Either way the controller replaces the group once: the fault does not fire again."""
     config = ServingConfig(deterministic=True, prefill=pool(ep=1, groups=0), decode=pool(ep=ep, groups=2),
                            faults=[FaultSpec(kind=kind, pool="decode", group=0, after_tokens=5)],
-                           cpu_binding="none")  # no plan: a group of one's engine is in its leader (local.py)
+                           cpu_binding="none")  # no plan: a group of one's engine is in its leader (in_leader.py)
     controller = PoolController(config, namespace="k2serve-test-pools", check_interval_s=0.2)
     controller.start()
     try:
@@ -168,7 +168,7 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
 
 
 def test_a_group_of_one_whose_step_fails_is_rebuilt_in_place(ray_cluster: None, one_torch_thread: None) -> None:
-    """A group of one steps its engine in the leader's process (worker/parallel/local.py): a step that raises
+    """A group of one steps its engine in the leader's process (worker/parallel/in_leader.py): a step that raises
     ends the in-flight stream with an error naming its request, and the leader serves again on the same address
     from a fresh engine."""
     config = ServingConfig(deterministic=True, decode=pool(ep=1))

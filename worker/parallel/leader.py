@@ -1,6 +1,6 @@
 """The group leader, a Ray actor: builds its group — an `ExpertParallelGroup` of rank actors, or for a group of one
-whose leader has no cores apart from its rank's (`engine_in_leader`) a `LocalGroup` whose engine runs in this
-process (local.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the
+whose leader has no cores apart from its rank's (`engine_in_leader`) an `InLeaderGroup` whose engine runs in this
+process (in_leader.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the
 group fails (a rank died, a collective timed out, a step raised) every in-flight stream ends with an error naming
 the lost requests, Health reports unhealthy, and the leader rebuilds the group (fresh ranks, placement group and
 rendezvous; a fresh engine) and serves again on the same address. A leader started in place of a dead one counts
@@ -28,7 +28,7 @@ from k2serve.worker.engine.engine import EngineConfig, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import resolve_model
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
-from k2serve.worker.parallel.local import LocalGroup, engine_in_leader
+from k2serve.worker.parallel.in_leader import InLeaderGroup, engine_in_leader
 from k2serve.worker.service import Role, WorkerService
 from k2serve.worker.tokenizer import K2Tokenizer
 
@@ -92,7 +92,7 @@ class GroupLeader:
         self.failures: list[Failure] = []
         self.address = ""
         self.metrics_port = 0
-        self._group: ExpertParallelGroup | LocalGroup | None = None
+        self._group: ExpertParallelGroup | InLeaderGroup | None = None
         self._replaces = replaces
         self._service: WorkerService | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -104,7 +104,7 @@ class GroupLeader:
         if self._service is not None:
             return self.info()
         host = ray.util.get_node_ip_address()
-        kind = LocalGroup if self._local else ExpertParallelGroup
+        kind = InLeaderGroup if self._local else ExpertParallelGroup
         self._group = await asyncio.to_thread(kind, self.spec)
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
                                       block_size=self.spec.engine.block_size, metrics=self.metrics)
@@ -171,12 +171,12 @@ class GroupLeader:
             self.metrics.group_restarts.labels(role=self.role).inc()
 
 
-    def _loop(self, group: ExpertParallelGroup | LocalGroup) -> EngineLoop:
-        if isinstance(group, LocalGroup):
+    def _loop(self, group: ExpertParallelGroup | InLeaderGroup) -> EngineLoop:
+        if isinstance(group, InLeaderGroup):
             return EngineLoop(group.engine, self._on_step, thread_init=group.bind_thread)
         return EngineLoop(group, self._on_step)
 
-    async def _rebuild(self, group: ExpertParallelGroup | LocalGroup) -> None:
+    async def _rebuild(self, group: ExpertParallelGroup | InLeaderGroup) -> None:
         while True:
             try:
                 await asyncio.to_thread(group.rebuild)
@@ -205,7 +205,7 @@ class GroupLeader:
                 fault.tokens = 0
                 self._fire(fault.spec, group)
 
-    def _export_expert_load(self, group: ExpertParallelGroup | LocalGroup) -> None:
+    def _export_expert_load(self, group: ExpertParallelGroup | InLeaderGroup) -> None:
         load = group.take_expert_load()  # [num_moe_layers, E]
         if load is None:
             return
@@ -214,7 +214,7 @@ class GroupLeader:
                 if n:
                     self.metrics.expert_tokens.labels(layer=str(layer), expert=str(expert)).inc(n)
 
-    def _fire(self, fault: FaultSpec, group: ExpertParallelGroup | LocalGroup) -> None:
+    def _fire(self, fault: FaultSpec, group: ExpertParallelGroup | InLeaderGroup) -> None:
         log.warning("group %s: injecting fault %s", self.group_id, fault)
         if fault.kind == "kill_actor":
             if fault.rank >= len(group.pids):

@@ -67,7 +67,7 @@ class BuiltEngine:
     executor: ExpertParallelMoE | None  # the MoE's all-to-all side, in a group of more than one
 
 
-def build_engine(model_dir: str, engine_config: EngineConfig, eos_ids: list[int], deterministic: bool, *,
+def build_rank_engine(model_dir: str, engine_config: EngineConfig, eos_ids: list[int], deterministic: bool, *,
                  rank: int = 0, world_size: int = 1, lockstep: bool = False) -> BuiltEngine:
     """One rank's engine: the non-expert weights and expert shard `rank` of `world_size` (every expert for a group
     of one), on this process's GPU if it has one. With world_size > 1 the process group must be joined first.
@@ -130,8 +130,8 @@ class RankWorker:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
-        built = build_engine(model_dir, engine_config, eos_ids, deterministic, rank=self.rank,
-                             world_size=self.world_size, lockstep=True)
+        built = build_rank_engine(model_dir, engine_config, eos_ids, deterministic, rank=self.rank,
+                                  world_size=self.world_size, lockstep=True)
         self.engine, self.executor = built.engine, built.executor
         return built.expert_bytes
 

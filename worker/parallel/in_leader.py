@@ -28,18 +28,18 @@ from k2serve.cpu_binding import GroupCores
 from k2serve.worker.engine.engine import Engine
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.parallel.group import GroupSpec, GroupStats
-from k2serve.worker.parallel.rank import build_engine, reserved_cpus
+from k2serve.worker.parallel.rank import build_rank_engine, reserved_cpus
 
 log = logging.getLogger(__name__)
 
 
 def engine_in_leader(world_size: int, cores: GroupCores | None) -> bool:
-    """Whether a group runs its engine in its leader (a `LocalGroup`): a group of one, unless the CPU plan gives
+    """Whether a group runs its engine in its leader (an `InLeaderGroup`): a group of one, unless the CPU plan gives
     the leaders cores apart from the ranks'."""
     return world_size == 1 and (cores is None or not cores.front_apart)
 
 
-class LocalGroup:
+class InLeaderGroup:
     """The surface the leader uses of a group (`ExpertParallelGroup`'s), over one engine in this process."""
 
     def __init__(self, spec: GroupSpec) -> None:
@@ -51,7 +51,7 @@ class LocalGroup:
         self.pids = [os.getpid()]  # the process holding rank 0 (what a kill_actor fault kills)
         self._cores = spec.rank_cores[0] if spec.rank_cores else None
         torch.set_num_threads(len(self._cores) if self._cores else reserved_cpus())
-        built = build_engine(spec.model_dir, spec.engine, spec.eos_ids, spec.deterministic)
+        built = build_rank_engine(spec.model_dir, spec.engine, spec.eos_ids, spec.deterministic)
         self.engine: Engine = built.engine
         self.expert_bytes = [built.expert_bytes]
 
