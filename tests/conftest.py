@@ -16,6 +16,18 @@ import pytest
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Child processes (`python -m k2serve.cli`, `python -c`) must not put the working directory on sys.path: run
+# from the repository root, its operator/ folder would hide the standard library's `operator`.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Nothing a test starts writes into the user's state directory (the default chain store lives there)."""
+    from k2serve.config import STATE_DIR_ENV
+
+    os.environ[STATE_DIR_ENV] = str(tmp_path_factory.mktemp("state"))
+    yield
 
 
 @pytest.fixture(scope="session")

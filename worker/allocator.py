@@ -3,10 +3,10 @@ handing it back to the kernel.
 
 A CPU step allocates and frees tensors of megabytes (a prefill's [tokens * top-k, hidden] expert rows, the
 decode-attention gathers). glibc serves blocks that size with fresh mmap()s, or trims its heap once they are
-freed, so a step faults many of its pages in again: a step-like sequence of 2-8 MB tensors (tests/worker/
-test_allocator.py) costs ~380 page faults a step with glibc's defaults and none with these settings; the
-engine's closed loop at 32 concurrent on tiny-k2 runs +5.4% faster (3 alternating pairs of 2 runs). PyTorch's
-CPU tuning guide suggests preloading jemalloc or tcmalloc for the same reason; this needs nothing preloaded.
+freed, so a step faults many of its pages in again; with these settings freed blocks serve the next
+allocations (tests/worker/test_allocator.py counts page faults on malloc'd blocks; the engine's gain is in
+bench/RESULTS.md). PyTorch's CPU tuning guide suggests preloading jemalloc or tcmalloc for the same reason; this
+needs nothing preloaded.
 """
 
 from __future__ import annotations
