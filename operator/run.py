@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import os
 import threading
+from pathlib import Path
 
 import kopf
 
+from k2serve.errors import UserError
 from k2serve.metrics import Metrics
 from k2serve.operator.handlers import build_registry
 from k2serve.operator.kube import Kube
@@ -18,7 +20,8 @@ PEERING_NAME = "k2serve"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="k2serve operator", description="Run the K2Deployment operator (kopf).")
+    parser = argparse.ArgumentParser(prog="k2serve operator", description="Run the K2Deployment operator (kopf): "
+                                     "reconciles K2Deployments into Ray clusters, routers and their config.")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[],
                        help="watch only this namespace (repeatable; glob patterns allowed)")
@@ -60,8 +63,19 @@ async def operate(args: argparse.Namespace, stop: threading.Event | None = None,
     )
 
 
+def ensure_credentials(kubeconfig: str | None) -> None:
+    """In a pod the service account is used; elsewhere a kubeconfig must exist (kopf would retry its login forever)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return
+    paths = [Path(p).expanduser() for p in (kubeconfig or "~/.kube/config").split(os.pathsep) if p]
+    if not any(p.is_file() for p in paths):
+        raise UserError(f"no Kubernetes credentials: not in a pod, and no kubeconfig at {', '.join(map(str, paths))}; "
+                        "set KUBECONFIG or pass --kubeconfig (in a cluster: helm install k2serve charts/k2serve)")
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    ensure_credentials(args.kubeconfig)
     kopf.configure(verbose=False)
     asyncio.run(operate(args))
     return 0

@@ -1,5 +1,8 @@
-"""`k2serve chat "…"`: one streamed chat request to a running stack; prints the thinking, the tool calls and
-the answer as they arrive."""
+"""`k2serve chat "…"`: one streamed chat request to a running stack (`make up` or `k2serve up`); prints the
+thinking, the tool calls and the answer as they arrive.
+
+Model text is printed with control characters escaped (k2serve.terminal), so whatever a model emits cannot drive
+the terminal."""
 
 from __future__ import annotations
 
@@ -11,6 +14,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+
+from k2serve.cli import summary
+from k2serve.errors import UserError
+from k2serve.terminal import printable
 
 
 def stream_chat(client: httpx.Client, body: dict[str, Any], out: TextIO) -> dict[str, Any]:
@@ -31,7 +38,7 @@ def stream_chat(client: httpx.Client, body: dict[str, Any], out: TextIO) -> dict
                         if section != title:
                             out.write(f"\n[{title}]\n")
                             section = title
-                        out.write(delta[key])
+                        out.write(printable(delta[key]))
                         result["reasoning" if key == "reasoning_content" else "content"] += delta[key]
                 for call in delta.get("tool_calls") or []:
                     slot = result["tool_calls"].setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
@@ -42,20 +49,21 @@ def stream_chat(client: httpx.Client, body: dict[str, Any], out: TextIO) -> dict
                 result["finish_reason"] = choice.get("finish_reason") or result["finish_reason"]
                 out.flush()
     for i, call in sorted(result["tool_calls"].items()):
-        out.write(f"\n[tool call {i}] {call['name']}({call['arguments']}) id={call['id']}")
+        out.write(printable(f"\n[tool call {i}] {call['name']}({call['arguments']}) id={call['id']}"))
     out.write(f"\n[finish: {result['finish_reason']}]\n")
     result["tool_calls"] = [c for _, c in sorted(result["tool_calls"].items())]
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="k2serve chat", description=__doc__.splitlines()[0])
-    ap.add_argument("message")
-    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
+    ap = argparse.ArgumentParser(prog="k2serve chat", description=summary(__doc__))
+    ap.add_argument("message", help="the user message")
+    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address (http://127.0.0.1:8000)")
     ap.add_argument("--model", help="model name (default: the first in /v1/models)")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--seed", type=int)
+    ap.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate, thinking included (256)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0, as K2 Thinking "
+                    "recommends; 0 is greedy)")
+    ap.add_argument("--seed", type=int, help="sampling seed, for a reproducible answer")
     ap.add_argument("--tools", type=Path, help="JSON file with an OpenAI `tools` list")
     ap.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"), help="bearer key ($K2SERVE_API_KEY)")
     args = ap.parse_args(argv)
@@ -70,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.tools:
                 body["tools"] = json.loads(args.tools.read_text())
             stream_chat(client, body, sys.stdout)
+    except httpx.ConnectError as e:
+        raise UserError(f"no k2serve stack answers at {args.url} ({e}); start one with `make up` or `k2serve up` "
+                        "in another terminal, or pass --url") from e
     except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
-        print(f"k2serve chat: {e}", file=sys.stderr)
-        return 1
+        raise UserError(f"request to {args.url} failed: {e}") from e
     return 0

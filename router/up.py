@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from pathlib import Path
-
 import math
 import os
+from pathlib import Path
 
+from pydantic import ValidationError
+
+from k2serve.cli import summary
 from k2serve.config import ServingConfig
 from k2serve.cpu_binding import bind_tree
+from k2serve.errors import UserError
 from k2serve.localray import init_local_ray
+from k2serve.preflight import ensure_port_free
 from k2serve.router.directory import RegistryDirectory
 from k2serve.router.serve import run_router, stop_on_signals
 
@@ -39,8 +42,24 @@ def build_config(args: argparse.Namespace) -> ServingConfig:
     if args.ep is not None:
         data["prefill"]["expert_parallel"] = data["decode"]["expert_parallel"] = args.ep
     if args.chain_store:
-        data["chain_store"]["sqlite_path"] = str(Path(args.chain_store))
-    return ServingConfig.model_validate(data)
+        data["chain_store"]["sqlite_path"] = str(Path(args.chain_store).resolve())
+    try:
+        return ServingConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from e
+
+
+def preflight(config: ServingConfig) -> None:
+    """What a user can get wrong, checked before Ray starts: the model and the ports."""
+    from k2serve.worker.loader import resolve_model
+
+    try:
+        resolve_model(config.model.source)  # builds the built-in model once, so the groups find it cached
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {config.model.source!r}: {e}") from e
+    r = config.router
+    ensure_port_free(r.host, r.http_port, "the HTTP", "--port")
+    ensure_port_free(r.host, r.grpc_port, "the router's gRPC", "router.grpc_port in --config")
 
 
 def logical_cpus(config: ServingConfig) -> int:
@@ -91,21 +110,19 @@ async def run(config: ServingConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="k2serve up", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="model directory or builtin:tiny-k2 (default: the config's)")
+    ap = argparse.ArgumentParser(prog="k2serve up", description=summary(__doc__))
+    ap.add_argument("--model", help="model directory (Hugging Face layout) or builtin:tiny-k2 (default: the config's)")
     ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
     ap.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")
-    ap.add_argument("--ep", type=int, help="expert-parallel actors per group")
+    ap.add_argument("--ep", type=int, help="expert-parallel actors per group (default 1)")
     ap.add_argument("--prefill-groups", type=int, help="prefill groups (default 1)")
     ap.add_argument("--decode-groups", type=int, help="decode groups (default 1)")
     ap.add_argument("--aggregated", action="store_true", help="one pool does prefill and decode (no KV handoff)")
-    ap.add_argument("--chain-store", help="SQLite file of the chain store")
+    ap.add_argument("--chain-store", help="SQLite file of the chain store (default: chains.sqlite3 in the state "
+                    "directory, $K2SERVE_STATE_DIR or ~/.local/state/k2serve)")
     args = ap.parse_args(argv)
-    try:
-        config = build_config(args)
-    except ValueError as e:
-        print(f"k2serve up: {e}", file=sys.stderr)
-        return 2
+    config = build_config(args)
+    preflight(config)
     asyncio.run(run(config))
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from k2serve.cli import summary
 from k2serve.worker.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     EXPERT_MODULE_RE,
@@ -119,7 +120,7 @@ def _convert(src: Path, dst: Path, weight_map: dict[str, str], map_file: Path, q
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="k2serve quantize", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="k2serve quantize", description=summary(__doc__))
     parser.add_argument("src", type=Path, help="bf16 Hugging Face model directory")
     parser.add_argument("dst", type=Path, help="output directory (must be absent or empty)")
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE, help="INT4 group size along the input dim")

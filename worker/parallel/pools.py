@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -24,8 +23,11 @@ import ray
 from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
 from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import FaultSpec, ServingConfig
+from k2serve.cli import summary
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
+from k2serve.errors import UserError
 from k2serve.localray import init_local_ray
+from k2serve.preflight import ensure_reachable
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.in_leader import engine_in_leader
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
@@ -236,25 +238,41 @@ class PoolController:
         ray.get(self._registry.set.remote(self.groups()), timeout=CALL_TIMEOUT_S)
 
 
+def cluster_address(given: str | None) -> str:
+    """The Ray cluster to join, found as `ray.init(address="auto")` finds it and checked to answer: a cluster
+    that stopped leaves its address behind, and joining it would hang."""
+    from ray._private.services import get_ray_address_from_environment
+
+    hint = ("start one with `ray start --head`, pass --address HOST:PORT of a running cluster, or use --local for "
+            "a Ray of its own on this machine")
+    try:
+        address = get_ray_address_from_environment(given or "auto", None)
+    except ConnectionError as e:
+        raise UserError(f"no Ray cluster to join ({e}); {hint}") from e
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"no Ray cluster to join (address {address!r}); {hint}")
+    ensure_reachable(host, int(port), "Ray cluster", hint)
+    return address
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="k2serve pools", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="k2serve pools", description=summary(__doc__))
     ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
+    ap.add_argument("--address", help="the Ray cluster to join, HOST:PORT (default: $RAY_ADDRESS, else the "
+                    "cluster last started on this machine)")
     ap.add_argument("--local", action="store_true", help="start a local Ray (loopback, no dashboard) instead of "
-                    "joining the cluster at address=auto")
+                    "joining a cluster")
     ap.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of leaders and registry ({NAMESPACE})")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="serve every group's metrics, merged, on this port's /metrics (default: not served)")
     ap.add_argument("--metrics-host", default="127.0.0.1", help="address to serve metrics on (127.0.0.1)")
     args = ap.parse_args(argv)
-    try:
-        config = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
-    except ValueError as e:
-        print(f"k2serve pools: {e}", file=sys.stderr)
-        return 2
+    config = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
     if args.local:
         init_local_ray()
     else:
-        ray.init(address="auto", namespace=args.namespace)
+        ray.init(address=cluster_address(args.address), namespace=args.namespace)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
