@@ -13,14 +13,31 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from k2serve.errors import UserError
 
 CONFIG_ENV = "K2SERVE_CONFIG"
+# Where k2serve keeps what it writes for a user (the default chain store): this variable, else
+# $XDG_STATE_HOME/k2serve, else ~/.local/state/k2serve — never the working directory.
+STATE_DIR_ENV = "K2SERVE_STATE_DIR"
 # Where the pool controller publishes worker groups and routers find them: a named Ray actor.
 RAY_NAMESPACE = "k2serve"
 GROUP_REGISTRY_ACTOR = "k2serve-registry"
 # Where the pool controller serves the worker groups' metrics in a cluster (its container's port "metrics").
 POOL_METRICS_PORT = 9400
+
+
+class ConfigError(UserError, ValueError):
+    """A serving config that cannot be read or is invalid; the message names the file, and the line or field."""
+
+
+def state_dir() -> Path:
+    explicit = os.environ.get(STATE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "k2serve"
 
 
 class _Strict(BaseModel):
@@ -48,7 +65,8 @@ class PoolConfig(_Strict):
     max_running: int = Field(256, ge=1, description="Most sequences a group runs at once.")
     kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks per rank; default sized from memory.")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for a group's actors (PACK: as few nodes as possible).")
     num_cpus_per_actor: float = Field(
         1.0, gt=0, description="Logical Ray CPUs one actor reserves; a rank runs that many (whole, at least 1) torch threads."
     )
@@ -61,22 +79,26 @@ class PoolConfig(_Strict):
 
 
 class RouterConfig(_Strict):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers listen on.")
     http_port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
     grpc_port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
-    routing_policy: Literal["prefix_load", "load", "round_robin"] = "prefix_load"
+    routing_policy: Literal["prefix_load", "load", "round_robin"] = Field(
+        "prefix_load", description="How a prefill group is chosen: prefix_load prefers the group holding the "
+        "longest cached prefix of the prompt, then the least loaded; load: least loaded; round_robin: in turn.")
     aggregated: bool = Field(False, description="One pool does prefill and decode (no KV handoff).")
     api_keys_file: str | None = Field(None, description="File with one bearer API key per line; none: open.")
     served_model_name: str | None = Field(None, description="Name in /v1/models; default from the model source.")
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest a request may take, seconds.")
     stall_timeout_s: float = Field(30.0, gt=0, description="A group stream silent this long after its first "
                                    "token counts as a failed group; the turn is re-dispatched.")
 
 
 class ChainStoreConfig(_Strict):
-    backend: Literal["sqlite", "redis"] = "sqlite"
-    sqlite_path: str = "k2serve-chains.sqlite3"
-    redis_url: str | None = None
+    backend: Literal["sqlite", "redis"] = Field("sqlite", description="Where chains are kept durable.")
+    sqlite_path: str = Field("chains.sqlite3", description="SQLite file; a relative path is taken in the state "
+                             f"directory (${STATE_DIR_ENV}, else $XDG_STATE_HOME/k2serve, else "
+                             "~/.local/state/k2serve), never the working directory.")
+    redis_url: str | None = Field(None, description="redis://host:port/db of the Redis chain store.")
     redis_url_env: str | None = Field(
         None, description="Environment variable holding the redis URL (e.g. from a Secret); used when redis_url is unset."
     )
@@ -88,6 +110,10 @@ class ChainStoreConfig(_Strict):
     lease_ttl_s: float = Field(2.0, gt=0, description="A dead router's chains become resumable by another "
                                "router this long after its last lease renewal.")
 
+    def sqlite_file(self) -> Path:
+        path = Path(self.sqlite_path).expanduser()
+        return path if path.is_absolute() else state_dir() / path
+
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "ChainStoreConfig":
         if self.backend == "redis" and not (self.redis_url or self.redis_url_env):
@@ -98,24 +124,26 @@ class ChainStoreConfig(_Strict):
 class FaultSpec(_Strict):
     """A fault to inject, by configuration, so failover can be exercised in a real cluster too."""
 
-    kind: Literal["kill_actor", "kill_group", "kill_router", "hang_group"]
-    pool: Literal["prefill", "decode"] = "decode"
-    group: int = Field(0, ge=0)
-    rank: int = Field(0, ge=0)
+    kind: Literal["kill_actor", "kill_group", "kill_router", "hang_group"] = Field(description="What fails.")
+    pool: Literal["prefill", "decode"] = Field("decode", description="The pool of the target group.")
+    group: int = Field(0, ge=0, description="The target group's index in its pool.")
+    rank: int = Field(0, ge=0, description="The target rank in the group (kill_actor).")
     after_tokens: int = Field(1, ge=0, description="Fire once the target has produced this many tokens.")
     times: int = Field(1, ge=1, description="How many times the fault fires.")
 
 
 class ServingConfig(_Strict):
-    model: ModelSource = Field(default_factory=ModelSource)
-    prefill: PoolConfig = Field(default_factory=PoolConfig)
-    decode: PoolConfig = Field(default_factory=PoolConfig)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    chain_store: ChainStoreConfig = Field(default_factory=ChainStoreConfig)
+    model: ModelSource = Field(default_factory=ModelSource, description="The model served.")
+    prefill: PoolConfig = Field(default_factory=PoolConfig, description="The prefill pool (in aggregated mode: the "
+                                "only pool).")
+    decode: PoolConfig = Field(default_factory=PoolConfig, description="The decode pool.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router and its HTTP front.")
+    chain_store: ChainStoreConfig = Field(default_factory=ChainStoreConfig, description="The durable store of "
+                                          "reasoning chains.")
     deterministic: bool = Field(
         False, description="Batch-invariant kernels: outputs independent of batch composition (slower)."
     )
-    faults: list[FaultSpec] = Field(default_factory=list)
+    faults: list[FaultSpec] = Field(default_factory=list, description="Faults to inject (testing failover).")
     cpu_binding: Literal["auto", "none"] = Field(
         "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "
         "of its own, and with cores to spare the router, leaders and Ray on those (k2serve/cpu_binding.py); none: "
@@ -124,17 +152,27 @@ class ServingConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ServingConfig":
-        """Reads YAML or JSON; a bad file names itself and the offending field."""
+        """Reads YAML or JSON; a bad file names itself and the offending line or field."""
         p = Path(path)
         try:
             text = p.read_text()
         except OSError as e:
-            raise ValueError(f"cannot read serving config {p}: {e}") from e
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+            raise ConfigError(f"cannot read serving config {p}: {e.strerror or e}") from e
+        try:
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from e
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{p}: a serving config is a mapping of sections, not a {type(data).__name__}")
         try:
             return cls.model_validate(data or {})
-        except Exception as e:
-            raise ValueError(f"invalid serving config {p}: {e}") from e
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"invalid serving config {p}: {problems}") from e
 
     @classmethod
     def from_env(cls) -> "ServingConfig":

@@ -70,6 +70,8 @@ class RouterCore:
         self.directory = groups
         source = config.model.source
         self.model_name = config.router.served_model_name or source.removeprefix("builtin:").rstrip("/").split("/")[-1]
+        # Requests may also name the model as the stack was started (`builtin:tiny-k2`, a folder path).
+        self.model_aliases = frozenset({self.model_name, source})
         model_max = K2Config.from_dir(resolve_model(source)).max_position_embeddings
         self.max_context = min(config.model.max_context, model_max)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:12]}"  # the owner name of its chain leases

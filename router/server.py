@@ -20,7 +20,7 @@ class RouterService(pb_grpc.RouterServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
-        if request.model and request.model != self.core.model_name:
+        if request.model and request.model not in self.core.model_aliases:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; this router serves "
                                 f"{self.core.model_name!r}")
         try:

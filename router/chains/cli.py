@@ -1,7 +1,7 @@
 """`k2serve chains`: inspect, delete and expire durable reasoning chains.
 
 The store comes from --sqlite PATH or --redis URL, else from --config PATH (or $K2SERVE_CONFIG), else the
-default SQLite file.
+default SQLite file (in the state directory, as `k2serve up` writes it). Reading never creates a store.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import argparse
 import datetime
 import json
 import sys
+from pathlib import Path
 
+from k2serve.cli import summary
 from k2serve.config import ChainStoreConfig, ServingConfig
 from k2serve.router.chains.models import Chain, ChainSummary
 from k2serve.router.chains.store import ChainStore, ChainStoreError, open_store
@@ -22,23 +24,28 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--config", help="serving config (YAML or JSON); its chain_store section is used")
     where.add_argument("--sqlite", metavar="PATH", help="SQLite chain store file")
     where.add_argument("--redis", metavar="URL", help="Redis chain store, e.g. redis://host:6379/0")
-    p = argparse.ArgumentParser(prog="k2serve chains", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="k2serve chains", description=summary(__doc__))
     sub = p.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", parents=[common], help="a chain's turns and tool-call transcript (provenance)")
-    show.add_argument("chain_id")
+    show = sub.add_parser("show", parents=[common], help="a chain's turns and tool-call transcript (provenance)",
+                        description="A chain's turns and tool-call transcript (provenance).")
+    show.add_argument("chain_id", help="the chain's id (the X-K2-Chain-Id response header)")
     show.add_argument("--json", action="store_true", help="print the whole chain as JSON, tokens included")
-    ls = sub.add_parser("list", parents=[common], help="chains, most recently updated first")
-    ls.add_argument("--limit", type=int, default=50)
-    rm = sub.add_parser("delete", parents=[common], help="delete a chain")
-    rm.add_argument("chain_id")
-    purge = sub.add_parser("purge", parents=[common], help="delete chains untouched for longer than the retention TTL")
+    ls = sub.add_parser("list", parents=[common], help="chains, most recently updated first",
+                        description="Chains, most recently updated first.")
+    ls.add_argument("--limit", type=int, default=50, help="most chains to list (50)")
+    rm = sub.add_parser("delete", parents=[common], help="delete a chain",
+                        description="Delete a chain.")
+    rm.add_argument("chain_id", help="the chain's id")
+    purge = sub.add_parser("purge", parents=[common], help="delete chains untouched for longer than the retention TTL",
+                        description="Delete chains untouched for longer than the retention TTL.")
     purge.add_argument("--ttl", type=float, help="seconds; default: chain_store.ttl_seconds of the config")
     return p
 
 
 def _store_config(args: argparse.Namespace) -> ChainStoreConfig:
     if args.sqlite:
-        return ChainStoreConfig(backend="sqlite", sqlite_path=args.sqlite)
+        # a path the user typed is relative to where they are, not to the state directory
+        return ChainStoreConfig(backend="sqlite", sqlite_path=str(Path(args.sqlite).resolve()))
     if args.redis:
         return ChainStoreConfig(backend="redis", redis_url=args.redis)
     cfg = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
@@ -101,7 +108,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = _store_config(args)
-        with open_store(cfg) as store:
+        with open_store(cfg, create=False) as store:
             return _run(store, args, cfg.ttl_seconds)
     except (ChainStoreError, ValueError) as e:
         print(f"k2serve chains: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from k2serve.router.chains.models import Chain, ChainSummary, ToolCall, ToolCall
 from k2serve.router.chains.store import (
     ChainNotFound,
     ChainStore,
+    ChainStoreError,
     ConflictError,
     TokenGap,
     TokenMismatch,
@@ -77,8 +78,11 @@ CREATE TABLE IF NOT EXISTS tool_calls (
 
 
 class SqliteChainStore(ChainStore):
-    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0, *, create: bool = True) -> None:
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise ChainStoreError(f"no chain store at {self.path} (a stack started with this config writes one "
+                                  "there; pass --sqlite, --redis or --config to read another)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection behind a lock: the router calls from a thread pool, and SQLite serializes writers
         # anyway. Other processes on the same file coordinate through WAL and the busy timeout.

@@ -228,7 +228,8 @@ class ChainStore(abc.ABC):
     def _list_chains(self, limit: int) -> list[ChainSummary]: ...
 
 
-def open_store(cfg: ChainStoreConfig) -> ChainStore:
+def open_store(cfg: ChainStoreConfig, *, create: bool = True) -> ChainStore:
+    """The configured store; `create=False` (readers such as `k2serve chains`) refuses to make a new one."""
     if cfg.backend == "redis":
         from k2serve.router.chains.redis_store import RedisChainStore
 
@@ -236,4 +237,4 @@ def open_store(cfg: ChainStoreConfig) -> ChainStore:
         return RedisChainStore(cfg.redis_url)
     from k2serve.router.chains.sqlite_store import SqliteChainStore
 
-    return SqliteChainStore(cfg.sqlite_path)
+    return SqliteChainStore(cfg.sqlite_file(), create=create)

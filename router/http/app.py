@@ -55,7 +55,7 @@ class _Api:
 
     async def chat(self, body: om.ChatCompletionRequest, request: Request, chain: ChainHeader = None,
                    last_event_id: LastEventId = None) -> Response:
-        check_model(body.model, self.core.model_name)
+        check_model(body.model, self.core.model_name, self.core.model_aliases)
         top = (body.top_logprobs or 0) if body.logprobs else None
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=True, top=top)
@@ -65,7 +65,7 @@ class _Api:
 
     async def completions(self, body: om.CompletionRequest, request: Request, chain: ChainHeader = None,
                           last_event_id: LastEventId = None) -> Response:
-        check_model(body.model, self.core.model_name)
+        check_model(body.model, self.core.model_name, self.core.model_aliases)
         top = body.logprobs
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=False, top=top)

@@ -9,8 +9,9 @@ from k2serve.sampling_params import SamplingParams
 from k2serve.worker.tokenizer import K2Tokenizer
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
+def check_model(requested: str | None, served: str, aliases: frozenset[str] = frozenset()) -> None:
+    """`served` is the name /v1/models lists; `aliases` are other names of the same model."""
+    if requested is not None and requested != served and requested not in aliases:
         raise APIError(404, f"The model `{requested}` does not exist or you do not have access to it; "
                             f"this server serves `{served}`.", param="model", code="model_not_found")
 

@@ -128,6 +128,9 @@ def test_client_errors(client: openai.OpenAI, url: str) -> None:
     with pytest.raises(openai.NotFoundError) as nf:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
     assert nf.value.code == "model_not_found"
+    # the name the stack was started with is the same model as the listed one
+    started_as = client.chat.completions.create(model="builtin:tiny-k2", messages=MESSAGES, max_tokens=2)
+    assert started_as.model == MODEL
     cases: list[tuple[dict[str, Any], str]] = [
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 4, "n": 2}, "n: Input should be less than or equal to 1"),
