@@ -26,8 +26,8 @@ from k2serve.router.local import LocalStack, start_local_groups, start_local_sta
 from k2serve.router.core import RouterCore
 from k2serve.router.schedule import StaticDirectory
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.source import resolve_model
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 PROMPT = [(7 * i + 3) % 500 for i in range(200)]
 

@@ -33,8 +33,8 @@ from k2serve.router.core import RouterCore
 from k2serve.router.schedule import GroupAddress, StaticDirectory
 from k2serve.router.server import start_router_server
 from k2serve.sampling_params import SamplingParams
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.source import resolve_model
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 PROMPT = list(range(5, 40))
 

@@ -184,8 +184,8 @@ async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
         local = await start_local_stack(config)
         return Stack(local.core, local.groups[0].address if config.router.aggregated else None, local.aclose)
     from k2serve.worker.parallel.pools import PoolController
-    from k2serve.worker.tokenizer import K2Tokenizer
-    from k2serve.worker.loader import resolve_model
+    from k2serve.k2format.tokenizer import K2Tokenizer
+    from k2serve.k2format.source import resolve_model
 
     controller = PoolController(config, namespace=f"k2serve-bench-{config.router.aggregated}")
     await asyncio.to_thread(controller.start)
@@ -264,10 +264,10 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs:
     import torch
 
     from k2serve.worker.engine.engine import Engine, EngineConfig
-    from k2serve.worker.loader import load_weights, resolve_model
+    from k2serve.worker.loader import load_weights, resolve_checkpoint
     from k2serve.worker.model.k2 import K2Model
 
-    weights = load_weights(resolve_model("builtin:tiny-k2"))
+    weights = load_weights(resolve_checkpoint("builtin:tiny-k2"))
     model = K2Model(weights.config, weights.dense, weights.experts)
     rows = []
     for c in levels:
@@ -311,8 +311,8 @@ def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int],
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from k2serve.worker.loader import resolve_model
-    from k2serve.worker.model.config import K2Config
+    from k2serve.k2format.source import resolve_model
+    from k2serve.k2format.model_config import K2Config
 
     fields = K2Config.from_dir(resolve_model("builtin:tiny-k2")).to_hf_dict()
     for key in ("model_type", "architectures", "quantization_config"):

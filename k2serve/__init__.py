@@ -3,7 +3,7 @@
 How a request flows (each hop names the module that handles it):
 
 1. ``k2serve.router.http`` (OpenAI-compatible HTTP) or ``k2serve.router.server`` (gRPC ``Generate``) receives
-   the request and renders it with the model's chat template (``k2serve.worker.chat_template``).
+   the request and renders it with the model's chat template (``k2serve.k2format.chat_template``).
 2. ``k2serve.router.schedule`` picks a prefill group (load- and prefix-aware) and a decode group (load).
 3. The prefill group (``k2serve.worker.service`` in front of ``k2serve.worker.parallel.group``) runs the
    prompt through ``k2serve.worker.engine`` and hands the prompt's latent KV cache to the decode group

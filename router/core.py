@@ -36,9 +36,9 @@ from k2serve.router.live import ChainLocks, LiveTurn
 from k2serve.router.dispatch import Dispatcher, GroupFailed
 from k2serve.router.schedule import GroupDirectory
 from k2serve.sampling_params import SamplingParams, finish_reason, resolve_seed
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.model.config import K2Config
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.source import resolve_model
+from k2serve.k2format.model_config import K2Config
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -26,7 +26,7 @@ from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_model
 from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.service import WorkerService
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BLOCKS = 2048

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from k2serve.proto import k2serve_pb2 as pb
-from k2serve.worker.engine.blocks import block_hashes
+from k2serve.k2format.block_hash import block_hashes
 
 Role = Literal["prefill", "decode", "both"]
 Policy = Literal["prefix_load", "load", "round_robin"]

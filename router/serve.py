@@ -23,8 +23,8 @@ from k2serve.router.core import RouterCore
 from k2serve.router.directory import RegistryDirectory
 from k2serve.router.schedule import GroupAddress, GroupDirectory, StaticDirectory
 from k2serve.router.server import start_router_server
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.source import resolve_model
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 GROUP_SPEC = re.compile(r"(?P<id>[^=]+)=(?P<role>prefill|decode|both)@(?P<addr>[^:]+:\d+)")
 

@@ -32,7 +32,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_from_proto
 from k2serve.faults import GroupFaults
-from k2serve.worker.engine.blocks import ROOT_HASH, hash_block_tokens
+from k2serve.k2format.block_hash import ROOT_HASH, hash_block_tokens
 from k2serve.worker.engine.engine import KVHandoff, KVHandoffLost, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams

@@ -15,7 +15,7 @@ from k2serve.router.chains import ChainNotFound
 from k2serve.router.core import ChainToken
 from k2serve.router.local import LocalStack, start_local_stack
 from k2serve.router.schedule import GroupAddress, GroupState, NoGroupAvailable, Scheduler
-from k2serve.worker.engine.blocks import block_hashes
+from k2serve.k2format.block_hash import block_hashes
 from k2serve.worker.engine.sampling import SamplingParams
 
 T = TypeVar("T")

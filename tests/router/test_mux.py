@@ -19,7 +19,7 @@ from k2serve.proto.convert import sampling_to_proto
 from k2serve.router.local import LocalGroup
 from k2serve.router.mux import DecodeMux, GroupFailed, MuxStream
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.loader import resolve_model
+from k2serve.worker.loader import resolve_checkpoint
 
 GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
 LONG = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
@@ -34,7 +34,7 @@ def with_group(body: Body) -> None:
     config = ServingConfig.model_validate({"model": {"max_context": 128}})
 
     async def go() -> None:
-        group = await LocalGroup.start(resolve_model("builtin:tiny-k2"), config.decode, config, group_id="g0",
+        group = await LocalGroup.start(resolve_checkpoint("builtin:tiny-k2"), config.decode, config, group_id="g0",
                                        role="decode", eos_ids=[])
         try:
             async with grpc.aio.insecure_channel(group.address) as ch:

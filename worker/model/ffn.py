@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.linear import Projection, Projections
 from k2serve.worker.model.rowwise import rowwise
 from k2serve.worker.quant.moe import ExpertShard, MoEBackend

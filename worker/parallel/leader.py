@@ -26,11 +26,11 @@ from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
 from k2serve.worker.engine.engine import EngineConfig, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
-from k2serve.worker.loader import resolve_model
+from k2serve.worker.loader import resolve_checkpoint
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
 from k2serve.worker.parallel.in_leader import InLeaderGroup, engine_in_leader
 from k2serve.worker.service import Role, WorkerService
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class _ArmedFault:
 
 def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s: float = 30.0,
                steps_ahead: int = 0) -> GroupSpec:
-    model_dir = resolve_model(config.model.source)
+    model_dir = resolve_checkpoint(config.model.source)
     engine = EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
                           max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
                           max_model_len=config.model.max_context, deterministic=config.deterministic)
