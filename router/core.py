@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.router.chains import Chain, ChainCheckpointer, ChainStore, ToolCall
+from k2serve.router.chains import Chain, ChainCheckpointer, ToolCall, open_store
 from k2serve.router.chains.group_commit import GroupCommit
 from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, LiveTurn
@@ -60,18 +60,19 @@ class ChainToken:
 
 
 class RouterCore:
-    def __init__(self, config: ServingConfig, tokenizer: K2Tokenizer, store: ChainStore, metrics: Metrics,
-                 groups: GroupDirectory, *, router_id: str | None = None,
-                 stall_timeout_s: float | None = None) -> None:
+    def __init__(self, config: ServingConfig, groups: GroupDirectory, metrics: Metrics | None = None, *,
+                 router_id: str | None = None, stall_timeout_s: float | None = None) -> None:
+        """The one way to build a router core: tokenizer and context limit from the config's model, the chain
+        store it opens (and `aclose` closes) from `config.chain_store`, the groups from `groups`."""
+        model_dir = resolve_model(config.model.source)
         self.config = config
-        self.tokenizer = tokenizer
-        self.store = store
-        self.metrics = metrics
+        self.tokenizer = K2Tokenizer.from_dir(model_dir)
+        self.store = open_store(config.chain_store)
+        self.metrics = metrics = metrics or Metrics()
         self.directory = groups
         source = config.model.source
         self.model_name = config.router.served_model_name or source.removeprefix("builtin:").rstrip("/").split("/")[-1]
-        model_max = K2Config.from_dir(resolve_model(source)).max_position_embeddings
-        self.max_context = min(config.model.max_context, model_max)
+        self.max_context = min(config.model.max_context, K2Config.from_dir(model_dir).max_position_embeddings)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:12]}"  # the owner name of its chain leases
         self.faults = RouterFaults(config.faults)
         self.dispatcher = Dispatcher(config, groups, metrics, self.faults,
@@ -82,9 +83,9 @@ class RouterCore:
         self._starting = ChainLocks()  # per chain: claiming it and registering its live turn
         # Store calls block: they run on the store's own threads, as many as its backend writes in parallel
         # (SQLite: one writer — more threads only contend for its lock and the GIL).
-        self._store_threads = concurrent.futures.ThreadPoolExecutor(store.io_threads, "k2serve-chain-store")
+        self._store_threads = concurrent.futures.ThreadPoolExecutor(self.store.io_threads, "k2serve-chain-store")
         # The live turns' checkpoints, written together.
-        self._commits = GroupCommit(store, self._io, metrics.chain_checkpoints.inc)
+        self._commits = GroupCommit(self.store, self._io, metrics.chain_checkpoints.inc)
 
     def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`fn(*args)` (a blocking store call) on the store's threads."""
@@ -113,6 +114,7 @@ class RouterCore:
                     await live.task
         await self.dispatcher.aclose()
         self._store_threads.shutdown(wait=True)
+        self.store.close()
 
     def ready(self) -> bool:
         return self.dispatcher.ready()

@@ -23,10 +23,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 
+from k2serve.groups import Role
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
@@ -39,7 +40,6 @@ from k2serve.worker.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-Role = Literal["prefill", "decode", "both"]
 KV_FETCH_TIMEOUT_S = 10.0
 
 

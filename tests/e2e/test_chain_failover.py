@@ -103,7 +103,7 @@ class Cluster:
         return path
 
     def start_groups(self, config: Path, restart_after_s: float = 0.3) -> None:
-        p = Proc.start(["k2serve.router.local", "--config", str(config), "--restart-after", str(restart_after_s)],
+        p = Proc.start(["k2serve.worker.parallel.inproc", "--config", str(config), "--restart-after", str(restart_after_s)],
                        self.dir / "groups.log")
         self.procs.append(p)
         p.wait_for("READY", 120)
@@ -209,7 +209,7 @@ def reference_tokens(tmp_path: Path, temperature: float) -> list[tuple[int, floa
     """The fault-free run, in this process (aggregated: in deterministic mode P/D equals one engine)."""
     import asyncio
 
-    from k2serve.router.local import start_local_stack
+    from k2serve.stack.inproc import start_local_stack
     from k2serve.worker.engine.sampling import SamplingParams
 
     cfg = ServingConfig.model_validate(base_config(tmp_path / "ref", router={"aggregated": True}))
@@ -264,7 +264,7 @@ def test_router_killed_mid_stream_new_router_resumes(tmp_path: Path, cluster: Cl
 def test_redis_restart_mid_run_loses_no_chain(tmp_path: Path, redis_server: Any) -> None:
     import asyncio
 
-    from k2serve.router.local import start_local_stack
+    from k2serve.stack.inproc import start_local_stack
     from k2serve.worker.engine.sampling import SamplingParams
 
     cfg = ServingConfig.model_validate(base_config(tmp_path, router={"aggregated": True}, chain_store={

@@ -16,7 +16,7 @@ from k2serve.config import ServingConfig
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_to_proto
-from k2serve.router.local import LocalGroup
+from k2serve.worker.parallel.inproc import LocalGroup
 from k2serve.router.mux import DecodeMux, GroupFailed, MuxStream
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import resolve_checkpoint

@@ -13,7 +13,7 @@ from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
-from k2serve.router.local import LocalGroup
+from k2serve.worker.parallel.inproc import LocalGroup
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import resolve_checkpoint
 from k2serve.proto.convert import sampling_to_proto

@@ -29,13 +29,13 @@ from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import resolve_checkpoint
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
 from k2serve.worker.parallel.in_leader import InLeaderGroup, engine_in_leader
-from k2serve.worker.service import Role, WorkerService
+from k2serve.groups import Role
+from k2serve.worker.service import WorkerService
 from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
 
 Pool = Literal["prefill", "decode"]
-DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks unset
 SUPERVISE_INTERVAL_S = 0.05
 EXPERT_LOAD_EXPORT_S = 1.0
 REBUILD_BACKOFF_S = 1.0
@@ -60,10 +60,8 @@ class _ArmedFault:
 def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s: float = 30.0,
                steps_ahead: int = 0) -> GroupSpec:
     model_dir = resolve_checkpoint(config.model.source)
-    engine = EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
-                          max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
-                          max_model_len=config.model.max_context, deterministic=config.deterministic)
-    return GroupSpec(model_dir=str(model_dir), world_size=pool.expert_parallel, engine=engine,
+    return GroupSpec(model_dir=str(model_dir), world_size=pool.expert_parallel,
+                     engine=EngineConfig.for_pool(pool, config),
                      eos_ids=K2Tokenizer.from_dir(model_dir).eos_ids, deterministic=config.deterministic,
                      placement=pool.placement, num_cpus_per_actor=pool.num_cpus_per_actor,
                      num_gpus_per_actor=pool.num_gpus_per_actor, resources=dict(pool.ray_resources),

@@ -29,7 +29,7 @@ from k2serve.localray import init_local_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.in_leader import engine_in_leader
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
-from k2serve.worker.service import Role
+from k2serve.groups import Role
 
 log = logging.getLogger(__name__)
 
