@@ -103,6 +103,8 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         self._server: grpc.aio.Server | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self.failed: str | None = None  # set when the engine broke; Health reports it
+        if metrics is not None:
+            metrics.init_group(role, group_id)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:

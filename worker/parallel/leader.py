@@ -31,6 +31,7 @@ from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, Grou
 from k2serve.worker.parallel.in_leader import InLeaderGroup, engine_in_leader
 from k2serve.groups import Role
 from k2serve.worker.service import WorkerService
+from k2serve.k2format.model_config import K2Config
 from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class GroupLeader:
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
                                       block_size=self.spec.engine.block_size, metrics=self.metrics)
         self.address = await self._service.start(host, 0)
+        self.metrics.init_experts(self._group.moe_layers, K2Config.from_dir(self.spec.model_dir).n_routed_experts)
         self.metrics_port = self.metrics.serve(0, host)
         self.metrics.group_healthy.labels(role=self.role, group=self.group_id).set(1)
         if self._replaces:
