@@ -22,7 +22,7 @@ from pathlib import Path
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.stack.inproc import LocalStack, start_local_stack
-from k2serve.worker.parallel.inproc import start_local_groups
+from k2serve.worker.parallel.inproc_group import start_inprocess_groups
 from k2serve.router.core import RouterCore
 from k2serve.router.schedule import StaticDirectory
 from k2serve.worker.engine.sampling import SamplingParams
@@ -38,7 +38,7 @@ async def run(kills: int, every: int, workdir: Path) -> dict[str, object]:
     cfg = ServingConfig.model_validate({
         "deterministic": True, "router": {"aggregated": True}, "prefill": {"groups": 2}, "faults": faults,
         "chain_store": {"sqlite_path": str(workdir / "chains.sqlite3"), "migration_limit": kills + 1}})
-    groups = await start_local_groups(cfg, restart_after_s=0.2)
+    groups = await start_inprocess_groups(cfg, restart_after_s=0.2)
     metrics = Metrics()
     core = RouterCore(cfg, StaticDirectory([g.group_address for g in groups]), metrics)
     stack = LocalStack(core, groups)

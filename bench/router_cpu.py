@@ -30,7 +30,7 @@ from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.core import RouterCore
 from k2serve.groups import GroupAddress
 from k2serve.router.schedule import StaticDirectory
-from k2serve.router.server import start_router_server
+from k2serve.router.grpc_api import start_router_server
 from k2serve.sampling_params import SamplingParams
 
 PROMPT = list(range(5, 40))

@@ -43,7 +43,7 @@ from k2serve.router.core import RouterCore
 from k2serve.cpu_binding import allowed_cores, bind_tree
 from k2serve.router.directory import RegistryDirectory
 from k2serve.stack.inproc import start_local_stack
-from k2serve.router.server import start_router_server
+from k2serve.router.grpc_api import start_router_server
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.proto.convert import sampling_to_proto
 
@@ -176,7 +176,7 @@ class Stack:
 
 
 async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
-    """`inproc`: groups inside this process (`worker/parallel/inproc.py`); `ray`: groups as Ray actors under the pool
+    """`inproc`: groups inside this process (`worker/parallel/inproc_group.py`); `ray`: groups as Ray actors under the pool
     controller, each in its own process, as `k2serve up` runs them."""
     if groups_in == "inproc":
         local = await start_local_stack(config)

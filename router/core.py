@@ -4,7 +4,7 @@
 One generation (a chain turn): validate → `begin_turn` in the chain store (sampling with its resolved seed,
 so a replay after any failure draws the same numbers) → dispatch (P/D: `Prefill` on a prefill group, then a
 `Decode` stream on a decode group that takes the KV handle; aggregated: one `Decode` stream) → stream
-tokens, checkpointing every `checkpoint_every` (all live turns in one commit: `GroupCommit`) → `finish_turn`.
+tokens, checkpointing every `checkpoint_every` (all live turns in one commit: `BatchedCommit`) → `finish_turn`.
 When a group fails mid-stream (an RPC error, a stream that ends without a finish reason, or one that stalls)
 the rest is re-dispatched to a healthy group with the tokens so far as `output_prefix`; indices the client
 already has are skipped, so its stream has no gap or repeat.
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import Chain, ChainCheckpointer, ToolCall, open_store
-from k2serve.router.chains.group_commit import GroupCommit
+from k2serve.router.chains.batched_commit import BatchedCommit
 from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, LiveTurn
 from k2serve.router.dispatch import Dispatcher, GroupFailed
@@ -85,7 +85,7 @@ class RouterCore:
         # (SQLite: one writer — more threads only contend for its lock and the GIL).
         self._store_threads = concurrent.futures.ThreadPoolExecutor(self.store.io_threads, "k2serve-chain-store")
         # The live turns' checkpoints, written together.
-        self._commits = GroupCommit(self.store, self._io, metrics.chain_checkpoints.inc)
+        self._commits = BatchedCommit(self.store, self._io, metrics.chain_checkpoints.inc)
 
     def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`fn(*args)` (a blocking store call) on the store's threads."""

@@ -13,13 +13,13 @@ from k2serve.metrics import Metrics
 from k2serve.router.core import RouterCore
 from k2serve.router.http.app import create_app
 from k2serve.router.schedule import StaticDirectory
-from k2serve.worker.parallel.inproc import LocalGroup, start_local_groups
+from k2serve.worker.parallel.inproc_group import InProcessGroup, start_inprocess_groups
 
 
 @dataclass
 class LocalStack:
     core: RouterCore
-    groups: list[LocalGroup] = field(default_factory=list)
+    groups: list[InProcessGroup] = field(default_factory=list)
 
     async def aclose(self) -> None:
         await self.core.aclose()
@@ -32,7 +32,7 @@ class LocalStack:
 async def start_local_stack(config: ServingConfig, metrics: Metrics | None = None) -> LocalStack:
     """In-process groups plus a started `RouterCore` over them (store from `config.chain_store`)."""
     metrics = metrics or Metrics()
-    groups = await start_local_groups(config, metrics)
+    groups = await start_inprocess_groups(config, metrics)
     core = RouterCore(config, StaticDirectory([g.group_address for g in groups]), metrics)
     await core.start()
     return LocalStack(core, groups)

@@ -21,7 +21,7 @@ from k2serve.config import ServingConfig
 from k2serve.cpu_binding import bind_tree
 from k2serve.localray import init_local_ray
 from k2serve.router.directory import RegistryDirectory
-from k2serve.router.serve import run_router
+from k2serve.router.process import run_router
 from k2serve.signals import stop_on_signals
 
 

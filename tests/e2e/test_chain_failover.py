@@ -1,5 +1,5 @@
 """Durable chains end to end, over real processes: worker groups in their own process (they outlive the
-router), the router process (`python -m k2serve.router.serve`), a real SQLite file or redis-server.
+router), the router process (`python -m k2serve.router.process`), a real SQLite file or redis-server.
 
 - a decode group killed mid-stream by a configured fault: the stream completes, identical to the fault-free run
   (greedy and seeded temperature 1.0), indices contiguous;
@@ -103,7 +103,7 @@ class Cluster:
         return path
 
     def start_groups(self, config: Path, restart_after_s: float = 0.3) -> None:
-        p = Proc.start(["k2serve.worker.parallel.inproc", "--config", str(config), "--restart-after", str(restart_after_s)],
+        p = Proc.start(["k2serve.worker.parallel.inproc_group", "--config", str(config), "--restart-after", str(restart_after_s)],
                        self.dir / "groups.log")
         self.procs.append(p)
         p.wait_for("READY", 120)
@@ -115,7 +115,7 @@ class Cluster:
             for name in ("groups.log", "router.log") if (self.dir / name).exists())
 
     def start_router(self, config: Path, stall_timeout_s: float = 30.0) -> tuple[Proc, str]:
-        args = ["k2serve.router.serve", "--config", str(config), "--stall-timeout", str(stall_timeout_s)]
+        args = ["k2serve.router.process", "--config", str(config), "--stall-timeout", str(stall_timeout_s)]
         for g in self.groups:
             args += ["--group", g]
         p = Proc.start(args, self.dir / "router.log")

@@ -15,7 +15,7 @@ import pytest
 from k2serve.config import ChainStoreConfig, RouterConfig, ServingConfig
 from k2serve.router.chains import ToolCall
 from k2serve.router.chains.sqlite_store import SqliteChainStore
-from k2serve.router.http.server import BackgroundServer
+from k2serve.router.http.uvicorn_runner import BackgroundServer
 from k2serve.stack.inproc import local_app
 
 MODEL = "tiny-k2"

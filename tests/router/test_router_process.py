@@ -1,4 +1,4 @@
-"""The router pod's process (`python -m k2serve.router.serve`), started as the operator starts it: it serves
+"""The router pod's process (`python -m k2serve.router.process`), started as the operator starts it: it serves
 without loading torch or any worker-plane module (Python's `-X importtime` lists every module it imports)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def test_router_process_serves_without_torch_or_the_worker_plane(tmp_path: Path)
     env = {**os.environ, "K2SERVE_CACHE": str(tmp_path / "cache")}  # builds the tiny model's format files afresh
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen([sys.executable, "-P", "-X", "importtime", "-m", "k2serve.router.serve",
+        proc = subprocess.Popen([sys.executable, "-P", "-X", "importtime", "-m", "k2serve.router.process",
                                  "--config", str(config), "--group", "g0=both@127.0.0.1:9"],
                                 cwd=ROOT, env=env, stdout=o, stderr=e)
     try:

@@ -16,7 +16,7 @@ from helpers.tiny import run_all, tiny_engine
 from k2serve.worker.engine.engine import EngineConfig, KVHandoff, KVHandoffLost
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights, resolve_checkpoint
-from k2serve.worker.parallel.group import ExpertParallelGroup, GroupSpec
+from k2serve.worker.parallel.ep_group import ExpertParallelGroup, GroupSpec
 from k2serve.worker.quant.moe import prepare_experts
 
 NUM_REQUESTS = 16

@@ -1,6 +1,6 @@
 """The group leader, a Ray actor: builds its group — an `ExpertParallelGroup` of rank actors, or for a group of one
 whose leader has no cores apart from its rank's (`engine_in_leader`) an `InLeaderGroup` whose engine runs in this
-process (in_leader.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the
+process (in_leader_group.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the
 group fails (a rank died, a collective timed out, a step raised) every in-flight stream ends with an error naming
 the lost requests, Health reports unhealthy, and the leader rebuilds the group (fresh ranks, placement group and
 rendezvous; a fresh engine) and serves again on the same address. A leader started in place of a dead one counts
@@ -27,10 +27,10 @@ from k2serve.metrics import Metrics
 from k2serve.worker.engine.engine import EngineConfig, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import resolve_checkpoint
-from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
-from k2serve.worker.parallel.in_leader import InLeaderGroup, engine_in_leader
+from k2serve.worker.parallel.ep_group import ExpertParallelGroup, RankFailure, GroupSpec
+from k2serve.worker.parallel.in_leader_group import InLeaderGroup, engine_in_leader
 from k2serve.groups import Role
-from k2serve.worker.service import WorkerService
+from k2serve.worker.grpc_service import WorkerService
 from k2serve.k2format.model_config import K2Config
 from k2serve.k2format.tokenizer import K2Tokenizer
 
@@ -157,7 +157,7 @@ class GroupLeader:
             if service is None or group is None or service.loop.error is None:
                 continue
             err = service.loop.error
-            lost = err.request_ids if isinstance(err, GroupFailed) else group.request_ids()
+            lost = err.request_ids if isinstance(err, RankFailure) else group.request_ids()
             failure = Failure(time.time(), str(err), lost)
             self.failures.append(failure)
             service.failed = str(err)

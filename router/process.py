@@ -1,6 +1,6 @@
 """The router process: gRPC `Router` service and the OpenAI HTTP front over one `RouterCore`.
 
-`python -m k2serve.router.serve --config PATH --group ID=ROLE@HOST:PORT ...` serves the listed groups;
+`python -m k2serve.router.process --config PATH --group ID=ROLE@HOST:PORT ...` serves the listed groups;
 without `--group` it connects to the Ray cluster (`--ray-address`, default `$RAY_ADDRESS`, e.g. the Ray Client
 address `ray://HEAD:10001` that the operator sets on router pods) and follows the pool controller's registry.
 It serves until SIGINT/SIGTERM.
@@ -19,12 +19,12 @@ from k2serve.config import RAY_NAMESPACE, ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.signals import stop_on_signals
 from k2serve.router.http.app import create_app
-from k2serve.router.http.server import serving
+from k2serve.router.http.uvicorn_runner import serving
 from k2serve.router.core import RouterCore
 from k2serve.router.directory import RegistryDirectory
 from k2serve.groups import GroupAddress
 from k2serve.router.schedule import GroupDirectory, StaticDirectory
-from k2serve.router.server import start_router_server
+from k2serve.router.grpc_api import start_router_server
 
 GROUP_SPEC = re.compile(r"(?P<id>[^=]+)=(?P<role>prefill|decode|both)@(?P<addr>[^:]+:\d+)")
 
@@ -58,7 +58,7 @@ async def run_router(config: ServingConfig, directory: GroupDirectory, stop: asy
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m k2serve.router.serve", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m k2serve.router.process", description=__doc__)
     ap.add_argument("--config", required=True, help="serving config (YAML or JSON)")
     ap.add_argument("--group", action="append", type=parse_group, default=[], metavar="ID=ROLE@HOST:PORT",
                     help="a worker group's gRPC address (repeat for each group)")

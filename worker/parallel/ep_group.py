@@ -60,7 +60,7 @@ AFFINITY_SLACK = 4
 AFFINITY_KEYS = 1 << 16
 
 
-class GroupFailed(RuntimeError):
+class RankFailure(RuntimeError):
     """The group lost a rank or a collective timed out; `request_ids` are the sequences it held."""
 
     def __init__(self, detail: str, request_ids: list[str]) -> None:
@@ -106,7 +106,7 @@ class ExpertParallelGroup:
         self.blocks = GroupBlocks()
         self.stats = GroupStats()
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, E] since the last take
-        self.failed: GroupFailed | None = None
+        self.failed: RankFailure | None = None
         self._snaps: list[RankSnapshot] = []
         self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
         self._pg: PlacementGroup | None = None
@@ -283,8 +283,8 @@ class ExpertParallelGroup:
         if self.failed is not None:
             raise self.failed
 
-    def _fail(self, detail: str) -> GroupFailed:
-        self.failed = GroupFailed(detail, sorted(self.owner))
+    def _fail(self, detail: str) -> RankFailure:
+        self.failed = RankFailure(detail, sorted(self.owner))
         return self.failed
 
     def _get(self, ref: Any) -> Any:

@@ -23,7 +23,7 @@ from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_checkpoint
 from k2serve.worker.model.k2 import K2Model
-from k2serve.worker.service import WorkerService
+from k2serve.worker.grpc_service import WorkerService
 from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_engine(model_dir: Path, pool: PoolConfig, config: ServingConfig, eos_i
 
 
 @dataclass
-class LocalGroup:
+class InProcessGroup:
     """A group served from this process. With `restart_after_s`, a group killed by an injected fault is
     started again (fresh engine, same id and port) after that delay, as a supervisor restarts a dead pod."""
 
@@ -56,7 +56,7 @@ class LocalGroup:
     @classmethod
     async def start(cls, model_dir: Path, pool: PoolConfig, config: ServingConfig, *, group_id: str, role: Role,
                     eos_ids: list[int], metrics: Metrics | None = None, host: str = "127.0.0.1",
-                    restart_after_s: float | None = None) -> "LocalGroup":
+                    restart_after_s: float | None = None) -> "InProcessGroup":
         faults = GroupFaults(config.faults, group_id, role)  # one counter across restarts: `times` is total
 
         def build() -> WorkerService:
@@ -92,8 +92,8 @@ class LocalGroup:
         await self.service.stop()
 
 
-async def start_local_groups(config: ServingConfig, metrics: Metrics | None = None, *,
-                             restart_after_s: float | None = None) -> list[LocalGroup]:
+async def start_inprocess_groups(config: ServingConfig, metrics: Metrics | None = None, *,
+                             restart_after_s: float | None = None) -> list[InProcessGroup]:
     """`config.prefill.groups` prefill + `config.decode.groups` decode groups (aggregated: the prefill pool's
     groups serve both roles and the decode pool is not started)."""
     model_dir = resolve_checkpoint(config.model.source)
@@ -105,7 +105,7 @@ async def start_local_groups(config: ServingConfig, metrics: Metrics | None = No
     else:
         specs += [(f"prefill-{i}", "prefill", config.prefill) for i in range(config.prefill.groups)]
         specs += [(f"decode-{i}", "decode", config.decode) for i in range(config.decode.groups)]
-    return [await LocalGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics,
+    return [await InProcessGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics,
                                    restart_after_s=restart_after_s)
             for gid, role, pool in specs]
 
@@ -113,7 +113,7 @@ async def start_local_groups(config: ServingConfig, metrics: Metrics | None = No
 async def serve_groups(config: ServingConfig, stop: asyncio.Event, restart_after_s: float | None) -> None:
     """The groups of `config` in this process until `stop`; prints `GROUP ID=ROLE@HOST:PORT` per group (the
     router's `--group` syntax), then `READY`."""
-    groups = await start_local_groups(config, Metrics(), restart_after_s=restart_after_s)
+    groups = await start_inprocess_groups(config, Metrics(), restart_after_s=restart_after_s)
     try:
         for g in groups:
             a = g.group_address
@@ -126,7 +126,7 @@ async def serve_groups(config: ServingConfig, stop: asyncio.Event, restart_after
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m k2serve.worker.parallel.inproc", description=(
+    ap = argparse.ArgumentParser(prog="python -m k2serve.worker.parallel.inproc_group", description=(
         "Worker groups in one process, outliving any router (no Ray: the router's P/D decode re-prefills)."))
     ap.add_argument("--config", required=True, help="serving config (YAML or JSON); its faults apply here")
     ap.add_argument("--restart-after", type=float, default=None, metavar="S",
