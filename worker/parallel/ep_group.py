@@ -17,20 +17,20 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from k2serve.config import Placement
 from k2serve.k2format.block_hash import block_hashes
 from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.parallel.ep import expert_range
 from k2serve.worker.parallel.rank import CONCURRENCY_GROUPS, RankSnapshot, RankWorker
 
-Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 @dataclass
