@@ -14,7 +14,7 @@ import torch
 
 from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.loader import load_weights, resolve_model
+from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.model.k2 import K2Model
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.requests, args.max_tokens = 2, 3
     torch.manual_seed(0)
-    weights = load_weights(resolve_model("builtin:tiny-k2"))
+    weights = load_weights(resolve_checkpoint("builtin:tiny-k2"))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist()
                for n in torch.randint(16, 256, (args.requests,), generator=g)]

@@ -21,13 +21,11 @@ from pathlib import Path
 
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.router.chains import open_store
-from k2serve.router.local import LocalStack, start_local_groups, start_local_stack
+from k2serve.stack.inproc import LocalStack, start_local_stack
+from k2serve.worker.parallel.inproc_group import start_inprocess_groups
 from k2serve.router.core import RouterCore
 from k2serve.router.schedule import StaticDirectory
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.tokenizer import K2Tokenizer
 
 PROMPT = [(7 * i + 3) % 500 for i in range(200)]
 
@@ -40,11 +38,9 @@ async def run(kills: int, every: int, workdir: Path) -> dict[str, object]:
     cfg = ServingConfig.model_validate({
         "deterministic": True, "router": {"aggregated": True}, "prefill": {"groups": 2}, "faults": faults,
         "chain_store": {"sqlite_path": str(workdir / "chains.sqlite3"), "migration_limit": kills + 1}})
-    groups = await start_local_groups(cfg, restart_after_s=0.2)
-    tokenizer = K2Tokenizer.from_dir(resolve_model(cfg.model.source))
+    groups = await start_inprocess_groups(cfg, restart_after_s=0.2)
     metrics = Metrics()
-    core = RouterCore(cfg, tokenizer, open_store(cfg.chain_store), metrics,
-                      StaticDirectory([g.group_address for g in groups]))
+    core = RouterCore(cfg, StaticDirectory([g.group_address for g in groups]), metrics)
     stack = LocalStack(core, groups)
     n = every * (kills + 1)
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=n, ignore_eos=True)

@@ -25,16 +25,13 @@ from pathlib import Path
 import grpc
 
 from k2serve.config import ServingConfig
-from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
-from k2serve.router.chains import open_store
 from k2serve.router.core import RouterCore
-from k2serve.router.schedule import GroupAddress, StaticDirectory
-from k2serve.router.server import start_router_server
+from k2serve.groups import GroupAddress
+from k2serve.router.schedule import StaticDirectory
+from k2serve.router.grpc_api import start_router_server
 from k2serve.sampling_params import SamplingParams
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.tokenizer import K2Tokenizer
 
 PROMPT = list(range(5, 40))
 
@@ -130,9 +127,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, list[tuple[f
         address = f"127.0.0.1:{port_file.read_text()}"
         config = ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / "chains.sqlite3")},
                                                "router": {"aggregated": True}})
-        core = RouterCore(config, K2Tokenizer.from_dir(resolve_model(config.model.source)),
-                          open_store(config.chain_store), Metrics(), StaticDirectory([GroupAddress("fake-0", "both",
-                                                                                                  address)]))
+        core = RouterCore(config, StaticDirectory([GroupAddress("fake-0", "both", address)]))
         server, port = await start_router_server(core, "127.0.0.1", 0)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as rch, grpc.aio.insecure_channel(address) as gch:
@@ -140,7 +135,6 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, list[tuple[f
         finally:
             await server.stop(0)
             await core.aclose()
-            core.store.close()
     finally:
         group.kill()
         group.wait()

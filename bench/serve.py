@@ -37,15 +37,13 @@ import grpc
 import psutil
 
 from k2serve.config import ServingConfig
-from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
-from k2serve.router.chains import open_store
 from k2serve.router.core import RouterCore
 from k2serve.cpu_binding import allowed_cores, bind_tree
 from k2serve.router.directory import RegistryDirectory
-from k2serve.router.local import start_local_stack
-from k2serve.router.server import start_router_server
+from k2serve.stack.inproc import start_local_stack
+from k2serve.router.grpc_api import start_router_server
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.proto.convert import sampling_to_proto
 
@@ -178,29 +176,24 @@ class Stack:
 
 
 async def start_stack(config: ServingConfig, groups_in: str) -> Stack:
-    """`inproc`: groups inside this process (`router/local.py`); `ray`: groups as Ray actors under the pool
+    """`inproc`: groups inside this process (`worker/parallel/inproc_group.py`); `ray`: groups as Ray actors under the pool
     controller, each in its own process, as `k2serve up` runs them."""
     if groups_in == "inproc":
         local = await start_local_stack(config)
         return Stack(local.core, local.groups[0].address if config.router.aggregated else None, local.aclose)
     from k2serve.worker.parallel.pools import PoolController
-    from k2serve.worker.tokenizer import K2Tokenizer
-    from k2serve.worker.loader import resolve_model
 
     controller = PoolController(config, namespace=f"k2serve-bench-{config.router.aggregated}")
     await asyncio.to_thread(controller.start)
     own_cores = allowed_cores()
     if controller.cores is not None:  # the router, the clients and Ray off the ranks' cores, as `k2serve up` does
         bind_tree(controller.cores.front, skip=[pid for g in controller.groups() for pid in g["rank_pids"]])
-    tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
-    core = RouterCore(config, tokenizer, open_store(config.chain_store), Metrics(),
-                      RegistryDirectory(controller.namespace))
+    core = RouterCore(config, RegistryDirectory(controller.namespace))
     await core.start()
     both = controller.groups(role="both")
 
     async def close() -> None:
         await core.aclose()
-        core.store.close()
         await asyncio.to_thread(controller.stop)
         if controller.cores is not None and own_cores:  # every core back for what runs after this stack
             bind_tree(own_cores)
@@ -264,10 +257,10 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs:
     import torch
 
     from k2serve.worker.engine.engine import Engine, EngineConfig
-    from k2serve.worker.loader import load_weights, resolve_model
+    from k2serve.worker.loader import load_weights, resolve_checkpoint
     from k2serve.worker.model.k2 import K2Model
 
-    weights = load_weights(resolve_model("builtin:tiny-k2"))
+    weights = load_weights(resolve_checkpoint("builtin:tiny-k2"))
     model = K2Model(weights.config, weights.dense, weights.experts)
     rows = []
     for c in levels:
@@ -311,8 +304,8 @@ def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int],
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from k2serve.worker.loader import resolve_model
-    from k2serve.worker.model.config import K2Config
+    from k2serve.k2format.source import resolve_model
+    from k2serve.k2format.model_config import K2Config
 
     fields = K2Config.from_dir(resolve_model("builtin:tiny-k2")).to_hf_dict()
     for key in ("model_type", "architectures", "quantization_config"):

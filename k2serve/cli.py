@@ -13,7 +13,7 @@ DEBUG_ENV = "K2SERVE_DEBUG"
 
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "up": ("k2serve.router.up", "main", "run the whole stack locally (Ray, prefill + decode groups, router, HTTP)"),
+    "up": ("k2serve.stack.up", "main", "run the whole stack locally (Ray, prefill + decode groups, router, HTTP)"),
     "pools": ("k2serve.worker.parallel.pools", "main", "run the pool controller (a Ray driver) on a Ray cluster"),
     "chat": ("k2serve.router.chat", "main", "send one chat request; print thinking, tool calls and answer"),
     "quantize": ("k2serve.worker.quantize", "main", "bf16 HF checkpoint -> INT4 pack-quantized (K2 layout)"),

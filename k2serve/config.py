@@ -26,6 +26,8 @@ RAY_NAMESPACE = "k2serve"
 GROUP_REGISTRY_ACTOR = "k2serve-registry"
 # Where the pool controller serves the worker groups' metrics in a cluster (its container's port "metrics").
 POOL_METRICS_PORT = 9400
+# Ray placement-group strategies for a group's actors.
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 class ConfigError(UserError, ValueError):
@@ -65,7 +67,7 @@ class PoolConfig(_Strict):
     max_running: int = Field(256, ge=1, description="Most sequences a group runs at once.")
     kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks per rank; default sized from memory.")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+    placement: Placement = Field(
         "PACK", description="Ray placement-group strategy for a group's actors (PACK: as few nodes as possible).")
     num_cpus_per_actor: float = Field(
         1.0, gt=0, description="Logical Ray CPUs one actor reserves; a rank runs that many (whole, at least 1) torch threads."

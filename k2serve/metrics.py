@@ -7,13 +7,22 @@ Each process (router, every worker-group leader, the operator) builds its own `M
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from k2serve.groups import Role
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000)
+# Label values known up front: their series are created at 0, so a healthy stack's panels read 0, not "No data".
+REQUEST_OUTCOMES = ("ok", "client_error", "server_error", "cancelled")
+KV_HANDOFF_OUTCOMES = ("ok", "fallback")
+RESUME_CAUSES = ("client", "router", "group")
+RECONCILE_OUTCOMES = ("ok", "invalid", "error")
 
 
 @dataclass
@@ -69,6 +78,32 @@ class Metrics:
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.managed_deployments = Gauge("k2serve_operator_managed_deployments", "K2Deployments this operator manages.",
                                          registry=r)
+        for outcome in KV_HANDOFF_OUTCOMES:
+            self.kv_handoffs.labels(outcome=outcome)
+        for cause in RESUME_CAUSES:
+            self.chain_resumes.labels(cause=cause)
+        for outcome in RECONCILE_OUTCOMES:
+            self.reconciles.labels(outcome=outcome)
+        for role in get_args(Role):
+            self.group_restarts.labels(role=role)
+
+    def init_requests(self, endpoints: Iterable[str]) -> None:
+        """Every endpoint's request series, at 0."""
+        for endpoint in endpoints:
+            for outcome in REQUEST_OUTCOMES:
+                self.requests.labels(endpoint=endpoint, outcome=outcome)
+
+    def init_group(self, role: Role, group: str) -> None:
+        """A worker group's series, at 0 (until its first export sets them)."""
+        for metric in (self.queue_depth, self.running, self.kv_blocks_used, self.kv_blocks_free, self.prefill_tokens,
+                       self.decode_tokens, self.prefix_hit_tokens, self.all_to_all_bytes, self.group_healthy):
+            metric.labels(role=role, group=group)
+
+    def init_experts(self, moe_layers: Iterable[int], experts: int) -> None:
+        """Every (MoE layer, routed expert) series of `expert_tokens`, at 0."""
+        for layer in moe_layers:
+            for expert in range(experts):
+                self.expert_tokens.labels(layer=str(layer), expert=str(expert))
 
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> int:
         """Serves /metrics on its own port (processes without an HTTP server); returns the bound port."""

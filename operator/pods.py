@@ -60,8 +60,7 @@ def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
         model["source"] = f"{MODEL_DIR}/{spec.model.source}"
     r = spec.router
     router = RouterConfig(
-        host="0.0.0.0", http_port=r.http_port, grpc_port=r.grpc_port, routing_policy=r.routing_policy,
-        aggregated=r.aggregated, served_model_name=r.served_model_name, request_timeout_s=r.request_timeout_s,
+        **r.model_dump(include=set(RouterConfig.model_fields)), host="0.0.0.0",
         api_keys_file=f"{API_KEYS_DIR}/{r.api_key_secret.key}" if r.api_key_secret else None,
     )
     store = spec.chain_store.model_dump(include=set(ChainStoreConfig.model_fields))

@@ -34,7 +34,7 @@ def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) 
         "name": "router",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": ["python", "-m", "k2serve.router.serve", "--config", pods.CONFIG_PATH],
+        "command": ["python", "-m", "k2serve.router.process", "--config", pods.CONFIG_PATH],
         # The router finds the worker groups in the pool controller's registry, over Ray Client to the head.
         "env": [*pods.env(spec), {"name": "RAY_ADDRESS", "value": f"ray://{pods.ray_name(name)}-head-svc:10001"}],
         "ports": [{"name": "http", "containerPort": r.http_port, "protocol": "TCP"},

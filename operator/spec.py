@@ -8,10 +8,11 @@ only on Kubernetes (resources, Secrets, scheduling) is defined here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic.alias_generators import to_camel
 
 from k2serve.config import ChainStoreConfig, ModelSource, PoolConfig, RouterConfig
@@ -68,16 +69,27 @@ class PoolSpec(PoolConfig):
     shm_size: str = Field("1Gi", description="Size of the /dev/shm tmpfs of each worker pod.")
 
 
-class RouterSpec(_K8s):
-    replicas: int = Field(2, ge=1, le=64, description="Router Deployment replicas.")
-    routing_policy: RouterConfig.model_fields["routing_policy"].annotation = "prefix_load"  # type: ignore[valid-type]
-    http_port: int = Field(HTTP_PORT, ge=1, le=65535, description="OpenAI-compatible HTTP and /metrics.")
-    grpc_port: int = Field(GRPC_PORT, ge=1, le=65535, description="Router gRPC API.")
-    api_key_secret: SecretKeyRef | None = Field(None, description="Secret key holding bearer API keys, one a line.")
-    aggregated: bool = False
-    served_model_name: str | None = None
-    request_timeout_s: float = Field(600.0, gt=0)
-    resources: Resources = Field(default_factory=Resources)
+# RouterConfig fields the operator sets for the pod (listen address, the mounted API-key file) instead of the user.
+ROUTER_POD_FIELDS = frozenset({"host", "api_keys_file"})
+
+
+def _router_spec() -> type[_K8s]:
+    """The CR's router section: every `RouterConfig` field (descriptions, bounds, defaults) but the pod-set ones,
+    with fixed ports (a Service needs them), plus what exists only on Kubernetes."""
+    fields: dict[str, Any] = {name: (f.annotation, copy(f)) for name, f in RouterConfig.model_fields.items()
+                              if name not in ROUTER_POD_FIELDS}
+    fields |= {
+        "replicas": (int, Field(2, ge=1, le=64, description="Router Deployment replicas.")),
+        "http_port": (int, Field(HTTP_PORT, ge=1, le=65535, description="OpenAI-compatible HTTP and /metrics.")),
+        "grpc_port": (int, Field(GRPC_PORT, ge=1, le=65535, description="Router gRPC API.")),
+        "api_key_secret": (SecretKeyRef | None,
+                           Field(None, description="Secret key holding bearer API keys, one a line.")),
+        "resources": (Resources, Field(default_factory=Resources)),
+    }
+    return create_model("RouterSpec", __base__=_K8s, __module__=__name__, **fields)
+
+
+RouterSpec = _router_spec()
 
 
 class ChainStoreSpec(ChainStoreConfig):

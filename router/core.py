@@ -4,7 +4,7 @@
 One generation (a chain turn): validate → `begin_turn` in the chain store (sampling with its resolved seed,
 so a replay after any failure draws the same numbers) → dispatch (P/D: `Prefill` on a prefill group, then a
 `Decode` stream on a decode group that takes the KV handle; aggregated: one `Decode` stream) → stream
-tokens, checkpointing every `checkpoint_every` (all live turns in one commit: `GroupCommit`) → `finish_turn`.
+tokens, checkpointing every `checkpoint_every` (all live turns in one commit: `BatchedCommit`) → `finish_turn`.
 When a group fails mid-stream (an RPC error, a stream that ends without a finish reason, or one that stalls)
 the rest is re-dispatched to a healthy group with the tokens so far as `output_prefix`; indices the client
 already has are skipped, so its stream has no gap or repeat.
@@ -29,16 +29,16 @@ from typing import Any, TypeVar
 
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.router.chains import Chain, ChainCheckpointer, ChainStore, ToolCall
-from k2serve.router.chains.group_commit import GroupCommit
+from k2serve.router.chains import Chain, ChainCheckpointer, ToolCall, open_store
+from k2serve.router.chains.batched_commit import BatchedCommit
 from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, LiveTurn
 from k2serve.router.dispatch import Dispatcher, GroupFailed
 from k2serve.router.schedule import GroupDirectory
 from k2serve.sampling_params import SamplingParams, finish_reason, resolve_seed
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.model.config import K2Config
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.source import resolve_model
+from k2serve.k2format.model_config import K2Config
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,20 +60,21 @@ class ChainToken:
 
 
 class RouterCore:
-    def __init__(self, config: ServingConfig, tokenizer: K2Tokenizer, store: ChainStore, metrics: Metrics,
-                 groups: GroupDirectory, *, router_id: str | None = None,
-                 stall_timeout_s: float | None = None) -> None:
+    def __init__(self, config: ServingConfig, groups: GroupDirectory, metrics: Metrics | None = None, *,
+                 router_id: str | None = None, stall_timeout_s: float | None = None) -> None:
+        """The one way to build a router core: tokenizer and context limit from the config's model, the chain
+        store it opens (and `aclose` closes) from `config.chain_store`, the groups from `groups`."""
+        model_dir = resolve_model(config.model.source)
         self.config = config
-        self.tokenizer = tokenizer
-        self.store = store
-        self.metrics = metrics
+        self.tokenizer = K2Tokenizer.from_dir(model_dir)
+        self.store = open_store(config.chain_store)
+        self.metrics = metrics = metrics or Metrics()
         self.directory = groups
         source = config.model.source
         self.model_name = config.router.served_model_name or source.removeprefix("builtin:").rstrip("/").split("/")[-1]
         # Requests may also name the model as the stack was started (`builtin:tiny-k2`, a folder path).
         self.model_aliases = frozenset({self.model_name, source})
-        model_max = K2Config.from_dir(resolve_model(source)).max_position_embeddings
-        self.max_context = min(config.model.max_context, model_max)
+        self.max_context = min(config.model.max_context, K2Config.from_dir(model_dir).max_position_embeddings)
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:12]}"  # the owner name of its chain leases
         self.faults = RouterFaults(config.faults)
         self.dispatcher = Dispatcher(config, groups, metrics, self.faults,
@@ -84,9 +85,9 @@ class RouterCore:
         self._starting = ChainLocks()  # per chain: claiming it and registering its live turn
         # Store calls block: they run on the store's own threads, as many as its backend writes in parallel
         # (SQLite: one writer — more threads only contend for its lock and the GIL).
-        self._store_threads = concurrent.futures.ThreadPoolExecutor(store.io_threads, "k2serve-chain-store")
+        self._store_threads = concurrent.futures.ThreadPoolExecutor(self.store.io_threads, "k2serve-chain-store")
         # The live turns' checkpoints, written together.
-        self._commits = GroupCommit(store, self._io, metrics.chain_checkpoints.inc)
+        self._commits = BatchedCommit(self.store, self._io, metrics.chain_checkpoints.inc)
 
     def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`fn(*args)` (a blocking store call) on the store's threads."""
@@ -115,6 +116,7 @@ class RouterCore:
                     await live.task
         await self.dispatcher.aclose()
         self._store_threads.shutdown(wait=True)
+        self.store.close()
 
     def ready(self) -> bool:
         return self.dispatcher.ready()

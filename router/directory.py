@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 from k2serve.config import GROUP_REGISTRY_ACTOR, RAY_NAMESPACE
-from k2serve.router.schedule import GroupAddress
+from k2serve.groups import GroupAddress
 
 CALL_TIMEOUT_S = 5.0
 

@@ -15,19 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from k2serve.groups import GroupAddress
 from k2serve.proto import k2serve_pb2 as pb
-from k2serve.worker.engine.blocks import block_hashes
+from k2serve.k2format.block_hash import block_hashes
 
-Role = Literal["prefill", "decode", "both"]
 Policy = Literal["prefix_load", "load", "round_robin"]
 PREFIX_MEMORY_BLOCKS = 65536  # block hashes remembered per group
-
-
-@dataclass(frozen=True)
-class GroupAddress:
-    group_id: str
-    role: Role
-    address: str  # host:port of the group leader's WorkerGroup service
 
 
 class GroupDirectory(Protocol):

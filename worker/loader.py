@@ -4,7 +4,6 @@ group never materialises the whole checkpoint). INT4 experts stay packed as stor
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +19,12 @@ from k2serve.worker.checkpoint import (
     packed_shapes,
     read_weight_map,
 )
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
+from k2serve.k2format.source import resolve_model
 from k2serve.worker.quant.moe import ExpertShard
+from k2serve.worker.tiny import ensure_tiny
 
-BUILTIN_TINY = "builtin:tiny-k2"
 _FLOAT32_TENSORS = ("e_score_correction_bias",)  # routing ties are decided by this bias: never round it
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass
@@ -212,24 +211,6 @@ def _put_expert(stacked: dict[tuple[int, str], torch.Tensor], path: Path, name: 
     stacked[key][slot.local, slot.row:slot.row + t.shape[0]] = t.to(device=device, dtype=target_dtype)
 
 
-def resolve_model(source: str, cache_dir: str | Path | None = None) -> Path:
-    """A model source as users write it -> a local Hugging Face layout directory."""
-    if source == BUILTIN_TINY:
-        from k2serve.worker.tiny import ensure_tiny
-
-        return ensure_tiny(Path(cache_dir) if cache_dir is not None else None)
-    if source.startswith("builtin:"):
-        raise ValueError(f"unknown built-in model {source!r} (available: {BUILTIN_TINY})")
-    if source.startswith("file://"):
-        source = source[len("file://"):]
-    elif "://" in source:
-        raise ValueError(f"{source}: remote model URIs are not supported here; mount the model as a volume "
-                         "and pass its local directory")
-    path = Path(source).expanduser()
-    if not path.exists():
-        hint = (" (k2serve never downloads models: fetch it once, mount it as a volume and pass its directory)"
-                if _HUB_ID.fullmatch(source) else "")
-        raise FileNotFoundError(f"{source}: no such model directory{hint}")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return path
+def resolve_checkpoint(source: str, cache_dir: str | Path | None = None) -> Path:
+    """A model source as users write it -> a local directory with its weights (`builtin:tiny-k2` built in full)."""
+    return resolve_model(source, cache_dir, tiny=ensure_tiny)

@@ -22,7 +22,7 @@ from k2serve.worker.checkpoint import (
     open_shard,
     read_weight_map,
 )
-from k2serve.worker.model.config import K2Config, QuantConfig
+from k2serve.k2format.model_config import K2Config, QuantConfig
 from k2serve.worker.quant.int4 import GROUP_SIZE, quantize_rtn
 
 # K2 Thinking's ignore list: attention, shared experts, the dense MLP and lm_head stay bf16.

@@ -7,65 +7,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from k2serve.k2format.model_config import K2Config
+from k2serve.k2format.tiny import TINY_BUILD_VERSION, build_once, cache_root, tiny_config
+from k2serve.k2format.tokenizer import write_tiny_tokenizer
 from k2serve.worker.checkpoint import ShardedWriter, checkpoint_shapes
-from k2serve.worker.model.config import K2Config
 from k2serve.worker.quantize import compress_tensor, k2_quant_config
 
 TINY_SEED = 0
 TINY_MAX_SHARD_BYTES = 1 << 20  # ~5 shards for the INT4 tiny model: the loader's multi-file paths get exercised
-# Part of the cache key: bump it whenever what `ensure_tiny` writes changes for the same config.
-TINY_BUILD_VERSION = 1
-_TINY_BOS, _TINY_EOS = 256, 257  # [BOS], [EOS] of `write_tiny_tokenizer`'s vocabulary (256 bytes, then specials)
-
-
-def tiny_config(*, n_routed_experts: int = 16, n_group: int = 1, topk_group: int = 1, num_experts_per_tok: int = 4,
-                **overrides: Any) -> K2Config:
-    """K2 Thinking's config scaled down. YaRN keeps K2's factor 64 and betas; the original context shrinks from
-    4096 to 256 so that 16384 positions span the same scaling range."""
-    fields: dict[str, Any] = {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "kimi_k2",
-        "vocab_size": 512,
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "moe_intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "first_k_dense_replace": 1,
-        "n_routed_experts": n_routed_experts,
-        "num_experts_per_tok": num_experts_per_tok,
-        "n_shared_experts": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 128,
-        "kv_lora_rank": 64,
-        "qk_nope_head_dim": 32,
-        "qk_rope_head_dim": 16,
-        "v_head_dim": 32,
-        "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc",
-        "n_group": n_group,
-        "topk_group": topk_group,
-        "norm_topk_prob": True,
-        "routed_scaling_factor": 2.827,
-        "max_position_embeddings": 16384,
-        "rope_theta": 50000.0,
-        "rope_scaling": {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 256,
-                         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 1.0, "beta_slow": 1.0},
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "bos_token_id": _TINY_BOS,
-        "eos_token_id": _TINY_EOS,
-    }
-    fields.update(overrides)
-    return K2Config.model_validate(fields)
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -117,26 +70,11 @@ def _cache_key() -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ensure_tiny(cache_dir: Path | None = None) -> Path:
-    """The `builtin:tiny-k2` folder under `cache_dir`, else `$K2SERVE_CACHE`, else `~/.cache/k2serve`; built on
-    first use. Built in a private temp folder and renamed into place, so a reader never sees a half-built
-    model and two processes racing to build it both end up with the same complete folder."""
-    root = Path(cache_dir or os.environ.get("K2SERVE_CACHE") or Path.home() / ".cache" / "k2serve")
-    final = root / f"tiny-k2-{_cache_key()}"
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        from k2serve.worker.tokenizer import write_tiny_tokenizer
+def _write_tiny(directory: Path) -> None:
+    write_random_checkpoint(directory, tiny_config(), seed=TINY_SEED, quantize=True)
+    write_tiny_tokenizer(directory)
 
-        write_random_checkpoint(tmp, tiny_config(), seed=TINY_SEED, quantize=True)
-        write_tiny_tokenizer(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+def ensure_tiny(cache_dir: Path | None = None) -> Path:
+    """The `builtin:tiny-k2` checkpoint (weights, config, tokenizer) under the cache root; built on first use."""
+    return build_once(cache_root(cache_dir) / f"tiny-k2-{_cache_key()}", _write_tiny)

@@ -22,7 +22,7 @@ class ChainCheckpointer:
     every: int = 16
     durable: int = 0
     pending: list[int] = field(default_factory=list)
-    inflight: int = 0  # tokens a group write (`GroupCommit`) took and has not confirmed yet
+    inflight: int = 0  # tokens a group write (`BatchedCommit`) took and has not confirmed yet
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -39,7 +39,7 @@ class ChainCheckpointer:
         return self.durable + self.inflight + len(self.pending)
 
     def take(self) -> tuple[int, list[int]]:
-        """The buffered tokens, for a write made elsewhere (a group commit): (their start, them)."""
+        """The buffered tokens, for a write made elsewhere (a batched commit): (their start, them)."""
         start, tokens = self.durable + self.inflight, self.pending
         self.pending = []
         self.inflight += len(tokens)

@@ -320,4 +320,5 @@ def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> Fas
     v1.add_api_route("/chains/{chain_id}/stream", api.chain_stream, methods=["GET"],
                      response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     app.include_router(v1)
+    metrics.init_requests(sorted({getattr(route, "path", "other") for route in app.routes}))  # as RequestMetrics labels
     return app

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from k2serve.router.http.errors import APIError
 from k2serve.router.http.openai_models import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from k2serve.worker.chat_template import ChatTemplateError
+from k2serve.k2format.chat_template import ChatTemplateError
 from k2serve.sampling_params import SamplingParams
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 
 def check_model(requested: str | None, served: str, aliases: frozenset[str] = frozenset()) -> None:

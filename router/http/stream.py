@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from k2serve.router.http.k2_parse import K2StreamParser, ParsedToolCall, StreamDelta, _held_tail, merge_deltas
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 
 class TokenLike(Protocol):

@@ -1,5 +1,5 @@
 """Durable chains end to end, over real processes: worker groups in their own process (they outlive the
-router), the router process (`python -m k2serve.router.serve`), a real SQLite file or redis-server.
+router), the router process (`python -m k2serve.router.process`), a real SQLite file or redis-server.
 
 - a decode group killed mid-stream by a configured fault: the stream completes, identical to the fault-free run
   (greedy and seeded temperature 1.0), indices contiguous;
@@ -103,7 +103,7 @@ class Cluster:
         return path
 
     def start_groups(self, config: Path, restart_after_s: float = 0.3) -> None:
-        p = Proc.start(["k2serve.router.local", "--config", str(config), "--restart-after", str(restart_after_s)],
+        p = Proc.start(["k2serve.worker.parallel.inproc_group", "--config", str(config), "--restart-after", str(restart_after_s)],
                        self.dir / "groups.log")
         self.procs.append(p)
         p.wait_for("READY", 120)
@@ -115,7 +115,7 @@ class Cluster:
             for name in ("groups.log", "router.log") if (self.dir / name).exists())
 
     def start_router(self, config: Path, stall_timeout_s: float = 30.0) -> tuple[Proc, str]:
-        args = ["k2serve.router.serve", "--config", str(config), "--stall-timeout", str(stall_timeout_s)]
+        args = ["k2serve.router.process", "--config", str(config), "--stall-timeout", str(stall_timeout_s)]
         for g in self.groups:
             args += ["--group", g]
         p = Proc.start(args, self.dir / "router.log")
@@ -209,7 +209,7 @@ def reference_tokens(tmp_path: Path, temperature: float) -> list[tuple[int, floa
     """The fault-free run, in this process (aggregated: in deterministic mode P/D equals one engine)."""
     import asyncio
 
-    from k2serve.router.local import start_local_stack
+    from k2serve.stack.inproc import start_local_stack
     from k2serve.worker.engine.sampling import SamplingParams
 
     cfg = ServingConfig.model_validate(base_config(tmp_path / "ref", router={"aggregated": True}))
@@ -264,7 +264,7 @@ def test_router_killed_mid_stream_new_router_resumes(tmp_path: Path, cluster: Cl
 def test_redis_restart_mid_run_loses_no_chain(tmp_path: Path, redis_server: Any) -> None:
     import asyncio
 
-    from k2serve.router.local import start_local_stack
+    from k2serve.stack.inproc import start_local_stack
     from k2serve.worker.engine.sampling import SamplingParams
 
     cfg = ServingConfig.model_validate(base_config(tmp_path, router={"aggregated": True}, chain_store={

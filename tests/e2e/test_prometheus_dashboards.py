@@ -94,7 +94,7 @@ def _resume_after_router_death(stack: Stack, config: Path, workdir: Path) -> lis
     """A turn begun on a second router that a configured fault kills mid-stream, finished by the `up` router
     for the client that reconnects there; returns the token indices the client saw across both."""
     log = workdir / "router2.log"
-    args = [sys.executable, "-m", "k2serve.router.serve", "--config", str(config)]
+    args = [sys.executable, "-m", "k2serve.router.process", "--config", str(config)]
     for group in stack.groups:
         args += ["--group", group]
     with log.open("wb") as out:

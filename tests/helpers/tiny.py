@@ -5,14 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 
 from k2serve.worker.engine.engine import Engine, EngineConfig
-from k2serve.worker.loader import ModelWeights, load_weights, resolve_model
+from k2serve.k2format.source import resolve_model
+from k2serve.worker.loader import ModelWeights, load_weights, resolve_checkpoint
 from k2serve.worker.model.k2 import K2Model
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 
 @lru_cache(maxsize=1)
 def tiny_weights() -> ModelWeights:
-    return load_weights(resolve_model("builtin:tiny-k2"))
+    return load_weights(resolve_checkpoint("builtin:tiny-k2"))
 
 
 @lru_cache(maxsize=1)

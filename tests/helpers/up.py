@@ -20,7 +20,7 @@ GROUP_LINE = re.compile(r"k2serve up: (\w+) group (\S+) \(EP \d+\) on (\S+), met
 class Stack:
     url: str  # the router's HTTP base (its /metrics too)
     grpc: str  # the router's gRPC address
-    groups: list[str]  # "ID=ROLE@HOST:PORT" of every group's gRPC service (`k2serve.router.serve --group`)
+    groups: list[str]  # "ID=ROLE@HOST:PORT" of every group's gRPC service (`k2serve.router.process --group`)
     metrics: str  # "host:port" of every group's metrics, merged (the pool controller's /metrics)
 
 

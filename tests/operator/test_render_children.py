@@ -106,7 +106,7 @@ def test_configmap_holds_the_serving_config_router_and_workers_read() -> None:
     assert config.chain_store.backend == "redis" and config.chain_store.redis_url_env == "K2SERVE_REDIS_URL"
     assert config.cpu_binding == "none"  # pods get their cores from the kubelet, not from the head pod's plan
     router = children[2]["spec"]["template"]["spec"]["containers"][0]
-    assert router["command"] == ["python", "-m", "k2serve.router.serve", "--config", "/etc/k2serve/config.yaml"]
+    assert router["command"] == ["python", "-m", "k2serve.router.process", "--config", "/etc/k2serve/config.yaml"]
     assert {"name": "K2SERVE_CONFIG", "value": "/etc/k2serve/config.yaml"} in router["env"]
     assert router["securityContext"]["readOnlyRootFilesystem"] is True
     assert router["securityContext"]["capabilities"] == {"drop": ["ALL"]}

@@ -11,11 +11,12 @@ from typing import Any, TypeVar
 import pytest
 
 from k2serve.config import ServingConfig
-from k2serve.router.chains import ChainNotFound
+from k2serve.router.chains import ChainNotFound, open_store
 from k2serve.router.core import ChainToken
-from k2serve.router.local import LocalStack, start_local_stack
-from k2serve.router.schedule import GroupAddress, GroupState, NoGroupAvailable, Scheduler
-from k2serve.worker.engine.blocks import block_hashes
+from k2serve.stack.inproc import LocalStack, start_local_stack
+from k2serve.groups import GroupAddress
+from k2serve.router.schedule import GroupState, NoGroupAvailable, Scheduler
+from k2serve.k2format.block_hash import block_hashes
 from k2serve.worker.engine.sampling import SamplingParams
 
 T = TypeVar("T")
@@ -135,8 +136,11 @@ def test_closing_router_leaves_the_turn_running_with_its_tokens_durable(tmp_path
         await stream.aclose()  # a reader leaving does not end the turn
         await stack.core.aclose()
         chain_id = got[0].chain_id
-        return [t.token for t in got], stack.core.store.get_chain(chain_id).turns[0].status, \
-            stack.core.store.generated(chain_id, 0)
+        store = open_store(cfg.chain_store)  # as the router that takes over reads it
+        try:
+            return [t.token for t in got], store.get_chain(chain_id).turns[0].status, store.generated(chain_id, 0)
+        finally:
+            store.close()
 
     seen, status, durable = with_stack(cfg, body)
     assert status == "running"

@@ -16,17 +16,17 @@ from k2serve.config import ServingConfig
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_to_proto
-from k2serve.router.local import LocalGroup
+from k2serve.worker.parallel.inproc_group import InProcessGroup
 from k2serve.router.mux import DecodeMux, GroupFailed, MuxStream
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.loader import resolve_model
+from k2serve.worker.loader import resolve_checkpoint
 
 GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
 LONG = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
 PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(5 + 3 * i)] for i in range(4)]
 
 
-Body = Callable[[LocalGroup, pb_grpc.WorkerGroupStub, DecodeMux], Awaitable[None]]
+Body = Callable[[InProcessGroup, pb_grpc.WorkerGroupStub, DecodeMux], Awaitable[None]]
 
 
 def with_group(body: Body) -> None:
@@ -34,7 +34,7 @@ def with_group(body: Body) -> None:
     config = ServingConfig.model_validate({"model": {"max_context": 128}})
 
     async def go() -> None:
-        group = await LocalGroup.start(resolve_model("builtin:tiny-k2"), config.decode, config, group_id="g0",
+        group = await InProcessGroup.start(resolve_checkpoint("builtin:tiny-k2"), config.decode, config, group_id="g0",
                                        role="decode", eos_ids=[])
         try:
             async with grpc.aio.insecure_channel(group.address) as ch:
@@ -64,7 +64,7 @@ async def started(mux: DecodeMux, n: int, prefix: str) -> list[MuxStream]:
 
 
 def test_requests_share_one_call_and_get_their_own_tokens() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
+    async def body(group: InProcessGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
         alone = [await tokens(stub.Decode(pb.DecodeRequest(request_id=f"a{i}", prompt=p, sampling=GREEDY)))
                  for i, p in enumerate(PROMPTS)]
         assert all(len(t) == 12 for t in alone) and len({tuple(t) for t in alone}) == len(PROMPTS)
@@ -95,7 +95,7 @@ def test_requests_share_one_call_and_get_their_own_tokens() -> None:
 
 
 def test_cancel_and_bad_request_touch_only_their_stream() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
+    async def body(group: InProcessGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
         [doomed] = await started(mux, 1, "long")
         bad = mux.open(pb.DecodeRequest(request_id="bad", prompt=[1, 2], sampling=pb.SamplingParams(max_tokens=0)))
         with pytest.raises(ValueError, match="max_tokens"):
@@ -112,7 +112,7 @@ def test_cancel_and_bad_request_touch_only_their_stream() -> None:
 
 
 def test_group_death_fails_every_open_stream_and_the_next_open_reconnects() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
+    async def body(group: InProcessGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
         streams = await started(mux, 2, "s")
         host, port = group.address.rsplit(":", 1)
         await group.service.stop()  # the group dies (its streams end with an error) ...
@@ -128,7 +128,7 @@ def test_group_death_fails_every_open_stream_and_the_next_open_reconnects() -> N
 
 
 def test_router_going_away_stops_its_requests_in_the_group() -> None:
-    async def body(group: LocalGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
+    async def body(group: InProcessGroup, stub: pb_grpc.WorkerGroupStub, mux: DecodeMux) -> None:
         await started(mux, 3, "r")
         assert (await stub.Stats(pb.StatsRequest())).running == 3
         await mux.aclose()  # (closing it again after the body is harmless)

@@ -15,7 +15,8 @@ import pytest
 from k2serve.config import ChainStoreConfig, RouterConfig, ServingConfig
 from k2serve.router.chains import ToolCall
 from k2serve.router.chains.sqlite_store import SqliteChainStore
-from k2serve.router.http.server import BackgroundServer, local_app
+from k2serve.router.http.uvicorn_runner import BackgroundServer
+from k2serve.stack.inproc import local_app
 
 MODEL = "tiny-k2"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}]

@@ -17,7 +17,8 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from k2serve.config import ChainStoreConfig, RouterConfig, ServingConfig
-from k2serve.router.http.server import BackgroundServer, local_app
+from k2serve.router.http.uvicorn_runner import BackgroundServer
+from k2serve.stack.inproc import local_app
 
 MAX_GENERATED = 4  # tokens; generation length is not what this test explores
 

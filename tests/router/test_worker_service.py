@@ -13,9 +13,9 @@ from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
-from k2serve.router.local import LocalGroup
+from k2serve.worker.parallel.inproc_group import InProcessGroup
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.loader import resolve_model
+from k2serve.worker.loader import resolve_checkpoint
 from k2serve.proto.convert import sampling_to_proto
 
 
@@ -24,7 +24,7 @@ def test_worker_service_rpcs(tmp_path: Path) -> None:
     metrics = Metrics()
 
     async def go() -> None:
-        group = await LocalGroup.start(resolve_model("builtin:tiny-k2"), config.decode, config, group_id="g0",
+        group = await InProcessGroup.start(resolve_checkpoint("builtin:tiny-k2"), config.decode, config, group_id="g0",
                                        role="decode", eos_ids=[], metrics=metrics)
         try:
             async with grpc.aio.insecure_channel(group.address) as ch:

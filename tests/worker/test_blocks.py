@@ -2,7 +2,8 @@
 
 import pytest
 
-from k2serve.worker.engine.blocks import ROOT_HASH, BlockManager, OutOfBlocks, hash_block_tokens
+from k2serve.k2format.block_hash import ROOT_HASH, hash_block_tokens
+from k2serve.worker.engine.blocks import BlockManager, OutOfBlocks
 
 BS = 4
 

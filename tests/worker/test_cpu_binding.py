@@ -18,7 +18,7 @@ from k2serve.cpu_binding import CorePlan, GroupCores, allowed_cores, bind_own, b
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.parallel.in_leader import engine_in_leader
+from k2serve.worker.parallel.in_leader_group import engine_in_leader
 from k2serve.worker.parallel.pools import PoolController
 
 
@@ -42,7 +42,7 @@ def test_ranks_take_whole_cores_from_the_end_and_leave_the_rest() -> None:
     assert plan_cores([("prefill-0", 1, 1.0), ("decode-0", 1, 1.0)], [0, 1]) == CorePlan(
         groups={"prefill-0": GroupCores(ranks=[[0]], front=[0, 1]), "decode-0": GroupCores(ranks=[[1]], front=[0, 1])},
         front=[0, 1])
-    # Whether the leaders have cores apart decides where a group of one runs its engine (in_leader.py).
+    # Whether the leaders have cores apart decides where a group of one runs its engine (in_leader_group.py).
     two = plan_cores([("prefill-0", 1, 1.0), ("decode-0", 1, 1.0)], [0, 1])
     assert two is not None and not two.groups["decode-0"].front_apart
     assert engine_in_leader(1, two.groups["decode-0"]) and engine_in_leader(1, None)
@@ -141,7 +141,7 @@ def test_a_groups_rank_runs_on_its_own_core_and_its_leader_off_it(ray_cluster: N
         cores = allowed_cores()
         group = controller.groups()[0]
         rank_pid, leader_pid = group["rank_pids"][0], group["leader_pid"]
-        # The leader has a core apart from the rank's: the rank is an actor of its own (in_leader.py, engine_in_leader).
+        # The leader has a core apart from the rank's: the rank is an actor of its own (in_leader_group.py, engine_in_leader).
         assert (rank_pid == leader_pid) == (controller.cores is None)
         rank_threads, leader_threads = thread_cores(rank_pid), thread_cores(leader_pid)
         if binding == "none" or len(cores) < 2:  # no plan: every thread may run anywhere
@@ -160,7 +160,7 @@ def test_a_groups_rank_runs_on_its_own_core_and_its_leader_off_it(ray_cluster: N
 
 def test_with_no_core_to_spare_each_engine_runs_in_its_leader_on_its_ranks_core(ray_cluster: None) -> None:
     """P/D with a core per rank and none to spare: each group of one steps its engine in its leader
-    (worker/parallel/in_leader.py) — the thread that runs the model (the leader's busiest while it serves) is
+    (worker/parallel/in_leader_group.py) — the thread that runs the model (the leader's busiest while it serves) is
     bound to the rank's core, the leader's other threads may run anywhere."""
     # Half the cores per rank (one each on CI's 2): the two ranks take them all.
     pool = PoolConfig(groups=1, kv_blocks=256, num_cpus_per_actor=max(1.0, len(allowed_cores()) / 2))

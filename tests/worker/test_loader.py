@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from k2serve.worker.checkpoint import INDEX_FILE, dense_shapes, expert_module, read_weight_map
-from k2serve.worker.loader import BUILTIN_TINY, load_weights, resolve_model
+from k2serve.k2format.source import BUILTIN_TINY, resolve_model
+from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.tiny import tiny_config, write_random_checkpoint
 
 CONFIG = tiny_config()  # 16 experts, MoE layers 1..3
@@ -190,7 +191,7 @@ def test_format_must_match_quantization_config(int4_dir: Path, bf16_dir: Path, t
 def test_resolve_model(tmp_path: Path, bf16_dir: Path) -> None:
     assert resolve_model(str(bf16_dir)) == bf16_dir
     assert resolve_model(f"file://{bf16_dir}") == bf16_dir
-    tiny = resolve_model(BUILTIN_TINY, cache_dir=tmp_path / "cache")
+    tiny = resolve_checkpoint(BUILTIN_TINY, cache_dir=tmp_path / "cache")
     assert tiny.parent == tmp_path / "cache" and tiny.name.startswith("tiny-k2-")
     assert load_weights(tiny, expert_range=(0, 8)).experts[1].quantized
     with pytest.raises(ValueError, match="not supported here; mount the model as a volume"):

@@ -15,8 +15,8 @@ from helpers.tiny import run_all, tiny_engine
 
 from k2serve.worker.engine.engine import EngineConfig, KVHandoff, KVHandoffLost
 from k2serve.worker.engine.sampling import SamplingParams
-from k2serve.worker.loader import load_weights, resolve_model
-from k2serve.worker.parallel.group import ExpertParallelGroup, GroupSpec
+from k2serve.worker.loader import load_weights, resolve_checkpoint
+from k2serve.worker.parallel.ep_group import ExpertParallelGroup, GroupSpec
 from k2serve.worker.quant.moe import prepare_experts
 
 NUM_REQUESTS = 16
@@ -34,7 +34,7 @@ def mixed_prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def group_spec(world_size: int) -> GroupSpec:
-    return GroupSpec(model_dir=str(resolve_model("builtin:tiny-k2")), world_size=world_size,
+    return GroupSpec(model_dir=str(resolve_checkpoint("builtin:tiny-k2")), world_size=world_size,
                      engine=EngineConfig(num_blocks=256, block_size=16, max_batch_tokens=512), eos_ids=[],
                      deterministic=True, num_cpus_per_actor=0.5, collective_timeout_s=20.0)
 
@@ -62,7 +62,7 @@ def test_expert_parallel_equals_single_process(ray_cluster: None, reference: dic
               f"{time.monotonic() - started:.1f} s, all-to-all {group.stats.all_to_all_bytes} B")
         assert got == reference
 
-        weights = load_weights(resolve_model("builtin:tiny-k2"))
+        weights = load_weights(resolve_checkpoint("builtin:tiny-k2"))
         total = sum(s.nbytes() for s in prepare_experts(weights.experts, torch.device("cpu")).values())
         assert max(group.expert_bytes) <= 1.05 * total / world_size
         load = group.take_expert_load()  # every computed token routes to top-k experts in every MoE layer

@@ -130,7 +130,7 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
     engine runs. Either way the controller replaces the group once: the fault does not fire again."""
     config = ServingConfig(deterministic=True, prefill=pool(ep=1, groups=0), decode=pool(ep=ep, groups=2),
                            faults=[FaultSpec(kind=kind, pool="decode", group=0, after_tokens=5)],
-                           cpu_binding="none")  # no plan: a group of one's engine is in its leader (in_leader.py)
+                           cpu_binding="none")  # no plan: a group of one's engine is in its leader (in_leader_group.py)
     controller = PoolController(config, namespace="k2serve-test-pools", check_interval_s=0.2)
     controller.start()
     try:
@@ -154,7 +154,7 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
         wait_until(replaced, 60, "the controller to replace decode-0 and publish it")
         new = next(g for g in controller.read_registry() if g["group_id"] == "decode-0")
         assert new["leader_pid"] != old["leader_pid"]
-        # What a router process reads (k2serve.router.serve without --group): the replacement's address.
+        # What a router process reads (k2serve.router.process without --group): the replacement's address.
         listed = asyncio.run(RegistryDirectory("k2serve-test-pools").list_groups())
         assert {(a.group_id, a.role, a.address) for a in listed} == {
             ("decode-0", "decode", new["address"]), ("decode-1", "decode", groups["decode-1"]["address"])}
@@ -168,7 +168,7 @@ def test_pool_controller_replaces_a_killed_decode_group(ray_cluster: None, one_t
 
 
 def test_a_group_of_one_whose_step_fails_is_rebuilt_in_place(ray_cluster: None, one_torch_thread: None) -> None:
-    """A group of one steps its engine in the leader's process (worker/parallel/in_leader.py): a step that raises
+    """A group of one steps its engine in the leader's process (worker/parallel/in_leader_group.py): a step that raises
     ends the in-flight stream with an error naming its request, and the leader serves again on the same address
     from a fresh engine."""
     config = ServingConfig(deterministic=True, decode=pool(ep=1))

@@ -21,7 +21,7 @@ from k2serve.worker.quant.int4 import pack_int4, unpack_int4
 from k2serve.worker.quant.moe import ExpertShard
 from k2serve.worker.quantize import k2_quant_config, quantize_checkpoint
 from k2serve.worker.tiny import tiny_config, write_random_checkpoint
-from k2serve.worker.tokenizer import write_tiny_tokenizer
+from k2serve.k2format.tokenizer import write_tiny_tokenizer
 
 CONFIG = tiny_config(n_routed_experts=8)
 

@@ -15,10 +15,10 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from k2serve.worker.checkpoint import INDEX_FILE, checkpoint_shapes, read_weight_map
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.tiny import ensure_tiny, tiny_config, write_random_checkpoint
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 
 def hf_config(config: K2Config) -> DeepseekV3Config:

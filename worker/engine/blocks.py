@@ -10,32 +10,11 @@ resends its whole conversation each turn then prefills only the new turn.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-# Parent of a sequence's first block: fixed, so hashes agree across processes and restarts.
-ROOT_HASH = b"k2serve-kv-root"
-
-
-def hash_block_tokens(parent_hash: bytes, tokens: Sequence[int]) -> bytes:
-    """Stable (process- and machine-independent) chained hash of one full block given its parent's hash."""
-    h = hashlib.blake2b(parent_hash, digest_size=16)
-    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
-    return h.digest()
-
-
-def block_hashes(tokens: Sequence[int], block_size: int) -> list[bytes]:
-    """Chained hashes of the full blocks of `tokens`: the prefix-cache keys at this block size."""
-    out: list[bytes] = []
-    parent = ROOT_HASH
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = hash_block_tokens(parent, tokens[start:start + block_size])
-        out.append(parent)
-    return out
-
+from k2serve.k2format.block_hash import ROOT_HASH, hash_block_tokens
 
 class OutOfBlocks(RuntimeError):
     """Not enough free or evictable KV blocks for the request; nothing was allocated."""

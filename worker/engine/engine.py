@@ -17,16 +17,19 @@ from typing import Any
 
 import torch
 
+from k2serve.config import PoolConfig, ServingConfig
 from k2serve.sampling_params import finish_reason
 from k2serve.worker.engine.blocks import BlockManager
 from k2serve.worker.engine.sampling import SamplingParams, resolve_seed, sample
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
 from k2serve.worker.model.k2 import K2Model
 
+DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks unset
+
 
 @dataclass
 class EngineConfig:
-    num_blocks: int = 2048
+    num_blocks: int = DEFAULT_CPU_KV_BLOCKS
     block_size: int = 16
     max_batch_tokens: int = 2048  # chunked-prefill budget of one step
     max_running: int = 256
@@ -34,6 +37,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     deterministic: bool = False  # the default for requests that don't say
     lockstep: bool = False  # one forward per step whatever the requests ask (expert-parallel ranks)
+
+    @classmethod
+    def for_pool(cls, pool: PoolConfig, config: ServingConfig) -> "EngineConfig":
+        """The engine of one rank (or in-process group) of `pool`: the one derivation from the serving config."""
+        return cls(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
+                   max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
+                   max_model_len=config.model.max_context, deterministic=config.deterministic)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 
 # Keys one decode-attention chunk gathers on CPU: under a core's L2 (2 MiB on the machines measured), so the
 # scores and the weighted sum re-read them from cache. Measured on tiny-k2, one thread, 32 decoding sequences of

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.linear import Projection, Projections
 from k2serve.worker.model.rowwise import rowwise
 from k2serve.worker.quant.moe import ExpertShard, MoEBackend
@@ -32,7 +32,7 @@ class DenseMLP:
         return self.down(F.silu(self.gate(x, self.det)) * self.up(x, self.det), self.det)
 
 
-class Router:
+class ExpertGate:
     """DeepSeek-V3 / K2 routing: sigmoid scores; `noaux_tc` picks experts by score + e_score_correction_bias
     within the best `topk_group` of `n_group` groups, and weights them by the unbiased scores."""
 
@@ -114,14 +114,14 @@ class MoEBlock:
                  experts: MoEExecutor, load: ExpertLoad, det: bool) -> None:
         prefix = f"model.layers.{layer}.mlp."
         self.layer = layer
-        self.router = Router(config, w, proj, prefix, det)
+        self.expert_gate = ExpertGate(config, w, proj, prefix, det)
         self.shared = DenseMLP.from_weights(proj, prefix + "shared_experts.", det) if config.n_shared_experts else None
         self.experts = experts
         self.load = load
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]. Called with T = 0 too: an expert-parallel rank with no tokens still joins."""
-        topk_ids, topk_weights = self.router(x)
+        topk_ids, topk_weights = self.expert_gate(x)
         self.load.add(self.layer, topk_ids)
         out = self.experts(self.layer, x, topk_ids, topk_weights).to(x.dtype)
         if self.shared is not None:

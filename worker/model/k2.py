@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.ffn import DenseMLP, ExpertLoad, LocalExperts, MoEBlock, MoEExecutor
 from k2serve.worker.model.linear import Projections
 from k2serve.worker.model.mla import MLAttention

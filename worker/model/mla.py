@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.linear import Projection, Projections
 from k2serve.worker.model.norm import rms_norm
 from k2serve.worker.model.rope import Rotary, softmax_scale

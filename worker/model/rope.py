@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from k2serve.worker.model.config import K2Config, RopeConfig
+from k2serve.k2format.model_config import K2Config, RopeConfig
 from k2serve.worker.model.rowwise import rowwise
 
 

@@ -1,6 +1,6 @@
 """The group leader, a Ray actor: builds its group — an `ExpertParallelGroup` of rank actors, or for a group of one
 whose leader has no cores apart from its rank's (`engine_in_leader`) an `InLeaderGroup` whose engine runs in this
-process (in_leader.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the
+process (in_leader_group.py) —, drives it with an `EngineLoop` and serves the `WorkerGroup` gRPC service over it. When the
 group fails (a rank died, a collective timed out, a step raised) every in-flight stream ends with an error naming
 the lost requests, Health reports unhealthy, and the leader rebuilds the group (fresh ranks, placement group and
 rendezvous; a fresh engine) and serves again on the same address. A leader started in place of a dead one counts
@@ -26,16 +26,17 @@ from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
 from k2serve.worker.engine.engine import EngineConfig, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
-from k2serve.worker.parallel.in_leader import InLeaderGroup, engine_in_leader
-from k2serve.worker.service import Role, WorkerService
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.worker.loader import resolve_checkpoint
+from k2serve.worker.parallel.ep_group import ExpertParallelGroup, RankFailure, GroupSpec
+from k2serve.worker.parallel.in_leader_group import InLeaderGroup, engine_in_leader
+from k2serve.groups import Role
+from k2serve.worker.grpc_service import WorkerService
+from k2serve.k2format.model_config import K2Config
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
 
 Pool = Literal["prefill", "decode"]
-DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks unset
 SUPERVISE_INTERVAL_S = 0.05
 EXPERT_LOAD_EXPORT_S = 1.0
 REBUILD_BACKOFF_S = 1.0
@@ -59,11 +60,9 @@ class _ArmedFault:
 
 def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s: float = 30.0,
                steps_ahead: int = 0) -> GroupSpec:
-    model_dir = resolve_model(config.model.source)
-    engine = EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
-                          max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
-                          max_model_len=config.model.max_context, deterministic=config.deterministic)
-    return GroupSpec(model_dir=str(model_dir), world_size=pool.expert_parallel, engine=engine,
+    model_dir = resolve_checkpoint(config.model.source)
+    return GroupSpec(model_dir=str(model_dir), world_size=pool.expert_parallel,
+                     engine=EngineConfig.for_pool(pool, config),
                      eos_ids=K2Tokenizer.from_dir(model_dir).eos_ids, deterministic=config.deterministic,
                      placement=pool.placement, num_cpus_per_actor=pool.num_cpus_per_actor,
                      num_gpus_per_actor=pool.num_gpus_per_actor, resources=dict(pool.ray_resources),
@@ -109,6 +108,7 @@ class GroupLeader:
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
                                       block_size=self.spec.engine.block_size, metrics=self.metrics)
         self.address = await self._service.start(host, 0)
+        self.metrics.init_experts(self._group.moe_layers, K2Config.from_dir(self.spec.model_dir).n_routed_experts)
         self.metrics_port = self.metrics.serve(0, host)
         self.metrics.group_healthy.labels(role=self.role, group=self.group_id).set(1)
         if self._replaces:
@@ -157,7 +157,7 @@ class GroupLeader:
             if service is None or group is None or service.loop.error is None:
                 continue
             err = service.loop.error
-            lost = err.request_ids if isinstance(err, GroupFailed) else group.request_ids()
+            lost = err.request_ids if isinstance(err, RankFailure) else group.request_ids()
             failure = Failure(time.time(), str(err), lost)
             self.failures.append(failure)
             service.failed = str(err)

@@ -29,9 +29,9 @@ from k2serve.errors import UserError
 from k2serve.localray import init_local_ray
 from k2serve.preflight import ensure_reachable
 from k2serve.worker.parallel.leader import GroupLeader, Pool
-from k2serve.worker.parallel.in_leader import engine_in_leader
+from k2serve.worker.parallel.in_leader_group import engine_in_leader
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
-from k2serve.worker.service import Role
+from k2serve.groups import Role
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class PoolController:
     def _launch(self, slot: _Slot, replaces: bool = False) -> Any:
         config = self.config.model_copy(update={"faults": self._faults_for(slot)})
         pool = getattr(self.config, slot.pool)
-        # A leader that runs its group's engine (in_leader.py) reserves what the rank would.
+        # A leader that runs its group's engine (in_leader_group.py) reserves what the rank would.
         resources: dict[str, Any] = ({"num_cpus": pool.num_cpus_per_actor, "num_gpus": pool.num_gpus_per_actor,
                                       "resources": dict(pool.ray_resources)}
                                      if self._in_leader(slot) else {"num_cpus": LEADER_CPUS})

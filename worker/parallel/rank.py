@@ -20,7 +20,7 @@ from k2serve.cpu_binding import bind_own
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, Request, TokenEvent
 from k2serve.worker.loader import load_weights
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
 from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.parallel.ep import ExpertParallelMoE, expert_range

@@ -15,7 +15,7 @@ from typing import Any
 
 import tiktoken
 
-from k2serve.worker.chat_template import ChatTemplate
+from k2serve.k2format.chat_template import ChatTemplate
 
 # Kimi K2's pre-tokenizer (tokenization_kimi.py): Han runs split from other letters, digits in groups of three.
 K2_PAT_STR = "|".join([

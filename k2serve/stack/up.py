@@ -21,10 +21,12 @@ from k2serve.cli import summary
 from k2serve.config import ServingConfig
 from k2serve.cpu_binding import bind_tree
 from k2serve.errors import UserError
+from k2serve.k2format.source import resolve_model
 from k2serve.localray import init_local_ray
 from k2serve.preflight import ensure_port_free
 from k2serve.router.directory import RegistryDirectory
-from k2serve.router.serve import run_router, stop_on_signals
+from k2serve.router.process import run_router
+from k2serve.signals import stop_on_signals
 
 
 def build_config(args: argparse.Namespace) -> ServingConfig:
@@ -51,10 +53,8 @@ def build_config(args: argparse.Namespace) -> ServingConfig:
 
 def preflight(config: ServingConfig) -> None:
     """What a user can get wrong, checked before Ray starts: the model and the ports."""
-    from k2serve.worker.loader import resolve_model
-
     try:
-        resolve_model(config.model.source)  # builds the built-in model once, so the groups find it cached
+        resolve_model(config.model.source)
     except (OSError, ValueError) as e:
         raise UserError(f"model {config.model.source!r}: {e}") from e
     r = config.router

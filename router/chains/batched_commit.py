@@ -22,7 +22,7 @@ from k2serve.router.chains.store import ChainStore
 Write = tuple[ChainCheckpointer, int, list[int]]  # (the turn's checkpointer, start, tokens)
 
 
-class GroupCommit:
+class BatchedCommit:
     def __init__(self, store: ChainStore, run: Callable[..., Awaitable[Any]],
                  on_written: Callable[[int], Any] | None = None) -> None:
         self.store = store

@@ -26,8 +26,8 @@ import torch
 
 from k2serve.cpu_binding import GroupCores
 from k2serve.worker.engine.engine import Engine
-from k2serve.worker.model.config import K2Config
-from k2serve.worker.parallel.group import GroupSpec, GroupStats
+from k2serve.k2format.model_config import K2Config
+from k2serve.worker.parallel.ep_group import GroupSpec, GroupStats
 from k2serve.worker.parallel.rank import build_rank_engine, reserved_cpus
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The router process: gRPC `Router` service and the OpenAI HTTP front over one `RouterCore`.
 
-`python -m k2serve.router.serve --config PATH --group ID=ROLE@HOST:PORT ...` serves the listed groups;
+`python -m k2serve.router.process --config PATH --group ID=ROLE@HOST:PORT ...` serves the listed groups;
 without `--group` it connects to the Ray cluster (`--ray-address`, default `$RAY_ADDRESS`, e.g. the Ray Client
 address `ray://HEAD:10001` that the operator sets on router pods) and follows the pool controller's registry.
 It serves until SIGINT/SIGTERM.
@@ -12,19 +12,19 @@ import argparse
 import asyncio
 import os
 import re
-import signal
 import sys
 from collections.abc import Callable
 
 from k2serve.config import RAY_NAMESPACE, ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.router.chains import open_store
+from k2serve.signals import stop_on_signals
+from k2serve.router.http.app import create_app
+from k2serve.router.http.uvicorn_runner import serving
 from k2serve.router.core import RouterCore
 from k2serve.router.directory import RegistryDirectory
-from k2serve.router.schedule import GroupAddress, GroupDirectory, StaticDirectory
-from k2serve.router.server import start_router_server
-from k2serve.worker.loader import resolve_model
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.groups import GroupAddress
+from k2serve.router.schedule import GroupDirectory, StaticDirectory
+from k2serve.router.grpc_api import start_router_server
 
 GROUP_SPEC = re.compile(r"(?P<id>[^=]+)=(?P<role>prefill|decode|both)@(?P<addr>[^:]+:\d+)")
 
@@ -37,26 +37,12 @@ def parse_group(spec: str) -> GroupAddress:
     return GroupAddress(m["id"], m["role"], m["addr"])  # type: ignore[arg-type]
 
 
-def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM (the caller tears down in order instead of dying mid-write)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 async def run_router(config: ServingConfig, directory: GroupDirectory, stop: asyncio.Event,
                      on_ready: Callable[[str, int], None] | None = None, metrics: Metrics | None = None, *,
                      stall_timeout_s: float | None = None) -> None:
     """Serves gRPC and HTTP until `stop` is set; `on_ready(http_url, grpc_port)` once both listen."""
-    from k2serve.router.http.app import create_app  # the HTTP front is optional for gRPC-only embedding
-    from k2serve.router.http.server import serving
-
     metrics = metrics or Metrics()
-    tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
-    store = open_store(config.chain_store)
-    core = RouterCore(config, tokenizer, store, metrics, directory, stall_timeout_s=stall_timeout_s)
+    core = RouterCore(config, directory, metrics, stall_timeout_s=stall_timeout_s)
     grpc_server = None
     try:
         await core.start()
@@ -69,11 +55,10 @@ async def run_router(config: ServingConfig, directory: GroupDirectory, stop: asy
         if grpc_server is not None:
             await grpc_server.stop(1.0)
         await core.aclose()
-        store.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m k2serve.router.serve", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m k2serve.router.process", description=__doc__)
     ap.add_argument("--config", required=True, help="serving config (YAML or JSON)")
     ap.add_argument("--group", action="append", type=parse_group, default=[], metavar="ID=ROLE@HOST:PORT",
                     help="a worker group's gRPC address (repeat for each group)")

@@ -17,20 +17,20 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from k2serve.worker.engine.blocks import block_hashes
+from k2serve.config import Placement
+from k2serve.k2format.block_hash import block_hashes
 from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
-from k2serve.worker.model.config import K2Config
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.parallel.ep import expert_range
 from k2serve.worker.parallel.rank import CONCURRENCY_GROUPS, RankSnapshot, RankWorker
 
-Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ AFFINITY_SLACK = 4
 AFFINITY_KEYS = 1 << 16
 
 
-class GroupFailed(RuntimeError):
+class RankFailure(RuntimeError):
     """The group lost a rank or a collective timed out; `request_ids` are the sequences it held."""
 
     def __init__(self, detail: str, request_ids: list[str]) -> None:
@@ -106,7 +106,7 @@ class ExpertParallelGroup:
         self.blocks = GroupBlocks()
         self.stats = GroupStats()
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, E] since the last take
-        self.failed: GroupFailed | None = None
+        self.failed: RankFailure | None = None
         self._snaps: list[RankSnapshot] = []
         self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
         self._pg: PlacementGroup | None = None
@@ -283,8 +283,8 @@ class ExpertParallelGroup:
         if self.failed is not None:
             raise self.failed
 
-    def _fail(self, detail: str) -> GroupFailed:
-        self.failed = GroupFailed(detail, sorted(self.owner))
+    def _fail(self, detail: str) -> RankFailure:
+        self.failed = RankFailure(detail, sorted(self.owner))
         return self.failed
 
     def _get(self, ref: Any) -> Any:

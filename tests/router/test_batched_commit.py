@@ -1,4 +1,4 @@
-"""Group commit of the live turns' checkpoints (`GroupCommit`), against both chain-store backends: a due turn's
+"""Group commit of the live turns' checkpoints (`BatchedCommit`), against both chain-store backends: a due turn's
 write carries every live turn's buffered tokens in one transaction; one chain's store error fails that chain
 only and buffers its tokens again; tokens buffered while a write is in flight follow it in order; a turn that
 leaves waits for the write holding its tokens."""
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from k2serve.router.chains import ChainCheckpointer, ChainStore, TurnClosed
-from k2serve.router.chains.group_commit import GroupCommit
+from k2serve.router.chains.batched_commit import BatchedCommit
 from k2serve.router.chains.redis_store import RedisChainStore
 from k2serve.router.chains.sqlite_store import SqliteChainStore
 
@@ -78,7 +78,7 @@ def test_a_due_turn_writes_every_live_turn_in_one_commit(store: ChainStore) -> N
 
     async def go(io: Any) -> None:
         written: list[int] = []
-        commits = GroupCommit(counting, io, written.append)  # type: ignore[arg-type]
+        commits = BatchedCommit(counting, io, written.append)  # type: ignore[arg-type]
         for ckpt in (a, b, c, gone):
             commits.join(ckpt)
         await commits.leave(gone)
@@ -100,7 +100,7 @@ def test_one_chain_s_store_error_fails_that_chain_only(store: ChainStore) -> Non
     store.finish_turn(b.chain_id, b.turn, "cancelled", "cancelled")  # closed under its live turn
 
     async def go(io: Any) -> None:
-        commits = GroupCommit(store, io)
+        commits = BatchedCommit(store, io)
         commits.join(a)
         commits.join(b)
         a.pending += [5, 6, 7, 8]
@@ -118,7 +118,7 @@ def test_tokens_buffered_during_a_write_follow_it_and_leave_waits_for_it(store: 
     (a,) = turns(store, 1)
 
     async def go(io: Any) -> None:
-        commits = GroupCommit(counting, io)  # type: ignore[arg-type]
+        commits = BatchedCommit(counting, io)  # type: ignore[arg-type]
         commits.join(a)
         a.pending += [1, 2, 3, 4]
         counting.gate.clear()

@@ -135,7 +135,7 @@ class ChatTemplate:
 
     @classmethod
     def builtin(cls) -> ChatTemplate:
-        text = resources.files("k2serve.worker.templates").joinpath(DEFAULT_TEMPLATE).read_text(encoding="utf-8")
+        text = resources.files("k2serve.k2format.templates").joinpath(DEFAULT_TEMPLATE).read_text(encoding="utf-8")
         return cls(text, f"builtin {DEFAULT_TEMPLATE}")
 
     @classmethod

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from k2serve.worker.chat_template import ChatTemplate
-from k2serve.worker.tokenizer import (
+from k2serve.k2format.chat_template import ChatTemplate
+from k2serve.k2format.tokenizer import (
     K2_FIRST_SPECIAL, K2_SPECIAL_TOKENS, MAX_SAME_CLASS_RUN, K2Tokenizer, TokenizerFileError, _split_long_runs,
     write_tiny_tokenizer,
 )

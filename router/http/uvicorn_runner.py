@@ -1,6 +1,5 @@
 """Running the HTTP app under uvicorn: on the caller's event loop (`serving`), or on a loop of its own in a
-background thread (`BackgroundServer`, for embedding the stack in a benchmark or a test process); `local_app`
-builds the app over an in-process stack (local groups + router core).
+background thread (`BackgroundServer`, for embedding the stack in a benchmark or a test process).
 
 Port 0 picks a free port; both report the address actually bound.
 """
@@ -15,19 +14,6 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-
-from k2serve.config import ServingConfig
-from k2serve.metrics import Metrics
-from k2serve.router.http.app import create_app
-from k2serve.router.local import start_local_stack
-
-
-async def local_app(config: ServingConfig, metrics: Metrics | None = None
-                    ) -> tuple[FastAPI, Callable[[], Awaitable[None]]]:
-    """The HTTP app over `start_local_stack(config)`, and the coroutine function that tears the stack down."""
-    metrics = metrics or Metrics()
-    stack = await start_local_stack(config, metrics)
-    return create_app(stack.core, config, metrics), stack.aclose
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from k2serve.worker.chat_template import ChatTemplate, ChatTemplateError
+from k2serve.k2format.chat_template import ChatTemplate, ChatTemplateError
 
 SYSTEM = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 GEN = "<|im_assistant|>assistant<|im_middle|>"

@@ -1,7 +1,6 @@
-"""Worker groups inside the current process, each a `WorkerService` over an `EngineLoop(Engine(...))` on its
-own gRPC port, and a whole stack (groups + `RouterCore`) built from a `ServingConfig` — for tests, benchmarks
-and `k2serve up` before expert-parallel pools are available. The router still reaches the groups over gRPC,
-exactly as it reaches remote ones."""
+"""Worker groups inside the current process, without Ray: each a `WorkerService` over an `EngineLoop(Engine(...))`
+on its own gRPC port — for tests, benchmarks and `--groups-in inproc`. A router reaches them over gRPC, exactly as
+it reaches remote ones; `k2serve.stack.inproc` puts a router core over them."""
 
 from __future__ import annotations
 
@@ -10,26 +9,24 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from k2serve.config import PoolConfig, ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.router.chains import open_store
-from k2serve.router.core import RouterCore
 from k2serve.faults import GroupFaults
-from k2serve.router.schedule import GroupAddress, Role, StaticDirectory
+from k2serve.groups import GroupAddress, Role
+from k2serve.signals import stop_on_signals
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.loop import EngineLoop
-from k2serve.worker.loader import ModelWeights, load_weights, resolve_model
+from k2serve.worker.loader import ModelWeights, load_weights, resolve_checkpoint
 from k2serve.worker.model.k2 import K2Model
-from k2serve.worker.service import WorkerService
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.worker.grpc_service import WorkerService
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 log = logging.getLogger(__name__)
-DEFAULT_CPU_KV_BLOCKS = 2048
 
 
 @lru_cache(maxsize=2)
@@ -41,14 +38,11 @@ def _weights(model_dir: Path) -> ModelWeights:
 def build_engine(model_dir: Path, pool: PoolConfig, config: ServingConfig, eos_ids: list[int]) -> Engine:
     w = _weights(model_dir)
     model = K2Model(w.config, w.dense, w.experts, deterministic=config.deterministic)
-    return Engine(model, EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
-                                      max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
-                                      max_model_len=config.model.max_context, deterministic=config.deterministic),
-                  eos_token_ids=eos_ids)
+    return Engine(model, EngineConfig.for_pool(pool, config), eos_token_ids=eos_ids)
 
 
 @dataclass
-class LocalGroup:
+class InProcessGroup:
     """A group served from this process. With `restart_after_s`, a group killed by an injected fault is
     started again (fresh engine, same id and port) after that delay, as a supervisor restarts a dead pod."""
 
@@ -62,7 +56,7 @@ class LocalGroup:
     @classmethod
     async def start(cls, model_dir: Path, pool: PoolConfig, config: ServingConfig, *, group_id: str, role: Role,
                     eos_ids: list[int], metrics: Metrics | None = None, host: str = "127.0.0.1",
-                    restart_after_s: float | None = None) -> "LocalGroup":
+                    restart_after_s: float | None = None) -> "InProcessGroup":
         faults = GroupFaults(config.faults, group_id, role)  # one counter across restarts: `times` is total
 
         def build() -> WorkerService:
@@ -98,23 +92,11 @@ class LocalGroup:
         await self.service.stop()
 
 
-@dataclass
-class LocalStack:
-    core: RouterCore
-    groups: list[LocalGroup] = field(default_factory=list)
-
-    async def aclose(self) -> None:
-        await self.core.aclose()
-        for g in self.groups:
-            await g.stop()
-        self.core.store.close()
-
-
-async def start_local_groups(config: ServingConfig, metrics: Metrics | None = None, *,
-                             restart_after_s: float | None = None) -> list[LocalGroup]:
+async def start_inprocess_groups(config: ServingConfig, metrics: Metrics | None = None, *,
+                             restart_after_s: float | None = None) -> list[InProcessGroup]:
     """`config.prefill.groups` prefill + `config.decode.groups` decode groups (aggregated: the prefill pool's
     groups serve both roles and the decode pool is not started)."""
-    model_dir = resolve_model(config.model.source)
+    model_dir = resolve_checkpoint(config.model.source)
     eos = K2Tokenizer.from_dir(model_dir).eos_ids
     keep_freed_memory()  # these groups step their engines on CPU, in this process
     specs: list[tuple[str, Role, PoolConfig]] = []
@@ -123,26 +105,15 @@ async def start_local_groups(config: ServingConfig, metrics: Metrics | None = No
     else:
         specs += [(f"prefill-{i}", "prefill", config.prefill) for i in range(config.prefill.groups)]
         specs += [(f"decode-{i}", "decode", config.decode) for i in range(config.decode.groups)]
-    return [await LocalGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics,
+    return [await InProcessGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics,
                                    restart_after_s=restart_after_s)
             for gid, role, pool in specs]
-
-
-async def start_local_stack(config: ServingConfig, metrics: Metrics | None = None) -> LocalStack:
-    """In-process groups plus a started `RouterCore` over them (store from `config.chain_store`)."""
-    metrics = metrics or Metrics()
-    groups = await start_local_groups(config, metrics)
-    tokenizer = K2Tokenizer.from_dir(resolve_model(config.model.source))
-    core = RouterCore(config, tokenizer, open_store(config.chain_store), metrics,
-                      StaticDirectory([g.group_address for g in groups]))
-    await core.start()
-    return LocalStack(core, groups)
 
 
 async def serve_groups(config: ServingConfig, stop: asyncio.Event, restart_after_s: float | None) -> None:
     """The groups of `config` in this process until `stop`; prints `GROUP ID=ROLE@HOST:PORT` per group (the
     router's `--group` syntax), then `READY`."""
-    groups = await start_local_groups(config, Metrics(), restart_after_s=restart_after_s)
+    groups = await start_inprocess_groups(config, Metrics(), restart_after_s=restart_after_s)
     try:
         for g in groups:
             a = g.group_address
@@ -155,7 +126,7 @@ async def serve_groups(config: ServingConfig, stop: asyncio.Event, restart_after
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m k2serve.router.local", description=(
+    ap = argparse.ArgumentParser(prog="python -m k2serve.worker.parallel.inproc_group", description=(
         "Worker groups in one process, outliving any router (no Ray: the router's P/D decode re-prefills)."))
     ap.add_argument("--config", required=True, help="serving config (YAML or JSON); its faults apply here")
     ap.add_argument("--restart-after", type=float, default=None, metavar="S",
@@ -164,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     config = ServingConfig.load(args.config)
 
     async def go() -> None:
-        from k2serve.router.serve import stop_on_signals
-
         await serve_groups(config, stop_on_signals(), args.restart_after)
 
     asyncio.run(go())

@@ -23,23 +23,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 
+from k2serve.groups import Role
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_from_proto
 from k2serve.faults import GroupFaults
-from k2serve.worker.engine.blocks import ROOT_HASH, hash_block_tokens
+from k2serve.k2format.block_hash import ROOT_HASH, hash_block_tokens
 from k2serve.worker.engine.engine import KVHandoff, KVHandoffLost, TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-Role = Literal["prefill", "decode", "both"]
 KV_FETCH_TIMEOUT_S = 10.0
 
 
@@ -103,6 +103,8 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         self._server: grpc.aio.Server | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self.failed: str | None = None  # set when the engine broke; Health reports it
+        if metrics is not None:
+            metrics.init_group(role, group_id)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
