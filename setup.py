@@ -11,5 +11,6 @@ for name, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=FOLDERS,
-    package_data={"": ["*.json", "*.jinja", "*.proto", "*.yaml", "py.typed"]},
+    # weights/*: the shipped builtin:tiny-k2-agent checkpoint and tokenizer (worker/agent_model/weights)
+    package_data={"": ["*.json", "*.jinja", "*.proto", "*.yaml", "py.typed", "weights/*"]},
 )

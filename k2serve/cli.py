@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "up": ("k2serve.router.up", "main", "run the whole stack locally (Ray, prefill + decode groups, router, HTTP)"),
     "pools": ("k2serve.worker.parallel.pools", "main", "run the pool controller (a Ray driver)"),
     "chat": ("k2serve.router.chat", "main", "send one chat request; print thinking, tool calls and answer"),
+    "agent": ("k2serve.router.agent", "main", "run a task with the demo tools; print thinking, calls, answer"),
     "quantize": ("k2serve.worker.quantize", "main", "bf16 HF checkpoint -> INT4 pack-quantized (K2 layout)"),
     "crd": ("k2serve.operator.crd", "main", "print the K2Deployment CRD YAML"),
     "operator": ("k2serve.operator.run", "main", "run the kopf operator"),

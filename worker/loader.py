@@ -24,6 +24,7 @@ from k2serve.worker.model.config import K2Config
 from k2serve.worker.quant.moe import ExpertShard
 
 BUILTIN_TINY = "builtin:tiny-k2"
+BUILTIN_AGENT = "builtin:tiny-k2-agent"  # trained, shipped in the repository (worker/agent_model/weights)
 _FLOAT32_TENSORS = ("e_score_correction_bias",)  # routing ties are decided by this bias: never round it
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -218,8 +219,12 @@ def resolve_model(source: str, cache_dir: str | Path | None = None) -> Path:
         from k2serve.worker.tiny import ensure_tiny
 
         return ensure_tiny(Path(cache_dir) if cache_dir is not None else None)
+    if source == BUILTIN_AGENT:
+        from k2serve.worker.agent_model.builtin import agent_model_dir
+
+        return agent_model_dir()
     if source.startswith("builtin:"):
-        raise ValueError(f"unknown built-in model {source!r} (available: {BUILTIN_TINY})")
+        raise ValueError(f"unknown built-in model {source!r} (available: {BUILTIN_TINY}, {BUILTIN_AGENT})")
     if source.startswith("file://"):
         source = source[len("file://"):]
     elif "://" in source:
