@@ -15,20 +15,13 @@ import operator
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from importlib import resources
 from typing import Any
 
-# Schemas as short as the model needs (the declaration is part of every prompt): the demo's `tools` file.
-DEMO_TOOLS: list[dict[str, Any]] = [
-    {"type": "function", "function": {"name": "calculator", "parameters": {
-        "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}},
-    {"type": "function", "function": {"name": "weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-    {"type": "function", "function": {"name": "convert", "parameters": {
-        "type": "object", "properties": {"value": {"type": "string"}, "to": {"type": "string"}},
-        "required": ["value", "to"]}}},
-    {"type": "function", "function": {"name": "next", "parameters": {
-        "type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}}},
-]
+# Schemas as short as the model needs (the declaration is part of every prompt). The file is also what
+# `k2serve chat --tools k2serve/demo_tools.json` sends.
+DEMO_TOOLS: list[dict[str, Any]] = json.loads(
+    resources.files("k2serve").joinpath("demo_tools.json").read_text(encoding="utf-8"))
 
 CONDITIONS = ("sunny", "rainy", "windy", "cloudy", "snowy", "foggy")
 # unit -> (target unit, factor); the conversions the demo knows.

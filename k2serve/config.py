@@ -23,6 +23,9 @@ GROUP_REGISTRY_ACTOR = "k2serve-registry"
 POOL_METRICS_PORT = 9400
 
 
+# What `k2serve up` serves when given neither --model nor a config: the trained agent shipped in the repository.
+UP_DEFAULT_MODEL = "builtin:tiny-k2-agent"
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import math
 import os
 
-from k2serve.config import ServingConfig
+from k2serve.config import CONFIG_ENV, UP_DEFAULT_MODEL, ServingConfig
 from k2serve.cpu_binding import bind_tree
 from k2serve.localray import init_local_ray
 from k2serve.router.directory import RegistryDirectory
@@ -29,6 +29,9 @@ def build_config(args: argparse.Namespace) -> ServingConfig:
     data = config.model_dump()
     if args.model:
         data["model"]["source"] = args.model
+    elif not args.config and not os.environ.get(CONFIG_ENV):
+        # No config at all: serve the trained agent, so that `k2serve up` then `k2serve agent` answers.
+        data["model"]["source"] = UP_DEFAULT_MODEL
     data["router"]["http_port"] = args.port if args.port is not None else data["router"]["http_port"]
     data["router"]["host"] = args.host or data["router"]["host"]
     if args.aggregated:
@@ -92,7 +95,8 @@ async def run(config: ServingConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve up", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="model directory or builtin:tiny-k2 (default: the config's)")
+    ap.add_argument("--model", help="model directory, builtin:tiny-k2-agent or builtin:tiny-k2 (default: the "
+                    "config's; without a config builtin:tiny-k2-agent)")
     ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
     ap.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")
