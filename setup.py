@@ -11,5 +11,6 @@ for name, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=FOLDERS,
-    package_data={"": ["*.json", "*.jinja", "*.proto", "*.yaml", "py.typed"]},
+    # models/*/*: the shipped builtin:tiny-k2-agent checkpoint and tokenizer (k2serve/k2format/models)
+    package_data={"": ["*.json", "*.jinja", "*.proto", "*.yaml", "py.typed", "models/*/*"]},
 )

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "up": ("k2serve.stack.up", "main", "run the whole stack locally (Ray, prefill + decode groups, router, HTTP)"),
     "pools": ("k2serve.worker.parallel.pools", "main", "run the pool controller (a Ray driver) on a Ray cluster"),
     "chat": ("k2serve.router.chat", "main", "send one chat request; print thinking, tool calls and answer"),
+    "agent": ("k2serve.router.agent", "main", "run a task with the demo tools; print thinking, calls, answer"),
     "quantize": ("k2serve.worker.quantize", "main", "bf16 HF checkpoint -> INT4 pack-quantized (K2 layout)"),
     "crd": ("k2serve.operator.crd", "main", "print the K2Deployment CRD YAML"),
     "operator": ("k2serve.operator.run", "main", "run the kopf operator"),
@@ -23,11 +24,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "config": ("k2serve.config_example", "main", "print a serving config with every field and what it means"),
     "bench": ("k2serve.bench_cli", "main", "run a benchmark from bench/"),
 }
-
-
-def summary(doc: str | None) -> str:
-    """A module docstring's first paragraph as one line: the description a subcommand's --help shows."""
-    return " ".join((doc or "").split("\n\n")[0].split())
 
 
 def usage() -> str:

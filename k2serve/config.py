@@ -42,6 +42,9 @@ def state_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "k2serve"
 
 
+# What `k2serve up` serves when given neither --model nor a config: the trained agent shipped in the repository.
+UP_DEFAULT_MODEL = "builtin:tiny-k2-agent"
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from k2serve.cli import summary
 from k2serve.config import ServingConfig
+from k2serve.helptext import summary
 
 WIDTH = 110
 

@@ -15,8 +15,8 @@ from typing import Any, TextIO
 
 import httpx
 
-from k2serve.cli import summary
 from k2serve.errors import UserError
+from k2serve.helptext import summary
 from k2serve.terminal import printable
 
 

@@ -70,7 +70,7 @@ def test_up_with_a_config_syntax_error_names_file_and_line(tmp_path: Path) -> No
 
 
 def test_up_with_the_port_in_use_fails_before_ray(tmp_path: Path, busy_port: int) -> None:
-    proc = k2serve("up", "--port", str(busy_port), cwd=tmp_path)
+    proc = k2serve("up", "--model", "builtin:tiny-k2", "--port", str(busy_port), cwd=tmp_path)
     assert_user_error(proc, f"port {busy_port}", "in use", "--port")
     assert "Ray" not in proc.stdout
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from k2serve.cli import summary
+from k2serve.helptext import summary
 from k2serve.worker.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     EXPERT_MODULE_RE,

@@ -4,6 +4,9 @@ Hugging Face's `apply_chat_template` renders them, so a model folder's own templ
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -109,6 +112,24 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def sort_keys_deep(value: Any) -> Any:
+    """`value` with every dict's keys sorted, at every depth: K2's tokenizer (`tokenization_kimi.py`) sorts the
+    tools this way before rendering, so the declaration's bytes do not depend on the client's key order."""
+    if isinstance(value, dict):
+        return {k: sort_keys_deep(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [sort_keys_deep(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered prompt: `content` pieces are a user/system/tool message's text, which is tokenized
+    as text (special-token strings in it stay text); the rest is the template's structure."""
+    text: str
+    content: bool
+
+
 def _raise_exception(message: str) -> NoReturn:
     raise ChatTemplateError(f"chat template refused the request: {message}")
 
@@ -150,12 +171,44 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> str:
+        return self._render(validate_messages(messages), tools, add_generation_prompt)
+
+    def render_segments(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                        add_generation_prompt: bool = True) -> list[Segment]:
+        """The rendered prompt cut into structure and message content. Each user/system/tool content string is
+        wrapped in a one-off marker before rendering and found again afterwards, so whatever the template does
+        around it, the content's own characters are known."""
         checked = validate_messages(messages)
+        nonce = secrets.token_hex(8)
+        start, end = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+        for message in checked:
+            if message["role"] == "assistant" or message.get("content") is None:
+                continue
+            if isinstance(message["content"], str):
+                message["content"] = start + message["content"] + end
+            else:
+                for part in message["content"]:
+                    part["text"] = start + part["text"] + end
+        rendered = self._render(checked, tools, add_generation_prompt)
+        segments: list[Segment] = []
+        at = 0
+        for found in re.finditer(f"{re.escape(start)}(.*?){re.escape(end)}", rendered, flags=re.DOTALL):
+            segments += [Segment(rendered[at:found.start()], False), Segment(found.group(1), True)]
+            at = found.end()
+        segments.append(Segment(rendered[at:], False))
+        if any(nonce in s.text for s in segments):
+            raise ChatTemplateError(f"{self.source}: the template cut a message's content apart; its text cannot "
+                                    "be told from the template's structure")
+        return [s for s in segments if s.text]
+
+    def _render(self, checked: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                add_generation_prompt: bool) -> str:
         if tools:
             validate_tools(tools)
         try:
-            # Tools go in exactly as the client wrote them: their JSON is what the model reads.
-            return self._template.render(messages=checked, tools=tools or None,
+            # Keys sorted at every depth, as K2's own pipeline does: the declaration is the same whatever order
+            # the client wrote them in.
+            return self._template.render(messages=checked, tools=sort_keys_deep(tools) if tools else None,
                                          add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.source}: rendering failed: {e}") from None

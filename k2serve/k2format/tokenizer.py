@@ -203,8 +203,22 @@ class K2Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids as K2 serving builds them: the rendered template, specials as ids, no [BOS] added."""
-        return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt))
+        """Prompt ids as K2 serving builds them: the rendered template, no [BOS] added. Only the template's
+        structure produces special tokens: a special-token string inside a user, system or tool message's
+        content is encoded as plain text, as K2's own API does. Content without one is encoded together with
+        its surroundings, so such prompts get exactly the ids of the whole rendered string."""
+        ids: list[int] = []
+        pending = ""
+        for segment in self.chat_template.render_segments(messages, tools, add_generation_prompt):
+            if segment.content and self._holds_special(segment.text):
+                ids += self.encode(pending) + self.encode(segment.text, allow_special=False)
+                pending = ""
+            else:
+                pending += segment.text
+        return ids + self.encode(pending)
+
+    def _holds_special(self, text: str) -> bool:
+        return any(name in text for name in self.special_tokens)
 
 
 class IncrementalDecoder:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from k2serve.cli import summary
-from k2serve.config import ServingConfig
+from k2serve.config import CONFIG_ENV, UP_DEFAULT_MODEL, ServingConfig
 from k2serve.cpu_binding import bind_tree
 from k2serve.errors import UserError
+from k2serve.helptext import summary
 from k2serve.k2format.source import resolve_model
 from k2serve.localray import init_local_ray
 from k2serve.preflight import ensure_port_free
@@ -34,6 +34,9 @@ def build_config(args: argparse.Namespace) -> ServingConfig:
     data = config.model_dump()
     if args.model:
         data["model"]["source"] = args.model
+    elif not args.config and not os.environ.get(CONFIG_ENV):
+        # No config at all: serve the trained agent, so that `k2serve up` then `k2serve agent` answers.
+        data["model"]["source"] = UP_DEFAULT_MODEL
     data["router"]["http_port"] = args.port if args.port is not None else data["router"]["http_port"]
     data["router"]["host"] = args.host or data["router"]["host"]
     if args.aggregated:
@@ -111,7 +114,8 @@ async def run(config: ServingConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve up", description=summary(__doc__))
-    ap.add_argument("--model", help="model directory (Hugging Face layout) or builtin:tiny-k2 (default: the config's)")
+    ap.add_argument("--model", help="model directory (Hugging Face layout), builtin:tiny-k2-agent or builtin:tiny-k2 "
+                    "(default: the config's; without a config builtin:tiny-k2-agent)")
     ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
     ap.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")

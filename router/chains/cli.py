@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from k2serve.cli import summary
 from k2serve.config import ChainStoreConfig, ServingConfig
+from k2serve.helptext import summary
 from k2serve.router.chains.models import Chain, ChainSummary
 from k2serve.router.chains.store import ChainStore, ChainStoreError, open_store
 

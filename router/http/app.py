@@ -147,8 +147,9 @@ class _Api:
     async def _respond(self, request: Request, body: om.SamplingRequest, gen: Generation, *, chat: bool,
                        top: int | None, created: int, resume_at: int) -> Response:
         tokenizer = self.core.tokenizer
+        tools = body.template_tools() if isinstance(body, om.ChatCompletionRequest) else None
         asm = TurnAssembler(tokenizer, stop_token_ids=set(tokenizer.eos_ids), stop_strings=body.stop_strings,
-                            chat=chat, top_logprobs=top)
+                            chat=chat, top_logprobs=top, tools=tools)
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{gen.chain_id}-{gen.turn}"
         model = self.core.model_name
         headers = {CHAIN_HEADER: gen.chain_id}

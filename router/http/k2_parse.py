@@ -7,11 +7,18 @@ Format (K2-FORMAT.md): `[<think>]reasoning</think>content<|tool_calls_section_be
 functions.NAME:IDX<|tool_call_argument_begin|>{json}<|tool_call_end|>...<|tool_calls_section_end|>`; reasoning
 also ends at the section begin. A call whose id is bad, that lacks the argument marker, or that the output cuts
 off before its arguments start is kept as content text; arguments are passed through even when not valid JSON.
+
+Newer K2 releases also emit ids without the function name: a bare counter (`0`), or a client-style id copied
+from the history (`call_3`, `functions_get_weather_1`). Given the request's tools, as vLLM and SGLang do, the
+parser names such a call after its arguments are complete: the only tool, else the one tool whose schema takes
+exactly those argument keys (every key declared, every required key present). Such a call's deltas come out at
+its end, in one piece; one that no tool fits is kept as content text.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +32,7 @@ ARG_BEGIN = "<|tool_call_argument_begin|>"
 CALL_END = "<|tool_call_end|>"
 
 _CALL_ID = re.compile(r"\s*([^<]+:\d+)\s*")
+_SANITISED_ID = re.compile(r"functions_(.+)_\d+")  # functions.NAME:IDX as clients restricted to [\w-] echo it
 
 
 class _State(enum.Enum):
@@ -103,6 +111,31 @@ def _call_name(call_id: str) -> str:
     return call_id.split(":")[0].split(".")[-1]
 
 
+def _tool_schemas(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """name -> parameters schema of the request's function tools."""
+    out: dict[str, dict[str, Any]] = {}
+    for tool in tools or []:
+        function = tool.get("function") or {}
+        if isinstance(function.get("name"), str):
+            out[function["name"]] = function.get("parameters") or {}
+    return out
+
+
+def _infer_name(arguments: str, schemas: dict[str, dict[str, Any]]) -> str | None:
+    """The tool a nameless call is for: the only one, else the one whose schema fits the argument keys."""
+    if len(schemas) == 1:
+        return next(iter(schemas))
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(args, dict):
+        return None
+    fits = [name for name, schema in schemas.items()
+            if set(args) <= set(schema.get("properties") or {}) and set(schema.get("required") or []) <= set(args)]
+    return fits[0] if len(fits) == 1 else None
+
+
 def _held_tail(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest tail of `text` that is a proper prefix of one of `markers`."""
     longest = min(len(text), max(len(m) for m in markers) - 1)
@@ -116,7 +149,10 @@ def _held_tail(text: str, markers: tuple[str, ...]) -> int:
 class K2StreamParser:
     """Feed text deltas as they are detokenized; each call returns the OpenAI deltas that are now certain."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        self._schemas = _tool_schemas(tools)
+        self._pending_id: str | None = None  # a nameless call whose arguments are being collected
+        self._pending_args = ""
         self._state = _State.START
         self._buffer = ""
         self._call_id_text = ""
@@ -134,6 +170,7 @@ class K2StreamParser:
         self._drain(final=True)
         if self._state is _State.CALL_ID:
             self._emit(StreamDelta(content=CALL_BEGIN + self._call_id_text))
+        self._settle_pending(closed=False)
         self._state = _State.CONTENT
         return self._take()
 
@@ -170,6 +207,8 @@ class K2StreamParser:
             self._emit(StreamDelta(content=text))
         elif state is _State.CALL_ID:
             self._call_id_text += text
+        elif state is _State.CALL_ARGS and self._pending_id is not None:
+            self._pending_args += text
         elif state is _State.CALL_ARGS:
             self._arguments(text)
         # Text in a section between calls is stray output; like vLLM's parser we drop it.
@@ -186,6 +225,8 @@ class K2StreamParser:
 
     def _marker(self, marker: str) -> None:
         state = self._state
+        if state is _State.CALL_ARGS:
+            self._settle_pending(closed=marker == CALL_END)
         if state is _State.CALL_ID:
             self._end_call_id(marker)
         elif marker == THINK_END:
@@ -205,10 +246,15 @@ class K2StreamParser:
         raw = self._call_id_text
         match = _CALL_ID.fullmatch(raw)
         if marker == ARG_BEGIN and match and _call_name(match.group(1)):
-            call_id = match.group(1)
-            self._emit(StreamDelta(tool_call=ToolCallDelta(self._calls, "", call_id, _call_name(call_id))))
-            self._calls += 1
-            self._args_started, self._args_blank_tail = False, ""
+            self._start_call(match.group(1), _call_name(match.group(1)))
+            return
+        call_id = raw.strip()
+        sanitised = _SANITISED_ID.fullmatch(call_id)
+        if marker == ARG_BEGIN and sanitised and sanitised.group(1) in self._schemas:
+            self._start_call(call_id, sanitised.group(1))
+            return
+        if marker == ARG_BEGIN and call_id and self._schemas:
+            self._pending_id, self._pending_args = call_id, ""
             self._state = _State.CALL_ARGS
             return
         # Malformed: the call's text so far goes out as content, markers and all.
@@ -217,6 +263,25 @@ class K2StreamParser:
         self._state = {ARG_BEGIN: _State.BAD_CALL, CALL_END: _State.SECTION, SECTION_END: _State.CONTENT,
                        CALL_BEGIN: _State.CALL_ID}[marker]
         self._call_id_text = ""
+
+    def _start_call(self, call_id: str, name: str) -> None:
+        self._emit(StreamDelta(tool_call=ToolCallDelta(self._calls, "", call_id, name)))
+        self._calls += 1
+        self._args_started, self._args_blank_tail = False, ""
+        self._state = _State.CALL_ARGS
+
+    def _settle_pending(self, closed: bool) -> None:
+        """A nameless call's arguments are complete: name it from the tools, or keep its text as content."""
+        call_id, self._pending_id = self._pending_id, None
+        if call_id is None:
+            return
+        name = _infer_name(self._pending_args.strip(), self._schemas)
+        if name is None:
+            self._emit(StreamDelta(content=CALL_BEGIN + self._call_id_text + ARG_BEGIN + self._pending_args
+                                   + (CALL_END if closed else "")))
+            return
+        self._start_call(call_id, name)
+        self._arguments(self._pending_args)
 
     def _emit(self, delta: StreamDelta) -> None:
         if not (delta.reasoning_content or delta.content or delta.tool_call):
@@ -251,6 +316,6 @@ def merge_deltas(deltas: list[StreamDelta]) -> ParsedOutput:
     return ParsedOutput(reasoning or None, content or None, tool_calls)
 
 
-def parse_k2_output(text: str) -> ParsedOutput:
-    parser = K2StreamParser()
+def parse_k2_output(text: str, tools: list[dict[str, Any]] | None = None) -> ParsedOutput:
+    parser = K2StreamParser(tools)
     return merge_deltas(parser.feed(text) + parser.finish())

@@ -25,6 +25,9 @@ def chat_prompt(tokenizer: K2Tokenizer, req: ChatCompletionRequest) -> list[int]
 
 
 def completion_prompt(tokenizer: K2Tokenizer, req: CompletionRequest) -> list[int]:
+    """The rule for /v1/completions: a text prompt is text (special-token strings in it stay text, as in chat
+    content); a token-id prompt goes to the model as given, special ids included, since a client that sends ids
+    has built the structure itself. Only ids outside the vocabulary are refused."""
     prompt = req.single_prompt()
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, allow_special=False)

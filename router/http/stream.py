@@ -72,12 +72,13 @@ class TurnAssembler:
     """Feeds one turn's tokens, in index order, through detokenizer → stop strings → (chat) K2 parser."""
 
     def __init__(self, tokenizer: K2Tokenizer, *, stop_token_ids: set[int], stop_strings: list[str],
-                 chat: bool, top_logprobs: int | None) -> None:
+                 chat: bool, top_logprobs: int | None, tools: list[dict[str, Any]] | None = None) -> None:
         self._tokenizer = tokenizer
         self._decoder = tokenizer.incremental_decoder(skip_special=False)  # K2 markers are special tokens
         self._stop_ids = stop_token_ids
         self._stops = StopStrings(stop_strings)
-        self._parser = K2StreamParser() if chat else None
+        # The request's tools name calls whose id lacks the function name (see k2_parse).
+        self._parser = K2StreamParser(tools) if chat else None
         self._top_logprobs = top_logprobs  # None: no logprobs at all
         self._call_deltas: list[StreamDelta] = []
         self.generated = 0  # tokens consumed, stop tokens included (usage counts them, as vLLM does)

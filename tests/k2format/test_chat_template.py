@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from k2serve.k2format.chat_template import ChatTemplate, ChatTemplateError
+from k2serve.k2format.chat_template import ChatTemplate, ChatTemplateError, sort_keys_deep
 
 SYSTEM = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 GEN = "<|im_assistant|>assistant<|im_middle|>"
@@ -46,9 +46,10 @@ def test_multi_turn_tool_conversation_renders_exactly(template: ChatTemplate) ->
         {"role": "tool", "tool_call_id": "functions.get_weather:1", "content": "25C"},
         {"role": "tool", "tool_call_id": "functions.get_weather:2", "content": "3C\nwindy"},
     ]
-    tools_json = ('[{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a '
-                  'city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, '
-                  '"required": ["city"]}}}]')
+    # Keys sorted at every depth and compact separators, as K2's own pipeline renders the declaration.
+    tools_json = ('[{"function":{"description":"Current weather in a city","name":"get_weather","parameters":'
+                  '{"properties":{"city":{"type":"string"}},"required":["city"],"type":"object"}},'
+                  '"type":"function"}]')
     expected = (
         f"<|im_system|>tool_declare<|im_middle|>{tools_json}<|im_end|>"
         "<|im_system|>system<|im_middle|>You are a weather bot.<|im_end|>"
@@ -155,7 +156,7 @@ def test_model_folder_template_wins(tmp_path: Path) -> None:
 def test_tojson_is_plain_json_as_in_hugging_face(template: ChatTemplate) -> None:
     tool = {"type": "function", "function": {"name": "echo", "description": "<b>&'ü</b>"}}
     text = template.render([{"role": "user", "content": "x"}], tools=[tool])
-    assert json.dumps([tool], ensure_ascii=False) in text
+    assert json.dumps(sort_keys_deep([tool]), ensure_ascii=False, separators=(",", ":")) in text
 
 
 def test_template_that_does_not_compile_names_its_source(tmp_path: Path) -> None:

@@ -119,3 +119,41 @@ def test_call_indices_continue_across_sections() -> None:
     assert [c.name for c in parsed.tool_calls] == ["a", "b"] and parsed.content == "mid"
     indices = [d.tool_call.index for d in stream(["</think>", text]) if d.tool_call]
     assert indices == [0, 1]
+
+
+def _tool(name: str, properties: list[str], required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {p: {"type": "string"} for p in properties}, "required": required}}}
+
+
+TOOLS = [_tool("get_weather", ["city", "unit"], ["city"]), _tool("calculator", ["expression"], ["expression"]),
+         _tool("convert", ["value", "unit"], ["value", "unit"])]
+NAMELESS = ("<think>r</think>" + SB + k2_call("0", '{"city": "Tokyo", "unit": "c"}')
+            + k2_call("call_3", ' {"expression": "1+2"} ') + k2_call("functions_convert_2", '{"value": "3"}')
+            + k2_call("toolu_01", '{"unit": "km"}') + SE)
+NAMELESS_PARSED = ParsedOutput("r", f'{CB}toolu_01{AB}{{"unit": "km"}}{CE}', [
+    ParsedToolCall("0", "get_weather", '{"city": "Tokyo", "unit": "c"}'),
+    ParsedToolCall("call_3", "calculator", '{"expression": "1+2"}'),
+    ParsedToolCall("functions_convert_2", "convert", '{"value": "3"}')])
+
+
+def test_nameless_ids_are_named_from_the_request_tools() -> None:
+    # bare counter and client-style id: named by the one schema their keys fit; a sanitised
+    # functions_NAME_IDX by its name; "unit" alone fits two tools, so that call stays text.
+    assert parse_k2_output(NAMELESS, TOOLS) == NAMELESS_PARSED
+    only = parse_k2_output(SB + k2_call("7", "not json") + SE, TOOLS[1:2])
+    assert only.tool_calls == [ParsedToolCall("7", "calculator", "not json")]
+    # without tools the old rule holds: a nameless id is content
+    assert parse_k2_output(SB + k2_call("0", "{}") + SE).tool_calls == []
+
+
+def test_nameless_calls_stream_the_same_at_every_split() -> None:
+    for cut in range(len(NAMELESS) + 1):
+        parser = K2StreamParser(TOOLS)
+        deltas = parser.feed(NAMELESS[:cut]) + parser.feed(NAMELESS[cut:]) + parser.finish()
+        assert merge_deltas(deltas) == NAMELESS_PARSED, cut
+
+
+def test_truncated_nameless_call_is_settled_at_the_end() -> None:
+    text = SB + k2_call("1", '{"expression": "2*3"}')[:-len(CE)]
+    assert parse_k2_output(text, TOOLS).tool_calls == [ParsedToolCall("1", "calculator", '{"expression": "2*3"}')]

@@ -23,9 +23,9 @@ import ray
 from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
 from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import FaultSpec, ServingConfig
-from k2serve.cli import summary
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
 from k2serve.errors import UserError
+from k2serve.helptext import summary
 from k2serve.localray import init_local_ray
 from k2serve.preflight import ensure_reachable
 from k2serve.worker.parallel.leader import GroupLeader, Pool

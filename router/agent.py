@@ -1,0 +1,65 @@
+"""`k2serve agent "TASK"`: a minimal agent over the OpenAI API of a running stack. It sends the task with the
+built-in demo tools (calculator, weather, convert, next), executes each call the model emits locally, and prints
+thinking, calls, results and the answer as they stream, until the model answers.
+
+Long chains keep the task plus a window of the most recent rounds (k2serve.agent_tools.windowed), as K2's own
+long-horizon runs manage context in the agent loop rather than in the model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, TextIO
+
+import httpx
+
+from k2serve.agent_loop import ExecutedCall, ModelTurn, run_agent
+from k2serve.agent_tools import Chain, DemoTools
+from k2serve.router.chat import stream_chat
+
+
+def http_completer(client: httpx.Client, model: str, max_tokens: int, out: TextIO) -> Any:
+    def complete(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelTurn:
+        body = {"model": model, "messages": messages, "tools": tools, "max_tokens": max_tokens, "temperature": 0}
+        result = stream_chat(client, body, out)
+        return ModelTurn(result["reasoning"], result["content"], result["tool_calls"])
+    return complete
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="k2serve agent", description=__doc__.splitlines()[0])
+    ap.add_argument("task")
+    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
+    ap.add_argument("--model", help="model name (default: the first in /v1/models)")
+    ap.add_argument("--max-tokens", type=int, default=200, help="per model turn")
+    ap.add_argument("--max-turns", type=int, default=400)
+    ap.add_argument("--chain", metavar="SEED:LINKS", help="set up the chain that `next` walks, e.g. demo:10")
+    ap.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"), help="bearer key ($K2SERVE_API_KEY)")
+    args = ap.parse_args(argv)
+    chain = None
+    if args.chain:
+        seed, _, links = args.chain.rpartition(":")
+        if not seed or not links.isdigit() or int(links) < 1:
+            print("k2serve agent: --chain wants SEED:LINKS with LINKS >= 1", file=sys.stderr)
+            return 2
+        chain = Chain(seed, int(links))
+        print(f"[chain] starts at {chain.start}", flush=True)
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+    def show(call: ExecutedCall) -> None:
+        print(f"[result {call.id}] {call.result}", flush=True)
+
+    try:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(600, connect=5)) as client:
+            model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+            run = run_agent(args.task, http_completer(client, model, args.max_tokens, sys.stdout), DemoTools(chain),
+                            args.max_turns, show)
+    except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
+        print(f"k2serve agent: {e}", file=sys.stderr)
+        return 1
+    if run.answer is None:
+        print(f"k2serve agent: no answer after {run.turns} turns", file=sys.stderr)
+        return 1
+    print(f"\n[answer after {len(run.calls)} calls] {run.answer}")
+    return 0
