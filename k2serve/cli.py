@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "operator": ("k2serve.operator.run", "main", "run the kopf operator"),
     "chains": ("k2serve.router.chains.cli", "main", "inspect durable reasoning chains"),
     "bench": ("k2serve.bench_cli", "main", "run a benchmark from bench/"),
+    "download": ("k2serve.download", "main", "download a model (hf://ORG/NAME[@REV]) into a folder, once"),
     "plan": ("k2serve.plan_cli", "main", "capacity plan: per-GPU bytes, KV budget, fit (no cluster needed)"),
 }
 
