@@ -28,8 +28,9 @@ COMPLETE_MARKER = ".k2serve-complete"
 PROGRESS_KEY = "progress.json"
 TOKEN_ENV = "HF_TOKEN"
 DEFAULT_REVISION = "main"
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-_SOURCE = re.compile(rf"hf://(?P<org>{_NAME})/(?P<name>{_NAME})(?:@(?P<revision>[A-Za-z0-9._/-]{{1,128}}))?")
+# Also the CRD's CEL rule for `spec.model.source` (RE2 there, re here: this pattern means the same in both).
+HUB_SOURCE_PATTERN = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?$"
+_SOURCE = re.compile(HUB_SOURCE_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,11 @@ class HubSource:
 
     @classmethod
     def parse(cls, source: str) -> "HubSource":
-        m = _SOURCE.fullmatch(source)
-        if not m or ".." in source:
+        if not _SOURCE.fullmatch(source) or ".." in source:
             raise ValueError(f"{source!r}: expected hf://ORG/NAME[@REVISION]")
-        return cls(m["org"], m["name"], m["revision"] or DEFAULT_REVISION)
+        repo, _, revision = source.removeprefix(HF_SCHEME).partition("@")
+        org, _, name = repo.partition("/")
+        return cls(org, name, revision or DEFAULT_REVISION)
 
     @property
     def repo_id(self) -> str:

@@ -51,6 +51,9 @@ BUILTINS = {
     "v1/configmaps": ("ConfigMap", True), "v1/services": ("Service", True),
     "apps/v1/deployments": ("Deployment", True), "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True),
     "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True),
+    "batch/v1/jobs": ("Job", True), "v1/serviceaccounts": ("ServiceAccount", True),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", True),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True),
 }
 VERBS = ["get", "list", "watch", "create", "patch", "delete"]
 

@@ -60,6 +60,7 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("prefill.expertParallel", {"model": {"experts": 384}, "prefill": {"expertParallel": 7}}),
     ("decode.expertParallel", {"model": {"experts": 16}, "decode": {"expertParallel": 3}}),
     ("prefill.groups", {"prefill": {"groups": 0}, "router": {"aggregated": False}}),
+    ("model.source", {"model": {"source": "hf://moonshotai/Kimi-K2-Thinking"}}),  # no PVC to download into
 ]
 
 
@@ -80,3 +81,16 @@ def test_defaults_make_rules_hold_on_an_empty_spec() -> None:
     """`has()` on unset optionals and defaulted sub-objects: an empty spec is valid."""
     assert failing({}) == []
     assert failing({"router": {"aggregated": True}, "prefill": {"groups": 0}}) == []
+
+
+@pytest.mark.parametrize(("source", "ok"), [
+    ("hf://moonshotai/Kimi-K2-Thinking", True), ("hf://moonshotai/Kimi-K2-Thinking@v1.0", True),
+    ("hf://org/name@refs/pr/3", True), ("Kimi-K2-Thinking", True), ("builtin:tiny-k2", True),
+    ("hf://only-org", False), ("hf://a/b/c", False), ("hf://a/b@", False), ("hf://a/b@../../x", False),
+    ("hf://a/b c", False),
+])
+def test_hub_source_rule_matches_the_download_parser(source: str, ok: bool) -> None:
+    """RE2 in the API server and `re` in the reconciler read the one pattern alike."""
+    spec = {"model": {"source": source, "pvc": "weights"}}
+    assert (failing(spec) == []) is ok
+    assert s.RULES[-1].holds(s.K2DeploymentSpec.model_construct(model=s.ModelSpec(source=source, pvc="weights"))) is ok
