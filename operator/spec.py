@@ -74,6 +74,8 @@ class PoolSpec(PoolConfig):
 
 class RouterSpec(_K8s):
     replicas: int = Field(2, ge=1, le=64, description="Router Deployment replicas.")
+    image: str | None = Field(None, description="Router pod image (e.g. the slim ghcr.io/k2serve/k2serve-router); "
+                              "default: spec.image.")
     routing_policy: RouterConfig.model_fields["routing_policy"].annotation = "prefix_load"  # type: ignore[valid-type]
     http_port: int = Field(HTTP_PORT, ge=1, le=65535, description="OpenAI-compatible HTTP and /metrics.")
     grpc_port: int = Field(GRPC_PORT, ge=1, le=65535, description="Router gRPC API.")
