@@ -125,11 +125,15 @@ def download(source: HubSource, root: Path, *, token: str | None = None, report:
 
 
 def configmap_reporter(namespace: str, name: str) -> Callable[[Progress], None]:
-    """Writes progress into ConfigMap `name` (the operator created it; the Job's Role may patch only it)."""
+    """Writes progress into ConfigMap `name` (the operator created it; the Job's Role may patch only it).
+    In a pod: its ServiceAccount; elsewhere: $KUBECONFIG."""
     import kubernetes.client
     import kubernetes.config
 
-    kubernetes.config.load_incluster_config()
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
     api = kubernetes.client.CoreV1Api()
 
     def report(progress: Progress) -> None:

@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers.hub_server import Hub, serve_hub
+from helpers.kmock_cluster import running_emulator
 from helpers.up import stop, wait_for_line
 
-from k2serve.download import COMPLETE_MARKER, MODEL_FILES, HubSource, Progress
+from k2serve.download import COMPLETE_MARKER, MODEL_FILES, PROGRESS_KEY, HubSource, Progress
+from k2serve.operator.kube import CONFIGMAP
 from k2serve.worker.loader import resolve_model
 
 REPO = "moonshotai/Tiny-K2"
@@ -80,6 +82,23 @@ def test_download_fetches_only_serving_files_with_progress(model_repo: Path, tmp
 
         missing = run_download(hub, tmp_path, f"hf://{REPO}@no-such-revision")
         assert missing.returncode == 1 and "no-such-revision" in missing.stderr
+
+
+def test_progress_reaches_the_operators_configmap(model_repo: Path, tmp_path: Path) -> None:
+    """What the Job does in a cluster: progress patched into the ConfigMap the operator reads for ModelReady."""
+    with running_emulator(tmp_path) as (cluster, kubeconfig, _), serve_hub(model_repo, REPO, TOKEN) as hub:
+        cluster.kube._call("POST", CONFIGMAP.path("default"), body={
+            "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "k2-model-progress", "namespace": "default"}})
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
+               "KUBECONFIG": str(kubeconfig)}
+        done = subprocess.run([sys.executable, "-P", "-m", "k2serve.cli", "download", f"hf://{REPO}", "--root",
+                               str(tmp_path / "models"), "--progress-configmap", "default/k2-model-progress"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        data = cluster.kube.get(CONFIGMAP, "default", "k2-model-progress")["data"]
+    total = sum(p.stat().st_size for p in (tmp_path / "models" / REPO / "main").iterdir()
+                if p.is_file() and p.name != COMPLETE_MARKER)
+    assert Progress.from_json(data[PROGRESS_KEY]) == Progress(total, total, done=True)
 
 
 def test_patterns_name_what_the_loader_reads() -> None:
