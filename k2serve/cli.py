@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chains": ("k2serve.router.chains.cli", "main", "inspect durable reasoning chains"),
     "config": ("k2serve.config_example", "main", "print a serving config with every field and what it means"),
     "bench": ("k2serve.bench_cli", "main", "run a benchmark from bench/"),
+    "download": ("k2serve.download", "main", "download a model (hf://ORG/NAME[@REV]) into a folder, once"),
+    "plan": ("k2serve.plan_cli", "main", "capacity plan: per-GPU bytes, KV budget, fit (no cluster needed)"),
 }
 
 

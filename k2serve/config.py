@@ -52,6 +52,7 @@ class _Strict(BaseModel):
 class ModelSource(_Strict):
     source: str = Field(
         "builtin:tiny-k2",
+        max_length=1024,
         description="`builtin:tiny-k2`, a local directory in Hugging Face layout (e.g. a PVC mount), or a URI.",
     )
     quantization: Literal["auto", "int4", "bf16"] = Field(

@@ -15,9 +15,12 @@ from pydantic import ValidationError
 from k2serve.metrics import Metrics
 from k2serve.operator import kube as k
 from k2serve.operator import pods
+from k2serve.operator.capacity_gate import check_capacity
+from k2serve.operator.download_job import (ModelVerdict, hub_source, job_name, model_verdict, progress_name,
+                                           render_download)
 from k2serve.operator.render import render_children
 from k2serve.operator.spec import GROUP, PLURAL, VERSION, K2DeploymentSpec, K2DeploymentStatus
-from k2serve.operator.status import Observed, compute_status, invalid_status
+from k2serve.operator.status import Observed, Wanted, blocked_status, compute_status, invalid_status, with_conditions
 
 FINALIZER = "k2serve.io/operator"
 
@@ -44,8 +47,14 @@ def _converge(kube: k.Kube, child: dict[str, Any]) -> str | None:
     meta = child["metadata"]
     existing = kube.get(ref, meta["namespace"], meta["name"])
     if existing is None:
-        kube.create(child)
-        return f"created {child['kind']} {meta['name']}"
+        try:
+            kube.create(child)
+            return f"created {child['kind']} {meta['name']}"
+        except k.KubeError as e:
+            if e.status != 409:
+                raise
+        # AlreadyExists: a concurrent reconcile of the same CR (kopf runs the timer beside change handlers).
+        existing = kube.get(ref, meta["namespace"], meta["name"]) or {}
     wanted = {key: value for key, value in child.items() if key not in ("apiVersion", "kind", "status")}
     if covers(existing, wanted):
         return None
@@ -77,10 +86,25 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
         patch.status.update(status.model_dump(by_alias=True, mode="json"))
         return status
 
+    capacity = check_capacity(spec)
+    schedulable: Wanted = ("Schedulable", capacity.fits, capacity.reason, capacity.message)
+    if capacity.fits is False:  # refused before any child (so any pod) exists
+        status = blocked_status(capacity.reason, capacity.message, generation, previous, [schedulable])
+        if _reason(previous, "Schedulable") != capacity.reason or previous.observed_generation != generation:
+            kopf.warn(body, reason="Unschedulable", message=capacity.message)
+        logger.warning("unschedulable: %s", capacity.message)
+        patch.status.update(status.model_dump(by_alias=True, mode="json"))
+        return status
+
     kuberay = kube.served(k.RAYCLUSTER)
-    children = render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR))
-    if not kuberay:
+    model = _observe_model(kube, name, namespace, spec)
+    children = [*render_download(name, namespace, spec),
+                *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR))]
+    if not kuberay or not model.ready:  # worker groups start only once the model is in place
         children = [c for c in children if c["kind"] != "RayCluster"]
+    if not model.ready and kube.get(k.CONFIGMAP, namespace, pods.config_name(name)):
+        # A new revision downloading: running workers keep reading the folder they were started on.
+        children = [c for c in children if c["metadata"]["name"] != pods.config_name(name)]
     kopf.adopt(children, owner=body)
     for child in children:
         if done := _converge(kube, child):
@@ -89,6 +113,10 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
         kopf.warn(body, reason="KubeRayMissing", message="RayCluster CRD (ray.io/v1) not installed; install KubeRay")
 
     status = compute_status(name, namespace, spec, generation, _observe(kube, name, namespace, kuberay), previous)
+    status = with_conditions(status, previous, [("ModelReady", model.ready, model.reason, model.message), schedulable],
+                             generation, model=model.status)
+    if model.ready and _reason(previous, "ModelReady") == "Downloading":
+        kopf.info(body, reason="ModelReady", message=model.message)
     if status.phase != previous.phase:
         kopf.info(body, reason=status.phase, message=f"phase {previous.phase} -> {status.phase}")
     patch.status.update(status.model_dump(by_alias=True, mode="json"))
@@ -96,6 +124,13 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
 
 
 _STATUS_KEYS = {f.alias or n for n, f in K2DeploymentStatus.model_fields.items()}
+
+
+def _observe_model(kube: k.Kube, name: str, namespace: str, spec: K2DeploymentSpec) -> ModelVerdict:
+    if hub_source(spec) is None:
+        return model_verdict(spec, None, None)
+    job = kube.get(k.JOB, namespace, job_name(name, spec.model.source))
+    return model_verdict(spec, job, kube.get(k.CONFIGMAP, namespace, progress_name(name)))
 
 
 def _reason(status: K2DeploymentStatus, condition: str) -> str | None:
@@ -106,7 +141,11 @@ def delete_children(kube: k.Kube, body: kopf.Body) -> list[str]:
     """Deletes every child this operator may have made (whatever the spec says now); absent ones are fine."""
     name, namespace = body.metadata.name, body.metadata.namespace
     gone = []
-    for child in render_children(name, namespace, K2DeploymentSpec(), service_monitor=True):
+    try:  # the download's children are named after the source: only the spec knows them
+        download = render_download(name, namespace, K2DeploymentSpec.model_validate(dict(body.spec)))
+    except ValidationError:
+        download = []
+    for child in [*render_children(name, namespace, K2DeploymentSpec(), service_monitor=True), *download]:
         ref = k.ref_of(child)
         if (ref != k.RAYCLUSTER or kube.served(ref)) and (ref != k.SERVICEMONITOR or kube.served(ref)):
             if kube.delete(ref, namespace, child["metadata"]["name"]):

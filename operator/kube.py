@@ -43,8 +43,12 @@ PDB = Ref("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 NETWORKPOLICY = Ref("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 RAYCLUSTER = Ref("ray.io", "v1", "rayclusters", "RayCluster")
 SERVICEMONITOR = Ref("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor")
+JOB = Ref("batch", "v1", "jobs", "Job")
+SERVICEACCOUNT = Ref("", "v1", "serviceaccounts", "ServiceAccount")
+ROLE = Ref("rbac.authorization.k8s.io", "v1", "roles", "Role")
+ROLEBINDING = Ref("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 CHILD_REFS: dict[str, Ref] = {r.kind: r for r in (CONFIGMAP, SERVICE, DEPLOYMENT, PDB, NETWORKPOLICY, RAYCLUSTER,
-                                                  SERVICEMONITOR)}
+                                                  SERVICEMONITOR, JOB, SERVICEACCOUNT, ROLE, ROLEBINDING)}
 
 
 class KubeError(RuntimeError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from k2serve.config import CONFIG_ENV, ChainStoreConfig, PoolConfig, RouterConfig, ServingConfig
+from k2serve.download import HubSource, is_hub_source
 from k2serve.operator.spec import K2DeploymentSpec, PoolSpec, Resources
 
 CONFIG_DIR = "/etc/k2serve"
@@ -56,7 +57,9 @@ def _pool_config(pool: str, spec: PoolSpec) -> PoolConfig:
 def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
     """What router and workers read from the ConfigMap: the CR's serving knobs with in-pod paths and ports."""
     model = spec.model.model_dump(include=set(ServingConfig.model_fields["model"].annotation.model_fields))
-    if spec.model.pvc and not spec.model.source.startswith(("builtin:", "/")) and "://" not in spec.model.source:
+    if is_hub_source(spec.model.source):  # the download Job's folder for this revision
+        model["source"] = f"{MODEL_DIR}/{HubSource.parse(spec.model.source).folder}"
+    elif spec.model.pvc and not spec.model.source.startswith(("builtin:", "/")) and "://" not in spec.model.source:
         model["source"] = f"{MODEL_DIR}/{spec.model.source}"
     r = spec.router
     router = RouterConfig(

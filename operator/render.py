@@ -32,7 +32,7 @@ def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) 
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
     container = {
         "name": "router",
-        "image": spec.image,
+        "image": r.image or spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["python", "-m", "k2serve.router.process", "--config", pods.CONFIG_PATH],
         # The router finds the worker groups in the pool controller's registry, over Ray Client to the head.

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic.alias_generators import to_camel
 
 from k2serve.config import ChainStoreConfig, ModelSource, PoolConfig, RouterConfig
+from k2serve.download import HUB_SOURCE_PATTERN, HubSource, is_hub_source
 
 GROUP = "k2serve.io"
 VERSION = "v1alpha1"
@@ -60,7 +61,10 @@ class ModelSpec(ModelSource):
     experts: int | None = Field(
         None, ge=1, description="Routed experts per MoE layer, when known (384 for Kimi K2); EP must divide it."
     )
-    pvc: str | None = Field(None, description="PersistentVolumeClaim mounted read-only at /models holding `source`.")
+    pvc: str | None = Field(None, description="PersistentVolumeClaim mounted read-only at /models holding `source`; "
+                            "for an `hf://` source the operator's download Job fills it first.")
+    hf_token_secret: SecretKeyRef | None = Field(None, description="Secret key holding a Hugging Face token, for "
+                                                 "gated or private `hf://` sources.")
 
 
 class PoolSpec(PoolConfig):
@@ -80,6 +84,8 @@ def _router_spec() -> type[_K8s]:
                               if name not in ROUTER_POD_FIELDS}
     fields |= {
         "replicas": (int, Field(2, ge=1, le=64, description="Router Deployment replicas.")),
+        "image": (str | None, Field(None, description="Router pod image (e.g. the slim ghcr.io/k2serve/k2serve-router); "
+                                    "default: spec.image.")),
         "http_port": (int, Field(HTTP_PORT, ge=1, le=65535, description="OpenAI-compatible HTTP and /metrics.")),
         "grpc_port": (int, Field(GRPC_PORT, ge=1, le=65535, description="Router gRPC API.")),
         "api_key_secret": (SecretKeyRef | None,
@@ -131,6 +137,8 @@ class K2DeploymentSpec(_K8s):
     tolerations: list[Toleration] = Field(default_factory=list)
     affinity: dict[str, Any] | None = Field(None, description="A Kubernetes Affinity, applied to every pod.")
     priority_class_name: str | None = None
+    gpu_memory: str | None = Field(None, description="Memory of one GPU (a quantity, e.g. `80Gi`) for the capacity "
+                                   "check; default: from nodeSelector `nvidia.com/gpu.product`.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "K2DeploymentSpec":
@@ -155,6 +163,16 @@ def _divides(ep: int, experts: int | None) -> bool:
     return experts is None or experts % ep == 0
 
 
+def _hub_source_ok(s: K2DeploymentSpec) -> bool:
+    if not is_hub_source(s.model.source):
+        return True
+    try:
+        HubSource.parse(s.model.source)
+    except ValueError:
+        return False
+    return s.model.pvc is not None
+
+
 RULES: tuple[Rule, ...] = (
     Rule("decode.groups", "self.decode.groups >= 1", "decode needs at least one group", lambda s: s.decode.groups >= 1),
     Rule(
@@ -175,11 +193,18 @@ RULES: tuple[Rule, ...] = (
         "disaggregated serving needs at least one prefill group (or router.aggregated: true)",
         lambda s: s.router.aggregated or s.prefill.groups >= 1,
     ),
+    Rule(
+        "model.source",
+        "!self.model.source.startsWith('hf://') || (has(self.model.pvc) && !self.model.source.contains('..') && "
+        "self.model.source.matches('" + HUB_SOURCE_PATTERN + "'))",
+        "an hf:// source is hf://ORG/NAME[@REVISION] and needs model.pvc to download into",
+        _hub_source_ok,
+    ),
 )
 
 
 class Condition(_K8s):
-    type: Literal["Ready", "Progressing", "Degraded"]
+    type: Literal["Ready", "Progressing", "Degraded", "ModelReady", "Schedulable"]
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
     message: str = ""
@@ -196,6 +221,12 @@ class PoolStatus(_K8s):
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
 
 
+class ModelStatus(_K8s):
+    path: str | None = Field(None, description="Where workers read the model (an `hf://` source's revision folder).")
+    bytes_done: int = Field(0, ge=0, description="Downloaded bytes of an `hf://` source.")
+    bytes_total: int = Field(0, ge=0)
+
+
 class K2DeploymentStatus(_K8s):
     phase: Phase = "Pending"
     conditions: list[Condition] = Field(default_factory=list)
@@ -204,3 +235,4 @@ class K2DeploymentStatus(_K8s):
     endpoint: str | None = None
     observed_generation: int | None = None
     selector: str | None = Field(None, description="Label selector of the decode worker pods (scale subresource).")
+    model: ModelStatus = Field(default_factory=ModelStatus)

@@ -37,12 +37,16 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _conditions(previous: list[Condition], wanted: list[tuple[str, bool, str, str]], generation: int) -> list[Condition]:
+# (type, holds, reason, message); holds None: Unknown.
+Wanted = tuple[str, bool | None, str, str]
+
+
+def _conditions(previous: list[Condition], wanted: list[Wanted], generation: int) -> list[Condition]:
     """Keeps lastTransitionTime when a condition's status did not change."""
     before = {c.type: c for c in previous}
     out = []
     for type_, ok, reason, message in wanted:
-        status = "True" if ok else "False"
+        status = "Unknown" if ok is None else "True" if ok else "False"
         old = before.get(type_)
         since = old.last_transition_time if old and old.status == status else _now()
         out.append(Condition(type=type_, status=status, reason=reason, message=message,
@@ -50,13 +54,33 @@ def _conditions(previous: list[Condition], wanted: list[tuple[str, bool, str, st
     return out
 
 
-def invalid_status(message: str, generation: int, previous: K2DeploymentStatus) -> K2DeploymentStatus:
+def _stopped(phase: str, reason: str, message: str, next_step: str, generation: int,
+             previous: K2DeploymentStatus) -> K2DeploymentStatus:
     conditions = _conditions(previous.conditions, [
-        ("Ready", False, "InvalidSpec", message),
-        ("Progressing", False, "InvalidSpec", "fix the spec to continue"),
-        ("Degraded", True, "InvalidSpec", message),
+        ("Ready", False, reason, message),
+        ("Progressing", False, reason, next_step),
+        ("Degraded", True, reason, message),
     ], generation)
-    return previous.model_copy(update={"phase": "Invalid", "conditions": conditions, "observed_generation": generation})
+    return previous.model_copy(update={"phase": phase, "conditions": conditions, "observed_generation": generation})
+
+
+def invalid_status(message: str, generation: int, previous: K2DeploymentStatus) -> K2DeploymentStatus:
+    return _stopped("Invalid", "InvalidSpec", message, "fix the spec to continue", generation, previous)
+
+
+def with_conditions(status: K2DeploymentStatus, previous: K2DeploymentStatus, extra: list[Wanted],
+                    generation: int, **fields: object) -> K2DeploymentStatus:
+    """`status` plus conditions computed elsewhere (ModelReady, Schedulable) and other status fields."""
+    added = _conditions(previous.conditions, extra, generation)
+    kept = [c for c in status.conditions if c.type not in {c.type for c in added}]
+    return status.model_copy(update={"conditions": kept + added, **fields})
+
+
+def blocked_status(reason: str, message: str, generation: int, previous: K2DeploymentStatus,
+                   extra: list[Wanted]) -> K2DeploymentStatus:
+    """A valid spec that cannot run as written (e.g. does not fit its GPUs): nothing is created."""
+    status = _stopped("Degraded", reason, message, "change the spec to continue", generation, previous)
+    return with_conditions(status, previous, extra, generation)
 
 
 def compute_status(name: str, namespace: str, spec: K2DeploymentSpec, generation: int, observed: Observed,

@@ -51,6 +51,9 @@ BUILTINS = {
     "v1/configmaps": ("ConfigMap", True), "v1/services": ("Service", True),
     "apps/v1/deployments": ("Deployment", True), "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True),
     "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True),
+    "batch/v1/jobs": ("Job", True), "v1/serviceaccounts": ("ServiceAccount", True),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", True),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True),
 }
 VERBS = ["get", "list", "watch", "create", "patch", "delete"]
 
@@ -141,9 +144,8 @@ def _kubeconfig(path: Path, port: int) -> Path:
 
 
 @contextmanager
-def running_cluster(kuberay: bool, workdir: Path) -> Iterator[Cluster]:
-    """An emulator (with or without KubeRay's CRD) and the operator (`--metrics-port`) against it until the
-    block exits."""
+def running_emulator(workdir: Path) -> Iterator[tuple[Cluster, Path, dict[str, Any]]]:
+    """Just the emulator, with a kubeconfig for it, until the block exits: (cluster, kubeconfig, server box)."""
     started, box = threading.Event(), {}
     server = threading.Thread(target=_serve, args=(started, box), daemon=True)
     server.start()
@@ -151,31 +153,40 @@ def running_cluster(kuberay: bool, workdir: Path) -> Iterator[Cluster]:
     config = _kubeconfig(workdir / "config", box["port"])
     kube = Kube.from_environment(str(config))
     kube.api.user_agent = TEST_AGENT  # so RBAC accounting can tell the test's calls from the operator's
-    cluster = Cluster(emulator=box["emulator"], kube=kube, loop=box["loop"], metrics_port=free_port())
-    cluster.apply_crd(yaml.safe_load(K2_CRD.read_text()))
-    for crd in yaml.safe_load_all(KOPF_PEERING_CRDS.read_text()):
-        cluster.apply_crd(crd)
-    if kuberay:
-        cluster.apply_crd(RAYCLUSTER_CRD)
-    # The chart creates this peering object; kopf pauses until it exists.
-    cluster.kube._call("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", body={
-        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": run.PEERING_NAME}})
+    try:
+        yield Cluster(emulator=box["emulator"], kube=kube, loop=box["loop"], metrics_port=free_port()), config, box
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        server.join(10)
 
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        # kopf's login reads $KUBECONFIG whenever it (re-)authenticates.
-        monkeypatch.setenv("KUBECONFIG", str(config))
-        args = run.parse(["--kubeconfig", str(config), "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
-                          "--resync-seconds", "0.5", "--metrics-port", str(cluster.metrics_port)])
-        ready, stop = threading.Event(), threading.Event()
-        operator = threading.Thread(target=lambda: asyncio.run(run.operate(args, stop=stop, ready=ready)),
-                                    daemon=True)
-        operator.start()
-        assert ready.wait(20), "kopf did not become ready"
-        try:
-            yield cluster
-        finally:
-            stop.set()
-            operator.join(15)
-            box["loop"].call_soon_threadsafe(box["stop"].set)
-            server.join(10)
+
+@contextmanager
+def running_cluster(kuberay: bool, workdir: Path) -> Iterator[Cluster]:
+    """An emulator (with or without KubeRay's CRD) and the operator (`--metrics-port`) against it until the
+    block exits."""
+    with running_emulator(workdir) as (cluster, config, box):
+        cluster.apply_crd(yaml.safe_load(K2_CRD.read_text()))
+        for crd in yaml.safe_load_all(KOPF_PEERING_CRDS.read_text()):
+            cluster.apply_crd(crd)
+        if kuberay:
+            cluster.apply_crd(RAYCLUSTER_CRD)
+        # The chart creates this peering object; kopf pauses until it exists.
+        cluster.kube._call("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", body={
+            "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": run.PEERING_NAME}})
+
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            # kopf's login reads $KUBECONFIG whenever it (re-)authenticates.
+            monkeypatch.setenv("KUBECONFIG", str(config))
+            args = run.parse(["--kubeconfig", str(config), "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
+                              "--resync-seconds", "0.5", "--metrics-port", str(cluster.metrics_port)])
+            ready, stop = threading.Event(), threading.Event()
+            operator = threading.Thread(target=lambda: asyncio.run(run.operate(args, stop=stop, ready=ready)),
+                                        daemon=True)
+            operator.start()
+            assert ready.wait(20), "kopf did not become ready"
+            try:
+                yield cluster
+            finally:
+                stop.set()
+                operator.join(15)
     assert not operator.is_alive(), "kopf did not stop"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
 import urllib.request
 from collections.abc import Callable
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import kmock
+import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from k2serve.download import PROGRESS_KEY, Progress
 from k2serve.operator import kube as k
+from k2serve.operator.download_job import job_name, progress_name, render_download
 from k2serve.operator.crd import render_crd
 from k2serve.operator.render import render_children
 from k2serve.operator.spec import GROUP, PLURAL, VERSION, K2DeploymentSpec
@@ -185,6 +189,109 @@ def test_missing_kuberay_is_a_clear_degraded_condition(cluster_factory: Any) -> 
     assert c.kube.get(k.DEPLOYMENT, NS, "no-kuberay-router") is not None  # the rest is still converged
 
 
+HF_SOURCE = "hf://moonshotai/Tiny-K2@v1"
+# Several reconciles per step; the machine running these tests may be shared and slow.
+LOADED = 30.0
+KIMI = yaml.safe_load((REPO / "manifests/samples/kimi-k2-thinking.yaml").read_text())
+
+
+def wait_slow(what: str, probe: Callable[[], Any]) -> Any:
+    return wait_for(what, probe, LOADED)
+
+
+def _download_children(name: str, source: str) -> list[dict[str, Any]]:
+    spec = K2DeploymentSpec.model_validate(_cr(name, **{"model.source": source, "model.pvc": "models"})["spec"])
+    return render_download(name, NS, spec)
+
+
+@pytest.mark.timeout(240)
+def test_hf_source_downloads_then_starts_workers(cluster: Any) -> None:
+    c, name = cluster, "hf-k2"
+    c.kube._call("POST", K2D.path(NS), body=_cr(name, **{"model.source": HF_SOURCE, "model.pvc": "models",
+                                                           "model.hfTokenSecret": {"name": "hf", "key": "token"}}))
+    for child in _download_children(name, HF_SOURCE):
+        got = wait_slow(f"{child['kind']} {child['metadata']['name']}",
+                       lambda: c.kube.get(k.ref_of(child), NS, child["metadata"]["name"]))
+        kubernetes_validate.validate(child, "1.33.0", strict=True)
+        assert got["metadata"]["ownerReferences"][0]["name"] == name
+    job = c.kube.get(k.JOB, NS, job_name(name, HF_SOURCE))
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["k2serve", "download", HF_SOURCE]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in container["env"]
+
+    downloading = wait_slow("ModelReady=False", lambda: (o := c.kube.get(K2D, NS, name)) and
+                           _condition(o, "ModelReady").get("reason") == "Downloading" and o)
+    assert _condition(downloading, "ModelReady")["status"] == "False"
+    assert c.kube.get(k.RAYCLUSTER, NS, f"{name}-ray") is None  # gated: no worker group yet
+    assert c.kube.get(k.DEPLOYMENT, NS, f"{name}-router") is not None
+    config = yaml.safe_load(c.kube.get(k.CONFIGMAP, NS, f"{name}-config")["data"]["config.yaml"])
+    assert config["model"]["source"] == "/models/moonshotai/Tiny-K2/v1"
+
+    # What the Job's entry point writes as it goes, then what the Job controller records at the end.
+    c.kube.patch(k.CONFIGMAP, NS, progress_name(name), {"data": {PROGRESS_KEY: Progress(1000, 4000).to_json()}})
+    progressed = wait_slow("progress in status", lambda: (o := c.kube.get(K2D, NS, name)) and
+                          o["status"].get("model", {}).get("bytesDone") == 1000 and o)
+    assert progressed["status"]["model"]["bytesTotal"] == 4000
+    assert "1000/4000 bytes" in _condition(progressed, "ModelReady")["message"]
+    c.kube.patch(k.CONFIGMAP, NS, progress_name(name), {"data": {PROGRESS_KEY: Progress(4000, 4000, True).to_json()}})
+    c.kube.patch(k.JOB, NS, job_name(name, HF_SOURCE), {"status": {"succeeded": 1}})
+    ready = wait_slow("ModelReady=True", lambda: (o := c.kube.get(K2D, NS, name)) and
+                     _condition(o, "ModelReady").get("status") == "True" and o)
+    assert _condition(ready, "ModelReady")["reason"] == "Downloaded"
+    assert _condition(ready, "Schedulable")["status"] == "True"
+    wait_slow("RayCluster once the model is ready", lambda: c.kube.get(k.RAYCLUSTER, NS, f"{name}-ray"))
+
+    # A new revision: a new Job into a new folder; the config keeps the old folder until it is complete.
+    v2 = HF_SOURCE.replace("@v1", "@v2")
+    c.kube.patch(K2D, NS, name, {"spec": {"model": {"source": v2}}})
+    wait_slow("a second Job", lambda: c.kube.get(k.JOB, NS, job_name(name, v2)))
+    assert job_name(name, v2) != job_name(name, HF_SOURCE)
+    wait_slow("ModelReady=False again", lambda: _condition(c.kube.get(K2D, NS, name), "ModelReady").get("status")
+             == "False")
+    config = yaml.safe_load(c.kube.get(k.CONFIGMAP, NS, f"{name}-config")["data"]["config.yaml"])
+    assert config["model"]["source"] == "/models/moonshotai/Tiny-K2/v1"
+    c.kube.patch(k.JOB, NS, job_name(name, v2), {"status": {"succeeded": 1}})
+    wait_slow("config on the new folder", lambda: yaml.safe_load(c.kube.get(k.CONFIGMAP, NS, f"{name}-config")[
+        "data"]["config.yaml"])["model"]["source"] == "/models/moonshotai/Tiny-K2/v2")
+
+    c.kube.delete(K2D, NS, name)
+    for child in _download_children(name, v2):
+        ref, child_name = k.ref_of(child), child["metadata"]["name"]
+        wait_slow(f"{child['kind']} deleted", lambda: c.kube.get(ref, NS, child_name) is None)
+
+
+@pytest.mark.timeout(120)
+def test_infeasible_gpu_plan_is_refused_before_any_pod(cluster: Any) -> None:
+    c, name = cluster, "k2-h100-ep8"
+    cr = copy.deepcopy(KIMI)
+    cr["metadata"].update(name=name, namespace=NS)
+    cr["spec"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    for pool in ("prefill", "decode"):
+        cr["spec"][pool]["expertParallel"] = 8
+    c.kube._call("POST", K2D.path(NS), body=cr)
+    refused = wait_slow("Schedulable=False", lambda: (o := c.kube.get(K2D, NS, name)) and
+                       _condition(o, "Schedulable").get("status") == "False" and o)
+    message = _condition(refused, "Schedulable")["message"]
+    assert _condition(refused, "Schedulable")["reason"] == "InsufficientMemory"
+    assert re.search(r"needs \d+\.\d GB per device but only 85\.5 GB is available", message), message
+    assert refused["status"]["phase"] == "Degraded" and _condition(refused, "Ready")["status"] == "False"
+    events = [e for e in _events(c) if e.get("reason") == "Unschedulable"
+              and e.get("involvedObject", {}).get("name") == name]
+    assert events and "85.5 GB" in events[0]["message"]
+    for child in render_children(name, NS, K2DeploymentSpec.model_validate(cr["spec"]), service_monitor=False):
+        assert c.kube.get(k.ref_of(child), NS, child["metadata"]["name"]) is None  # nothing, so no pod, created
+
+    # The shipped sample's H200 at EP 16 fits: accepted, children created.
+    c.kube.patch(K2D, NS, name, {"spec": {"nodeSelector": KIMI["spec"]["nodeSelector"],
+                                          "prefill": {"expertParallel": 16}, "decode": {"expertParallel": 16}}})
+    fits = wait_slow("Schedulable=True", lambda: (o := c.kube.get(K2D, NS, name)) and
+                    _condition(o, "Schedulable").get("status") == "True" and o)
+    assert "H200-141GB" in _condition(fits, "Schedulable")["message"]
+    wait_slow("RayCluster", lambda: c.kube.get(k.RAYCLUSTER, NS, f"{name}-ray"))
+    c.kube.delete(K2D, NS, name)
+    wait_slow("CR gone", lambda: c.kube.get(K2D, NS, name) is None)
+
+
 def _verb(request: kmock.Request) -> str:
     if request.method == kmock.method.GET:
         if request.params.get("watch") in ("true", "1"):
@@ -197,6 +304,8 @@ def test_cluster_role_grants_exactly_what_the_operator_calls(cluster: Any) -> No
     # Runs after the lifecycle above in this module's cluster; on its own it drives one CR through the same.
     if not any(r.url.path.endswith("/rayclusters") for r in cluster.requests()):
         test_tiny_sample_lifecycle(cluster)
+    if not any(r.url.path.endswith("/jobs") for r in cluster.requests()):
+        test_hf_source_downloads_then_starts_workers(cluster)
     used: set[tuple[str, str, str]] = set()
     for r in cluster.requests():
         if r.resource is None or not r.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
