@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from k2serve.download import PROGRESS_KEY, Progress
 from k2serve.operator import kube as k
 from k2serve.operator.download_job import job_name, progress_name, render_download
+from k2serve.operator.handlers import covers
 from k2serve.operator.crd import render_crd
 from k2serve.operator.render import render_children
 from k2serve.operator.spec import GROUP, PLURAL, VERSION, K2DeploymentSpec
@@ -191,7 +192,7 @@ def test_missing_kuberay_is_a_clear_degraded_condition(cluster_factory: Any) -> 
 
 HF_SOURCE = "hf://moonshotai/Tiny-K2@v1"
 # Several reconciles per step; the machine running these tests may be shared and slow.
-LOADED = 30.0
+LOADED = 120.0
 KIMI = yaml.safe_load((REPO / "manifests/samples/kimi-k2-thinking.yaml").read_text())
 
 
@@ -204,7 +205,7 @@ def _download_children(name: str, source: str) -> list[dict[str, Any]]:
     return render_download(name, NS, spec)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 def test_hf_source_downloads_then_starts_workers(cluster: Any) -> None:
     c, name = cluster, "hf-k2"
     c.kube._call("POST", K2D.path(NS), body=_cr(name, **{"model.source": HF_SOURCE, "model.pvc": "models",
@@ -241,6 +242,19 @@ def test_hf_source_downloads_then_starts_workers(cluster: Any) -> None:
     assert _condition(ready, "Schedulable")["status"] == "True"
     wait_slow("RayCluster once the model is ready", lambda: c.kube.get(k.RAYCLUSTER, NS, f"{name}-ray"))
 
+    # Level-based here too: a widened Role, a re-pointed binding or a tampered Job label is put back.
+    rendered = {k.ref_of(child): child for child in _download_children(name, HF_SOURCE)}
+    drift = {k.ROLE: {"rules": [{"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["*"]}]},
+             k.ROLEBINDING: {"subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": NS}]},
+             k.SERVICEACCOUNT: {"automountServiceAccountToken": False},
+             k.JOB: {"metadata": {"labels": {"app.kubernetes.io/component": "tampered"}}}}
+    for ref, change in drift.items():
+        c.kube.patch(ref, NS, rendered[ref]["metadata"]["name"], change)
+    for ref, change in drift.items():
+        key, want = next(iter(change)), rendered[ref]
+        wait_slow(f"{ref.kind} drift reverted", lambda: covers(c.kube.get(ref, NS, want["metadata"]["name"])[key],
+                                                              want[key]))
+
     # A new revision: a new Job into a new folder; the config keeps the old folder until it is complete.
     v2 = HF_SOURCE.replace("@v1", "@v2")
     c.kube.patch(K2D, NS, name, {"spec": {"model": {"source": v2}}})
@@ -260,7 +274,7 @@ def test_hf_source_downloads_then_starts_workers(cluster: Any) -> None:
         wait_slow(f"{child['kind']} deleted", lambda: c.kube.get(ref, NS, child_name) is None)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(400)
 def test_infeasible_gpu_plan_is_refused_before_any_pod(cluster: Any) -> None:
     c, name = cluster, "k2-h100-ep8"
     cr = copy.deepcopy(KIMI)
@@ -300,11 +314,12 @@ def _verb(request: kmock.Request) -> str:
     return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[request.method.value]
 
 
+@pytest.mark.timeout(900)  # run alone, it first drives the two walks above
 def test_cluster_role_grants_exactly_what_the_operator_calls(cluster: Any) -> None:
     # Runs after the lifecycle above in this module's cluster; on its own it drives one CR through the same.
-    if not any(r.url.path.endswith("/rayclusters") for r in cluster.requests()):
+    if not any(r.url.path.endswith("/rayclusters/tiny-k2-ray") for r in cluster.requests()):
         test_tiny_sample_lifecycle(cluster)
-    if not any(r.url.path.endswith("/jobs") for r in cluster.requests()):
+    if not any(r.url.path.endswith("/serviceaccounts/hf-k2-model-download") for r in cluster.requests()):
         test_hf_source_downloads_then_starts_workers(cluster)
     used: set[tuple[str, str, str]] = set()
     for r in cluster.requests():
