@@ -21,6 +21,11 @@ RAY_NAMESPACE = "k2serve"
 GROUP_REGISTRY_ACTOR = "k2serve-registry"
 # Where the pool controller serves the worker groups' metrics in a cluster (its container's port "metrics").
 POOL_METRICS_PORT = 9400
+# Logical Ray CPUs a group leader of rank actors reserves (it only relays requests and steps its ranks). Worker
+# pods advertise room for one beside their rank, since Ray may place a leader on any of them.
+LEADER_CPUS = 0.1
+# Where the builtin model is built (worker/tiny.py): a writable folder, since containers' roots are read-only.
+CACHE_ENV = "K2SERVE_CACHE"
 
 
 class _Strict(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from k2serve.config import CONFIG_ENV, ChainStoreConfig, PoolConfig, RouterConfig, ServingConfig
+from k2serve.config import CACHE_ENV, CONFIG_ENV, ChainStoreConfig, PoolConfig, RouterConfig, ServingConfig
 from k2serve.operator.spec import K2DeploymentSpec, PoolSpec, Resources
 
 CONFIG_DIR = "/etc/k2serve"
@@ -13,6 +13,10 @@ CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 API_KEYS_DIR = "/etc/k2serve/api-keys"
 MODEL_DIR = "/models"
 CHAINS_DIR = "/var/lib/k2serve"
+CACHE_DIR = "/var/cache/k2serve"  # the builtin model is built here, per pod (an emptyDir: roots are read-only)
+# KubeRay adds a port named "metrics" (Ray's own, 8080) to every Ray container; ours must differ, and the chart's
+# PodMonitor scrapes exactly this name.
+METRICS_PORT_NAME = "k2-metrics"
 REDIS_URL_ENV = "K2SERVE_REDIS_URL"
 POOLS = ("prefill", "decode")
 
@@ -65,7 +69,7 @@ def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
         api_keys_file=f"{API_KEYS_DIR}/{r.api_key_secret.key}" if r.api_key_secret else None,
     )
     store = spec.chain_store.model_dump(include=set(ChainStoreConfig.model_fields))
-    if spec.chain_store.pvc:
+    if spec.chain_store.backend == "sqlite":  # on the router's chains volume: its working directory is read-only
         store["sqlite_path"] = f"{CHAINS_DIR}/{spec.chain_store.sqlite_path}"
     if spec.chain_store.redis_url_secret:
         store["redis_url_env"] = REDIS_URL_ENV
@@ -97,18 +101,19 @@ def pod_security() -> dict[str, Any]:
 
 
 def env(spec: K2DeploymentSpec) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": CONFIG_PATH}]
+    out: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": CONFIG_PATH}, {"name": CACHE_ENV, "value": CACHE_DIR}]
     if ref := spec.chain_store.redis_url_secret:
         out.append({"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return out
 
 
 def volumes(name: str, spec: K2DeploymentSpec, *, shm_size: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(volumes, volumeMounts): the config, /tmp (read-only roots), and the model, store, keys and shm when used."""
+    """(volumes, volumeMounts): the config, /tmp and the model cache (read-only roots), and the model, store,
+    keys and shm when used."""
     vols: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": config_name(name)}},
-                                  {"name": "tmp", "emptyDir": {}}]
+                                  {"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                                    {"name": "tmp", "mountPath": "/tmp"}]
+                                    {"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_DIR}]
     if spec.model.pvc:
         vols.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})

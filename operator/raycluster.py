@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from k2serve.config import POOL_METRICS_PORT
+from k2serve.config import LEADER_CPUS, POOL_METRICS_PORT
 from k2serve.operator import pods
 from k2serve.operator.spec import K2DeploymentSpec, PoolSpec
 
@@ -35,9 +35,11 @@ def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolS
         "minReplicas": replicas,
         "maxReplicas": replicas,
         "rayStartParams": {
-            # KubeRay passes this verbatim to `ray start --resources`; the pool controller asks for it per actor.
-            "resources": json.dumps(json.dumps({pods.ray_resource(pool): 1})),
-            "num-cpus": str(max(1, math.ceil(pool_spec.num_cpus_per_actor))),
+            # KubeRay pastes this into a bash line (`--resources='{...}'`) and also parses it itself after
+            # trimming quotes, so: single-quoted JSON. The pool controller asks for it per actor.
+            "resources": f"'{json.dumps({pods.ray_resource(pool): 1}, separators=(',', ':'))}'",
+            # One rank plus room for a group leader, which Ray may place on any worker pod.
+            "num-cpus": str(math.ceil(pool_spec.num_cpus_per_actor + LEADER_CPUS)),
         },
         "template": {
             "metadata": {"labels": {**pods.labels(name, "worker"), "k2serve.io/pool": pool}},
@@ -94,7 +96,7 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
                         "image": image,
                         "imagePullPolicy": spec.image_pull_policy,
                         "command": controller_cmd,
-                        "ports": [{"containerPort": POOL_METRICS_PORT, "name": "metrics", "protocol": "TCP"}],
+                        "ports": [{"containerPort": POOL_METRICS_PORT, "name": pods.METRICS_PORT_NAME, "protocol": "TCP"}],
                         "env": [*pods.env(spec), {"name": "RAY_ADDRESS", "value": "127.0.0.1:6379"}],
                         "volumeMounts": mounts,
                         "securityContext": pods.container_security(read_only_root=True),

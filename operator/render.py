@@ -26,8 +26,11 @@ def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) 
     if r.api_key_secret:
         vols.append({"name": "api-keys", "secret": {"secretName": r.api_key_secret.name}})
         mounts.append({"name": "api-keys", "mountPath": pods.API_KEYS_DIR, "readOnly": True})
-    if spec.chain_store.backend == "sqlite" and spec.chain_store.pvc:
-        vols.append({"name": "chains", "persistentVolumeClaim": {"claimName": spec.chain_store.pvc}})
+    if spec.chain_store.backend == "sqlite":
+        # Without a claim the chains live as long as the pod (an emptyDir); a PVC keeps them across restarts.
+        source = ({"persistentVolumeClaim": {"claimName": spec.chain_store.pvc}} if spec.chain_store.pvc
+                  else {"emptyDir": {}})
+        vols.append({"name": "chains", **source})
         mounts.append({"name": "chains", "mountPath": pods.CHAINS_DIR})
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
     container = {

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from k2serve.config import CACHE_ENV
 from k2serve.worker.checkpoint import ShardedWriter, checkpoint_shapes
 from k2serve.worker.model.config import K2Config
 from k2serve.worker.quantize import compress_tensor, k2_quant_config
@@ -121,7 +122,7 @@ def ensure_tiny(cache_dir: Path | None = None) -> Path:
     """The `builtin:tiny-k2` folder under `cache_dir`, else `$K2SERVE_CACHE`, else `~/.cache/k2serve`; built on
     first use. Built in a private temp folder and renamed into place, so a reader never sees a half-built
     model and two processes racing to build it both end up with the same complete folder."""
-    root = Path(cache_dir or os.environ.get("K2SERVE_CACHE") or Path.home() / ".cache" / "k2serve")
+    root = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "k2serve")
     final = root / f"tiny-k2-{_cache_key()}"
     if final.is_dir():
         return final

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from k2serve.config import POOL_METRICS_PORT, ServingConfig
+from k2serve.config import LEADER_CPUS, POOL_METRICS_PORT, ServingConfig
 from k2serve.operator.render import render_children
 from k2serve.operator.spec import K2DeploymentSpec
 
@@ -83,14 +85,15 @@ def test_kimi_sample_worker_groups() -> None:
     decode = groups["decode-workers"]["template"]["spec"]
     assert decode["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in decode["volumes"]
-    assert groups["decode-workers"]["rayStartParams"]["resources"] == '"{\\"k2serve_decode\\": 1}"'
+    assert groups["decode-workers"]["rayStartParams"]["resources"] == """'{"k2serve_decode":1}'"""
     assert decode["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert decode["priorityClassName"] == "k2serve-inference"
     head = ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
     assert head[1]["command"] == ["k2serve", "pools", "--config", "/etc/k2serve/config.yaml",
                                   "--metrics-port", str(POOL_METRICS_PORT), "--metrics-host", "0.0.0.0"]
-    # The chart's PodMonitor scrapes ports named "metrics": the controller's serves every group's metrics.
-    assert head[1]["ports"] == [{"containerPort": POOL_METRICS_PORT, "name": "metrics", "protocol": "TCP"}]
+    # The chart's PodMonitor scrapes ports named "k2-metrics" (KubeRay names Ray's own port "metrics"): the
+    # controller's serves every group's metrics.
+    assert head[1]["ports"] == [{"containerPort": POOL_METRICS_PORT, "name": "k2-metrics", "protocol": "TCP"}]
     assert ray["spec"]["gcsFaultToleranceOptions"]["redisPassword"] == {
         "valueFrom": {"secretKeyRef": {"name": "k2serve-redis", "key": "password"}}}
 
@@ -122,3 +125,47 @@ def test_network_policy_admits_only_router_and_ray_peers_and_metrics_scrapes() -
                        {"app.kubernetes.io/instance": "tiny-k2", "app.kubernetes.io/component": "router"}]
     assert scrapes == {"ports": [{"protocol": "TCP", "port": POOL_METRICS_PORT}]}  # from anywhere, that port only
     assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": "tiny-k2-ray"}
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_ray_start_resources_parse_as_kuberay_and_bash_do(sample: Path) -> None:
+    """KubeRay trims quotes and JSON-parses `resources` (getResourcesMap), then pastes it into a bash line."""
+    name, namespace, spec = _spec(sample)
+    ray = render_children(name, namespace, spec, service_monitor=False)[1]
+    for group in ray["spec"]["workerGroupSpecs"]:
+        raw = group["rayStartParams"]["resources"]
+        pool = group["groupName"].removesuffix("-workers")
+        assert json.loads(raw.strip("'\"` ")) == {f"k2serve_{pool}": 1}
+        words = shlex.split(f"ray start --resources={raw}")
+        assert json.loads(words[-1].removeprefix("--resources=")) == {f"k2serve_{pool}": 1}
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_worker_pods_advertise_room_for_a_rank_and_a_leader(sample: Path) -> None:
+    """A group's placement bundles ({CPU: num_cpus_per_actor} each) must fit on pods whose CPUs Ray may also give
+    to a group leader (LEADER_CPUS): every worker pod advertises both."""
+    name, namespace, spec = _spec(sample)
+    ray = render_children(name, namespace, spec, service_monitor=False)[1]
+    assert ray["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for group in ray["spec"]["workerGroupSpecs"]:
+        pool = getattr(spec, group["groupName"].removesuffix("-workers"))
+        assert int(group["rayStartParams"]["num-cpus"]) >= pool.num_cpus_per_actor + LEADER_CPUS
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_every_written_path_is_on_a_writable_volume(sample: Path) -> None:
+    """Roots are read-only: the model cache and the sqlite chain store are on mounted volumes."""
+    name, namespace, spec = _spec(sample)
+    children = render_children(name, namespace, spec, service_monitor=False)
+    config = ServingConfig.model_validate(yaml.safe_load(children[0]["data"]["config.yaml"]))
+    pod_specs = [children[2]["spec"]["template"]["spec"], children[1]["spec"]["headGroupSpec"]["template"]["spec"],
+                 *(g["template"]["spec"] for g in children[1]["spec"]["workerGroupSpecs"])]
+    for pod in pod_specs:
+        for container in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+            assert env["K2SERVE_CACHE"] in writable
+    router = children[2]["spec"]["template"]["spec"]["containers"][0]
+    if config.chain_store.backend == "sqlite":
+        assert Path(config.chain_store.sqlite_path).is_absolute()
+        assert str(Path(config.chain_store.sqlite_path).parent) in [m["mountPath"] for m in router["volumeMounts"]]
