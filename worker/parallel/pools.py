@@ -23,7 +23,7 @@ import ray
 
 from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
 from k2serve.config import RAY_NAMESPACE as NAMESPACE
-from k2serve.config import FaultSpec, ServingConfig
+from k2serve.config import LEADER_CPUS, FaultSpec, ServingConfig
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
 from k2serve.localray import init_local_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
@@ -33,7 +33,6 @@ from k2serve.worker.service import Role
 
 log = logging.getLogger(__name__)
 
-LEADER_CPUS = 0.1  # a leader of rank actors only relays requests and steps its ranks
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 5.0
 NAME_RELEASE_TIMEOUT_S = 30.0  # a dead actor's name is freed asynchronously
