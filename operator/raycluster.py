@@ -75,6 +75,9 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
             "metadata": {"labels": pods.labels(name, "head")},
             "spec": {
                 "securityContext": pods.pod_security(),
+                # The pool controller is a Ray driver: ray.init finds its node by looking for the raylet among
+                # the processes it can see, which in a pod of separate PID namespaces is none.
+                "shareProcessNamespace": True,
                 "containers": [
                     {
                         "name": "ray-head",

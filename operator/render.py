@@ -11,6 +11,9 @@ from k2serve.operator.raycluster import render_raycluster
 from k2serve.operator.spec import K2DeploymentSpec
 
 
+ROUTER_STARTUP_S = 600
+
+
 def render_configmap(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -44,6 +47,10 @@ def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) 
                   {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"}],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        # Before it listens the router joins Ray (which may not be up yet) and builds or loads the tokenizer's
+        # model folder: liveness starts counting only once it answered, up to STARTUP_S after the start.
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5,
+                         "failureThreshold": ROUTER_STARTUP_S // 5},
         "resources": pods.resources(r.resources),
         "volumeMounts": mounts,
         "securityContext": pods.container_security(read_only_root=True),

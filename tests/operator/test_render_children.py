@@ -169,3 +169,12 @@ def test_every_written_path_is_on_a_writable_volume(sample: Path) -> None:
     if config.chain_store.backend == "sqlite":
         assert Path(config.chain_store.sqlite_path).is_absolute()
         assert str(Path(config.chain_store.sqlite_path).parent) in [m["mountPath"] for m in router["volumeMounts"]]
+
+
+def test_head_pod_shares_its_process_namespace_with_the_pool_controller() -> None:
+    """The pool controller's ray.init looks for the raylet among visible processes (ray find_node_ids)."""
+    name, namespace, spec = _spec(REPO / "manifests/samples/tiny-k2.yaml")
+    ray = render_children(name, namespace, spec, service_monitor=False)[1]
+    head = ray["spec"]["headGroupSpec"]["template"]["spec"]
+    assert head["shareProcessNamespace"] is True
+    assert [c["name"] for c in head["containers"]] == ["ray-head", "pool-controller"]

@@ -26,6 +26,7 @@ from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import LEADER_CPUS, FaultSpec, ServingConfig
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
 from k2serve.localray import init_local_ray
+from k2serve.ray_join import join_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.in_leader import engine_in_leader
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         init_local_ray()
     else:
-        ray.init(address="auto", namespace=args.namespace)
+        join_ray("auto", args.namespace)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

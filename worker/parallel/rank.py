@@ -124,8 +124,8 @@ class RankWorker:
     def setup(self, model_source: str, host: str, port: int, engine_config: EngineConfig, eos_ids: list[int],
               deterministic: bool, timeout_s: float) -> int:
         """Joins the group and loads weights + this rank's experts; returns resident routed-expert bytes."""
-        if host.startswith("127."):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if host == "127.0.0.1":  # a single-node loopback cluster; elsewhere Gloo takes the interface the
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # host name resolves to (a pod's own address)
         if self.world_size > 1:  # a group of one holds every expert: no collectives to join
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
