@@ -97,12 +97,16 @@ def container_security(read_only_root: bool) -> dict[str, Any]:
 
 
 def pod_security() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+    """The pod-level part of every pod's spec: a non-root identity, and no Kubernetes API token (nothing the
+    operator renders talks to the API server)."""
+    return {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+            "automountServiceAccountToken": False}
 
 
-def env(spec: K2DeploymentSpec) -> list[dict[str, Any]]:
+def env(spec: K2DeploymentSpec, *, chain_store: bool = False) -> list[dict[str, Any]]:
+    """`chain_store`: the container opens the chain store (the router), so it gets the redis URL Secret."""
     out: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": CONFIG_PATH}, {"name": CACHE_ENV, "value": CACHE_DIR}]
-    if ref := spec.chain_store.redis_url_secret:
+    if (ref := spec.chain_store.redis_url_secret) and chain_store:
         out.append({"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return out
 

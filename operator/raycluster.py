@@ -44,7 +44,7 @@ def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolS
         "template": {
             "metadata": {"labels": {**pods.labels(name, "worker"), "k2serve.io/pool": pool}},
             "spec": {
-                "securityContext": pods.pod_security(),
+                **pods.pod_security(),
                 "containers": [{
                     "name": "ray-worker",
                     "image": spec.ray.image or spec.image,
@@ -74,7 +74,7 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
         "template": {
             "metadata": {"labels": pods.labels(name, "head")},
             "spec": {
-                "securityContext": pods.pod_security(),
+                **pods.pod_security(),
                 # The pool controller is a Ray driver: ray.init finds its node by looking for the raylet among
                 # the processes it can see, which in a pod of separate PID namespaces is none.
                 "shareProcessNamespace": True,

@@ -42,7 +42,7 @@ def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) 
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["python", "-m", "k2serve.router.serve", "--config", pods.CONFIG_PATH],
         # The router finds the worker groups in the pool controller's registry, over Ray Client to the head.
-        "env": [*pods.env(spec), {"name": "RAY_ADDRESS", "value": f"ray://{pods.ray_name(name)}-head-svc:10001"}],
+        "env": [*pods.env(spec, chain_store=True), {"name": "RAY_ADDRESS", "value": f"ray://{pods.ray_name(name)}-head-svc:10001"}],
         "ports": [{"name": "http", "containerPort": r.http_port, "protocol": "TCP"},
                   {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"}],
         "readinessProbe": probe,
@@ -65,7 +65,7 @@ def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) 
             "template": {
                 "metadata": {"labels": pods.labels(name, "router")},
                 "spec": {
-                    "securityContext": pods.pod_security(),
+                    **pods.pod_security(),
                     "containers": [container],
                     "volumes": vols,
                     **pods.scheduling(spec),
@@ -124,6 +124,22 @@ def render_network_policy(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
+def render_router_network_policy(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+    """Router pods accept their two client surfaces (OpenAI HTTP with /metrics, and gRPC) from anywhere, and
+    nothing else: they need no inbound traffic from the Ray pods (routers call the groups, not the reverse)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": pods.metadata(name, namespace, pods.router_name(name), "router"),
+        "spec": {
+            "podSelector": {"matchLabels": pods.selector(name, "router")},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": spec.router.http_port},
+                                   {"protocol": "TCP", "port": spec.router.grpc_port}]}],
+        },
+    }
+
+
 def render_service_monitor(name: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
@@ -145,6 +161,7 @@ def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, servic
         render_router_service(name, namespace, spec),
         *render_pdbs(name, namespace),
         render_network_policy(name, namespace),
+        render_router_network_policy(name, namespace, spec),
     ]
     if service_monitor:
         children.append(render_service_monitor(name, namespace))

@@ -55,7 +55,7 @@ def test_every_child_validates(sample: Path) -> None:
     children = render_children(name, namespace, spec, service_monitor=True)
     kinds = [c["kind"] for c in children]
     assert kinds == ["ConfigMap", "RayCluster", "Deployment", "Service", "PodDisruptionBudget",
-                     "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"]
+                     "PodDisruptionBudget", "NetworkPolicy", "NetworkPolicy", "ServiceMonitor"]
     for child in children:
         if child["apiVersion"] in ("ray.io/v1", "monitoring.coreos.com/v1"):
             continue  # not core: checked below against their own APIs
@@ -117,14 +117,19 @@ def test_configmap_holds_the_serving_config_router_and_workers_read() -> None:
 
 def test_network_policy_admits_only_router_and_ray_peers_and_metrics_scrapes() -> None:
     name, namespace, spec = _spec(REPO / "manifests/samples/tiny-k2.yaml")
-    policy = next(c for c in render_children(name, namespace, spec, service_monitor=False)
-                  if c["kind"] == "NetworkPolicy")
+    policy, router_policy = [c for c in render_children(name, namespace, spec, service_monitor=False)
+                             if c["kind"] == "NetworkPolicy"]
     peers, scrapes = policy["spec"]["ingress"]
     sources = [peer["podSelector"]["matchLabels"] for peer in peers["from"]]
     assert sources == [{"ray.io/cluster": "tiny-k2-ray"},
                        {"app.kubernetes.io/instance": "tiny-k2", "app.kubernetes.io/component": "router"}]
     assert scrapes == {"ports": [{"protocol": "TCP", "port": POOL_METRICS_PORT}]}  # from anywhere, that port only
     assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": "tiny-k2-ray"}
+    # Router pods: their HTTP and gRPC ports, nothing else.
+    assert router_policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "tiny-k2",
+                                                                   "app.kubernetes.io/component": "router"}
+    assert router_policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000},
+                                                           {"protocol": "TCP", "port": 50051}]}]
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
@@ -178,3 +183,36 @@ def test_head_pod_shares_its_process_namespace_with_the_pool_controller() -> Non
     head = ray["spec"]["headGroupSpec"]["template"]["spec"]
     assert head["shareProcessNamespace"] is True
     assert [c["name"] for c in head["containers"]] == ["ray-head", "pool-controller"]
+
+
+def _secrets_by_container(children: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """container (pod kind/name) -> every Secret it can read (secret volumes it mounts, secretKeyRef env)."""
+    ray = next(c for c in children if c["kind"] == "RayCluster")["spec"]
+    router = next(c for c in children if c["kind"] == "Deployment")["spec"]["template"]["spec"]
+    pod_specs = {"router": router, "head": ray["headGroupSpec"]["template"]["spec"],
+                 **{g["groupName"]: g["template"]["spec"] for g in ray["workerGroupSpecs"]}}
+    out: dict[str, set[str]] = {}
+    for pod, spec in pod_specs.items():
+        secret_volumes = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+        for c in spec["containers"]:
+            mounted = {secret_volumes[m["name"]] for m in c.get("volumeMounts", []) if m["name"] in secret_volumes}
+            env = {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                   if "secretKeyRef" in e.get("valueFrom", {})}
+            out[f"{pod}/{c['name']}"] = mounted | env
+    return out
+
+
+def test_secrets_are_mounted_only_where_used() -> None:
+    """API keys and the chain store's redis URL reach the router only; no pod gets a service-account token."""
+    name, namespace, spec = _spec(REPO / "manifests/samples/kimi-k2-thinking.yaml")
+    children = render_children(name, namespace, spec, service_monitor=False)
+    secrets = _secrets_by_container(children)
+    api_keys, redis = spec.router.api_key_secret, spec.chain_store.redis_url_secret
+    assert api_keys is not None and redis is not None
+    assert secrets == {"router/router": {api_keys.name, redis.name}, "head/ray-head": set(),
+                       "head/pool-controller": set(), "prefill-workers/ray-worker": set(),
+                       "decode-workers/ray-worker": set()}
+    ray = next(c for c in children if c["kind"] == "RayCluster")["spec"]
+    pod_specs = [next(c for c in children if c["kind"] == "Deployment")["spec"]["template"]["spec"],
+                 ray["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in ray["workerGroupSpecs"])]
+    assert all(p["automountServiceAccountToken"] is False for p in pod_specs)
