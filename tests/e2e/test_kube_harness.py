@@ -4,9 +4,7 @@ under its pod's security context, volumes, address and names."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,6 @@ from kubelet import kuberay
 from kubelet.node import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="needs root for Linux namespaces")
 
 
 def _tiny_raycluster() -> dict[str, Any]:
@@ -93,7 +89,6 @@ http.server.HTTPServer(('0.0.0.0', 8080), http.server.SimpleHTTPRequestHandler).
 """
 
 
-@needs_root
 def test_container_runs_under_its_pod_security_context(tmp_path: Path) -> None:
     labels = {"app": "echo"}
     children = [
