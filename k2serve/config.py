@@ -121,6 +121,10 @@ class ServingConfig(_Strict):
         False, description="Batch-invariant kernels: outputs independent of batch composition (slower)."
     )
     faults: list[FaultSpec] = Field(default_factory=list)
+    cluster_token_file: str | None = Field(
+        None, description="File holding the shared secret every internal gRPC call carries as metadata "
+        "`authorization: Bearer <token>`; none: internal calls are not authenticated."
+    )
     cpu_binding: Literal["auto", "none"] = Field(
         "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "
         "of its own, and with cores to spare the router, leaders and Ray on those (k2serve/cpu_binding.py); none: "

@@ -6,6 +6,7 @@ make the API server's garbage collector do it too)."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from k2serve.metrics import Metrics
 from k2serve.operator import kube as k
 from k2serve.operator import pods
-from k2serve.operator.render import render_children
+from k2serve.operator.render import render_children, render_cluster_token
 from k2serve.operator.spec import GROUP, PLURAL, VERSION, K2DeploymentSpec, K2DeploymentStatus
 from k2serve.operator.status import Observed, compute_status, invalid_status
 
@@ -44,13 +45,25 @@ def _converge(kube: k.Kube, child: dict[str, Any]) -> str | None:
     meta = child["metadata"]
     existing = kube.get(ref, meta["namespace"], meta["name"])
     if existing is None:
-        kube.create(child)
-        return f"created {child['kind']} {meta['name']}"
+        if _create(kube, child):
+            return f"created {child['kind']} {meta['name']}"
+        existing = {}  # created meanwhile by a concurrent reconcile (the resync timer beside an event handler)
     wanted = {key: value for key, value in child.items() if key not in ("apiVersion", "kind", "status")}
     if covers(existing, wanted):
         return None
     kube.patch(ref, meta["namespace"], meta["name"], wanted)
     return f"updated {child['kind']} {meta['name']}"
+
+
+def _create(kube: k.Kube, obj: dict[str, Any]) -> bool:
+    """Creates `obj`; False when it already exists (HTTP 409), which a racing reconcile may have done."""
+    try:
+        kube.create(obj)
+    except k.KubeError as e:
+        if e.status != 409:
+            raise
+        return False
+    return True
 
 
 def _observe(kube: k.Kube, name: str, namespace: str, kuberay: bool) -> Observed:
@@ -82,6 +95,11 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
     if not kuberay:
         children = [c for c in children if c["kind"] != "RayCluster"]
     kopf.adopt(children, owner=body)
+    if kube.get(k.SECRET, namespace, pods.cluster_token_name(name)) is None:
+        token = render_cluster_token(name, namespace, secrets.token_urlsafe(32))
+        kopf.adopt(token, owner=body)
+        if _create(kube, token):
+            kopf.info(body, reason="Reconciled", message=f"created Secret {token['metadata']['name']}")
     for child in children:
         if done := _converge(kube, child):
             kopf.info(body, reason="Reconciled", message=done)
@@ -106,6 +124,8 @@ def delete_children(kube: k.Kube, body: kopf.Body) -> list[str]:
     """Deletes every child this operator may have made (whatever the spec says now); absent ones are fine."""
     name, namespace = body.metadata.name, body.metadata.namespace
     gone = []
+    if kube.delete(k.SECRET, namespace, pods.cluster_token_name(name)):
+        gone.append(f"Secret {pods.cluster_token_name(name)}")
     for child in render_children(name, namespace, K2DeploymentSpec(), service_monitor=True):
         ref = k.ref_of(child)
         if (ref != k.RAYCLUSTER or kube.served(ref)) and (ref != k.SERVICEMONITOR or kube.served(ref)):

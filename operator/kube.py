@@ -43,8 +43,9 @@ PDB = Ref("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 NETWORKPOLICY = Ref("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 RAYCLUSTER = Ref("ray.io", "v1", "rayclusters", "RayCluster")
 SERVICEMONITOR = Ref("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor")
+SECRET = Ref("", "v1", "secrets", "Secret")
 CHILD_REFS: dict[str, Ref] = {r.kind: r for r in (CONFIGMAP, SERVICE, DEPLOYMENT, PDB, NETWORKPOLICY, RAYCLUSTER,
-                                                  SERVICEMONITOR)}
+                                                  SERVICEMONITOR, SECRET)}
 
 
 class KubeError(RuntimeError):

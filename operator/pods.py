@@ -18,6 +18,8 @@ CACHE_DIR = "/var/cache/k2serve"  # the builtin model is built here, per pod (an
 # PodMonitor scrapes exactly this name.
 METRICS_PORT_NAME = "k2-metrics"
 REDIS_URL_ENV = "K2SERVE_REDIS_URL"
+CLUSTER_TOKEN_DIR = "/var/run/secrets/k2serve/cluster"
+CLUSTER_TOKEN_KEY = "token"
 POOLS = ("prefill", "decode")
 
 
@@ -31,6 +33,11 @@ def router_name(name: str) -> str:
 
 def ray_name(name: str) -> str:
     return f"{name}-ray"
+
+
+def cluster_token_name(name: str) -> str:
+    """The Secret holding the internal gRPC token (created once by the reconciler, owned by the K2Deployment)."""
+    return f"{name}-cluster-token"
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -79,6 +86,7 @@ def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
         # Ranks run in worker pods the head pod's controller cannot see the cores of (they may not have joined
         # when it plans): pods get their cores from their CPU requests and the kubelet's CPU manager instead.
         cpu_binding="none",
+        cluster_token_file=f"{CLUSTER_TOKEN_DIR}/{CLUSTER_TOKEN_KEY}",
     )
 
 
@@ -112,11 +120,14 @@ def env(spec: K2DeploymentSpec, *, chain_store: bool = False) -> list[dict[str, 
 
 
 def volumes(name: str, spec: K2DeploymentSpec, *, shm_size: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(volumes, volumeMounts): the config, /tmp and the model cache (read-only roots), and the model, store,
-    keys and shm when used."""
+    """(volumes, volumeMounts): the config and the internal gRPC token, /tmp and the model cache (read-only
+    roots), and the model, store, keys and shm when used."""
+    token = {"secretName": cluster_token_name(name), "items": [{"key": CLUSTER_TOKEN_KEY, "path": CLUSTER_TOKEN_KEY}]}
     vols: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": config_name(name)}},
+                                  {"name": "cluster-token", "secret": token},
                                   {"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                                    {"name": "cluster-token", "mountPath": CLUSTER_TOKEN_DIR, "readOnly": True},
                                     {"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_DIR}]
     if spec.model.pvc:
         vols.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": True}})

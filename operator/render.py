@@ -3,6 +3,7 @@ owner references are added by the reconciler (kopf.adopt)."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from k2serve.config import POOL_METRICS_PORT
@@ -20,6 +21,18 @@ def render_configmap(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[
         "kind": "ConfigMap",
         "metadata": pods.metadata(name, namespace, pods.config_name(name), "config"),
         "data": {"config.yaml": pods.serving_config(spec).to_yaml()},
+    }
+
+
+def render_cluster_token(name: str, namespace: str, token: str) -> dict[str, Any]:
+    """The internal gRPC token's Secret. Not among `render_children`: its value is random, so the reconciler
+    creates it once and never patches it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": pods.metadata(name, namespace, pods.cluster_token_name(name), "config"),
+        "type": "Opaque",
+        "data": {pods.CLUSTER_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
     }
 
 
@@ -105,39 +118,30 @@ def render_pdbs(name: str, namespace: str) -> list[dict[str, Any]]:
     ]
 
 
+def _ingress_policy(name: str, namespace: str, child: str, component: str, pods_selected: dict[str, str],
+                    ingress: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": pods.metadata(name, namespace, child, component),
+            "spec": {"podSelector": {"matchLabels": pods_selected}, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
 def render_network_policy(name: str, namespace: str) -> dict[str, Any]:
     """Ray pods accept traffic only from their own cluster's pods (Ray's internal ports) and the routers
     (worker gRPC), plus scrapes of the pool controller's metrics port from anywhere (where Prometheus runs is
     the cluster's business): nothing else in the cluster reaches the workers."""
     cluster = {"ray.io/cluster": pods.ray_name(name)}
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": pods.metadata(name, namespace, f"{name}-workers", "worker"),
-        "spec": {
-            "podSelector": {"matchLabels": cluster},
-            "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {"matchLabels": cluster}},
-                                  {"podSelector": {"matchLabels": pods.selector(name, "router")}}]},
-                        {"ports": [{"protocol": "TCP", "port": POOL_METRICS_PORT}]}],
-        },
-    }
+    peers = [{"podSelector": {"matchLabels": cluster}},
+             {"podSelector": {"matchLabels": pods.selector(name, "router")}}]
+    return _ingress_policy(name, namespace, f"{name}-workers", "worker", cluster,
+                           [{"from": peers}, {"ports": [{"protocol": "TCP", "port": POOL_METRICS_PORT}]}])
 
 
 def render_router_network_policy(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
     """Router pods accept their two client surfaces (OpenAI HTTP with /metrics, and gRPC) from anywhere, and
     nothing else: they need no inbound traffic from the Ray pods (routers call the groups, not the reverse)."""
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": pods.metadata(name, namespace, pods.router_name(name), "router"),
-        "spec": {
-            "podSelector": {"matchLabels": pods.selector(name, "router")},
-            "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"protocol": "TCP", "port": spec.router.http_port},
-                                   {"protocol": "TCP", "port": spec.router.grpc_port}]}],
-        },
-    }
+    ports = [{"protocol": "TCP", "port": spec.router.http_port}, {"protocol": "TCP", "port": spec.router.grpc_port}]
+    return _ingress_policy(name, namespace, pods.router_name(name), "router", pods.selector(name, "router"),
+                           [{"ports": ports}])
 
 
 def render_service_monitor(name: str, namespace: str) -> dict[str, Any]:

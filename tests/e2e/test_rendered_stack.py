@@ -5,6 +5,7 @@ through the router pod, keep the chain readable, and survive the loss of a worke
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import httpx
 import yaml
 
 from k2serve.operator import pods as names
-from k2serve.operator.render import render_children
+from k2serve.operator.render import render_children, render_cluster_token
 from k2serve.operator.spec import K2DeploymentSpec, K2DeploymentStatus
 from k2serve.operator.status import Observed, compute_status
 from kubelet.node import Cluster
@@ -98,7 +99,9 @@ def test_tiny_sample_serves_as_rendered(tmp_path: Path) -> None:
     cr = yaml.safe_load((REPO / "manifests/samples/tiny-k2.yaml").read_text())
     name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
     spec = K2DeploymentSpec.model_validate(cr["spec"])
-    children = render_children(name, namespace, spec, service_monitor=False)
+    # What the reconciler creates: the children, and once the internal gRPC token's Secret.
+    children = [*render_children(name, namespace, spec, service_monitor=False),
+                render_cluster_token(name, namespace, secrets.token_urlsafe(32))]
     with Cluster(tmp_path / "node") as cluster:
         cluster.apply(children)
         took = _wait_ready(cluster, name, namespace, spec, READY_WITHIN_S)

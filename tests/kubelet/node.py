@@ -13,6 +13,7 @@ probes, PVCs and added capabilities are not modelled (they raise).
 
 from __future__ import annotations
 
+import base64
 import copy
 import http.client
 import os
@@ -166,6 +167,10 @@ class Cluster:
         """Takes the operator's children; every workload's pods start at once (no ordering between them)."""
         with self._lock:
             for child in children:
+                if child["kind"] == "Secret":  # kept decoded, as the kubelet writes them into volumes and env
+                    data = {k: base64.b64decode(v).decode() for k, v in child.get("data", {}).items()}
+                    self.secrets[child["metadata"]["name"]] = {**data, **child.get("stringData", {})}
+                    continue
                 self.objects.append(copy.deepcopy(child))
                 if child["kind"] == "RayCluster":
                     self.objects.append(kuberay.head_service(child))

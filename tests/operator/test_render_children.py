@@ -203,16 +203,21 @@ def _secrets_by_container(children: list[dict[str, Any]]) -> dict[str, set[str]]
 
 
 def test_secrets_are_mounted_only_where_used() -> None:
-    """API keys and the chain store's redis URL reach the router only; no pod gets a service-account token."""
+    """API keys and the chain store's redis URL reach the router only, the internal gRPC token every container
+    (each serves or calls internal gRPC); no pod gets a service-account token."""
     name, namespace, spec = _spec(REPO / "manifests/samples/kimi-k2-thinking.yaml")
     children = render_children(name, namespace, spec, service_monitor=False)
     secrets = _secrets_by_container(children)
     api_keys, redis = spec.router.api_key_secret, spec.chain_store.redis_url_secret
     assert api_keys is not None and redis is not None
-    assert secrets == {"router/router": {api_keys.name, redis.name}, "head/ray-head": set(),
-                       "head/pool-controller": set(), "prefill-workers/ray-worker": set(),
-                       "decode-workers/ray-worker": set()}
+    token = f"{name}-cluster-token"
+    assert secrets == {"router/router": {api_keys.name, redis.name, token}, "head/ray-head": {token},
+                       "head/pool-controller": {token}, "prefill-workers/ray-worker": {token},
+                       "decode-workers/ray-worker": {token}}
+    config = ServingConfig.model_validate(yaml.safe_load(children[0]["data"]["config.yaml"]))
+    assert config.cluster_token_file == "/var/run/secrets/k2serve/cluster/token"
     ray = next(c for c in children if c["kind"] == "RayCluster")["spec"]
     pod_specs = [next(c for c in children if c["kind"] == "Deployment")["spec"]["template"]["spec"],
                  ray["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in ray["workerGroupSpecs"])]
     assert all(p["automountServiceAccountToken"] is False for p in pod_specs)
+
