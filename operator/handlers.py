@@ -96,7 +96,7 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
         children = [c for c in children if c["kind"] != "RayCluster"]
     kopf.adopt(children, owner=body)
     if kube.get(k.SECRET, namespace, pods.cluster_token_name(name)) is None:
-        token = render_cluster_token(name, namespace, secrets.token_urlsafe(32))
+        token = render_cluster_token(name, namespace, secrets.token_urlsafe(32), secrets.token_urlsafe(32))
         kopf.adopt(token, owner=body)
         if _create(kube, token):
             kopf.info(body, reason="Reconciled", message=f"created Secret {token['metadata']['name']}")

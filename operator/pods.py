@@ -20,6 +20,7 @@ METRICS_PORT_NAME = "k2-metrics"
 REDIS_URL_ENV = "K2SERVE_REDIS_URL"
 CLUSTER_TOKEN_DIR = "/var/run/secrets/k2serve/cluster"
 CLUSTER_TOKEN_KEY = "token"
+RAY_AUTH_KEY = "auth_token"  # KubeRay's key for Ray's own token (authOptions.secretName names this Secret)
 POOLS = ("prefill", "decode")
 
 
@@ -136,6 +137,13 @@ def volumes(name: str, spec: K2DeploymentSpec, *, shm_size: str | None = None) -
         vols.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return vols, mounts
+
+
+def ray_auth_env(name: str) -> list[dict[str, Any]]:
+    """What a Ray driver outside KubeRay's Ray container needs to pass Ray's token auth (KubeRay injects the same
+    into the Ray containers)."""
+    ref = {"secretKeyRef": {"name": cluster_token_name(name), "key": RAY_AUTH_KEY}}
+    return [{"name": "RAY_AUTH_MODE", "value": "token"}, {"name": "RAY_AUTH_TOKEN", "valueFrom": ref}]
 
 
 def scheduling(spec: K2DeploymentSpec) -> dict[str, Any]:

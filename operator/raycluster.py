@@ -69,8 +69,9 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
                       "--metrics-port", str(POOL_METRICS_PORT), "--metrics-host", "0.0.0.0"]
     return {
         "serviceType": "ClusterIP",
-        # No CPUs for tasks on the head: actors of the pools must land on worker pods.
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        # No CPUs for tasks on the head: actors of the pools must land on worker pods. The dashboard answers
+        # inside the pod only: nothing here needs it from outside (KubeRay's probes query the dashboard agent).
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "127.0.0.1"},
         "template": {
             "metadata": {"labels": pods.labels(name, "head")},
             "spec": {
@@ -86,7 +87,6 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
                         "env": pods.env(spec),
                         "resources": pods.resources(spec.ray.head_resources),
                         "ports": [{"containerPort": 6379, "name": "gcs"},
-                                  {"containerPort": 8265, "name": "dashboard"},
                                   {"containerPort": 10001, "name": "client"}],
                         "volumeMounts": mounts,
                         "securityContext": pods.container_security(read_only_root=False),
@@ -100,7 +100,8 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
                         "imagePullPolicy": spec.image_pull_policy,
                         "command": controller_cmd,
                         "ports": [{"containerPort": POOL_METRICS_PORT, "name": pods.METRICS_PORT_NAME, "protocol": "TCP"}],
-                        "env": [*pods.env(spec), {"name": "RAY_ADDRESS", "value": "127.0.0.1:6379"}],
+                        "env": [*pods.env(spec), *pods.ray_auth_env(name),
+                                {"name": "RAY_ADDRESS", "value": "127.0.0.1:6379"}],
                         "volumeMounts": mounts,
                         "securityContext": pods.container_security(read_only_root=True),
                     },
@@ -126,6 +127,9 @@ def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec) -> dict
     ray_spec: dict[str, Any] = {
         "rayVersion": spec.ray.ray_version,
         "enableInTreeAutoscaling": False,
+        # Ray's token auth (KubeRay >= 1.6, Ray >= 2.52): KubeRay gives every Ray container the token of this
+        # Secret (key auth_token); the pool controller and the routers get it from pods.ray_auth_env.
+        "authOptions": {"mode": "token", "secretName": pods.cluster_token_name(name)},
         "headGroupSpec": _head_group(name, spec),
         "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool)) for pool in pods.POOLS],
     }

@@ -24,15 +24,16 @@ def render_configmap(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[
     }
 
 
-def render_cluster_token(name: str, namespace: str, token: str) -> dict[str, Any]:
-    """The internal gRPC token's Secret. Not among `render_children`: its value is random, so the reconciler
-    creates it once and never patches it."""
+def render_cluster_token(name: str, namespace: str, token: str, ray_token: str) -> dict[str, Any]:
+    """The Secret of the internal gRPC token and of Ray's token auth. Not among `render_children`: its values are
+    random, so the reconciler creates it once and never patches it."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": pods.metadata(name, namespace, pods.cluster_token_name(name), "config"),
         "type": "Opaque",
-        "data": {pods.CLUSTER_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+        "data": {key: base64.b64encode(value.encode()).decode()
+                 for key, value in ((pods.CLUSTER_TOKEN_KEY, token), (pods.RAY_AUTH_KEY, ray_token))},
     }
 
 
@@ -55,7 +56,7 @@ def render_router_deployment(name: str, namespace: str, spec: K2DeploymentSpec) 
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["python", "-m", "k2serve.router.serve", "--config", pods.CONFIG_PATH],
         # The router finds the worker groups in the pool controller's registry, over Ray Client to the head.
-        "env": [*pods.env(spec, chain_store=True), {"name": "RAY_ADDRESS", "value": f"ray://{pods.ray_name(name)}-head-svc:10001"}],
+        "env": [*pods.env(spec, chain_store=True), *pods.ray_auth_env(name), {"name": "RAY_ADDRESS", "value": f"ray://{pods.ray_name(name)}-head-svc:10001"}],
         "ports": [{"name": "http", "containerPort": r.http_port, "protocol": "TCP"},
                   {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"}],
         "readinessProbe": probe,

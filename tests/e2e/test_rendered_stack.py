@@ -101,7 +101,7 @@ def test_tiny_sample_serves_as_rendered(tmp_path: Path) -> None:
     spec = K2DeploymentSpec.model_validate(cr["spec"])
     # What the reconciler creates: the children, and once the internal gRPC token's Secret.
     children = [*render_children(name, namespace, spec, service_monitor=False),
-                render_cluster_token(name, namespace, secrets.token_urlsafe(32))]
+                render_cluster_token(name, namespace, secrets.token_urlsafe(32), secrets.token_urlsafe(32))]
     with Cluster(tmp_path / "node") as cluster:
         cluster.apply(children)
         took = _wait_ready(cluster, name, namespace, spec, READY_WITHIN_S)

@@ -3,7 +3,8 @@ Service, built the way KubeRay's `ray-operator/controllers/ray/common/pod.go` bu
 DefaultHeadPodTemplate, DefaultWorkerPodTemplate, setMissingRayStartParams, generateRayStartCommand,
 setContainerEnvVars, initLivenessAndReadinessProbe) and `service.go` (the head Service). Pure: dicts in, dicts out.
 
-Only what the operator's RayClusters use is modelled (no autoscaler, GCS FT, TLS, token auth or RayService);
+Only what the operator's RayClusters use is modelled (token auth from a given Secret; no autoscaler, GCS FT, TLS
+or RayService);
 anything else in the spec raises, so a new field is noticed rather than silently dropped.
 """
 
@@ -25,7 +26,7 @@ NODE_HEALTH_PATH = "/api/healthz"
 READINESS = {"initialDelaySeconds": 10, "periodSeconds": 5, "successThreshold": 1, "failureThreshold": 10}
 LIVENESS = {"initialDelaySeconds": 30, "periodSeconds": 5, "successThreshold": 1, "failureThreshold": 120}
 CONTAINER_COMMAND = ["/bin/bash", "-lc", "--"]  # utils.GetContainerCommand
-SUPPORTED_SPEC = {"rayVersion", "enableInTreeAutoscaling", "headGroupSpec", "workerGroupSpecs"}
+SUPPORTED_SPEC = {"rayVersion", "enableInTreeAutoscaling", "headGroupSpec", "workerGroupSpecs", "authOptions"}
 BOOLEAN_VALUED = {"log-color", "include-dashboard", "include-log-monitor"}  # passed as --flag=false too
 
 
@@ -103,6 +104,20 @@ def _env(container: dict[str, Any], node_type: str, fqdn: str, start_cmd: str) -
         env.append({"name": "RAY_DASHBOARD_ENABLE_K8S_DISK_USAGE", "value": "1"})
 
 
+def _token_auth(raycluster: dict[str, Any], container: dict[str, Any]) -> None:
+    """SetContainerTokenAuthEnvVars: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the Secret's auth_token key."""
+    options = raycluster["spec"].get("authOptions")
+    if not options:
+        return
+    if options.get("mode") != "token" or "secretName" not in options:
+        raise ValueError(f"authOptions the harness does not model: {options}")
+    env = container.setdefault("env", [])
+    names = {e["name"] for e in env}
+    ref = {"secretKeyRef": {"name": options["secretName"], "key": "auth_token"}}
+    env += [e for e in ({"name": "RAY_AUTH_MODE", "value": "token"}, {"name": "RAY_AUTH_TOKEN", "valueFrom": ref})
+            if e["name"] not in names]
+
+
 def _wait_gcs_init(ray_container: dict[str, Any], fqdn: str) -> dict[str, Any]:
     """The init container KubeRay injects into worker pods: `ray health-check` against the head until it answers."""
     script = (f"SECONDS=0; while true; do if ray health-check --address {fqdn}:{GCS_PORT} > /dev/null 2>&1; "
@@ -153,6 +168,8 @@ def build_pod(raycluster: dict[str, Any], node_type: str, group: dict[str, Any])
         ray["command"] = list(CONTAINER_COMMAND)
         ray["args"] = [f"{user_cmd} && {generated}" if user_cmd else generated]
     _env(ray, node_type, fqdn, start_cmd)
+    for container in [ray, *(c for c in spec.get("initContainers", []) if c["name"] == "wait-gcs-ready")]:
+        _token_auth(raycluster, container)
     head_timeout = 5 if node_type == "head" else 1
     ray.setdefault("livenessProbe", _probe(LIVENESS, head_timeout, int(params["dashboard-agent-listen-port"])))
     ray.setdefault("readinessProbe", _probe(READINESS, head_timeout, int(params["dashboard-agent-listen-port"])))

@@ -22,7 +22,7 @@ SAMPLES = sorted((REPO / "manifests/samples").glob("*.yaml"))
 # (ray-project.github.io/kuberay/reference/api): field -> Python type of its JSON value.
 RAYCLUSTER_SPEC = {"rayVersion": str, "enableInTreeAutoscaling": bool, "headGroupSpec": dict,
                    "workerGroupSpecs": list, "gcsFaultToleranceOptions": dict, "suspend": bool,
-                   "autoscalerOptions": dict, "headServiceAnnotations": dict}
+                   "autoscalerOptions": dict, "headServiceAnnotations": dict, "authOptions": dict}
 HEAD_GROUP_SPEC = {"serviceType": str, "headService": dict, "enableIngress": bool, "rayStartParams": dict,
                    "template": dict}
 WORKER_GROUP_SPEC = {"groupName": str, "replicas": int, "minReplicas": int, "maxReplicas": int,
@@ -221,3 +221,24 @@ def test_secrets_are_mounted_only_where_used() -> None:
                  ray["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in ray["workerGroupSpecs"])]
     assert all(p["automountServiceAccountToken"] is False for p in pod_specs)
 
+
+def test_ray_dashboard_stays_inside_the_head_pod() -> None:
+    name, namespace, spec = _spec(REPO / "manifests/samples/tiny-k2.yaml")
+    head = render_children(name, namespace, spec, service_monitor=False)[1]["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert [p["name"] for p in head["template"]["spec"]["containers"][0]["ports"]] == ["gcs", "client"]
+
+
+def test_ray_token_auth_reaches_every_ray_client() -> None:
+    """KubeRay puts Ray's token into the Ray containers; the drivers beside them get it from the same Secret."""
+    name, namespace, spec = _spec(REPO / "manifests/samples/tiny-k2.yaml")
+    children = render_children(name, namespace, spec, service_monitor=False)
+    ray = children[1]["spec"]
+    assert ray["authOptions"] == {"mode": "token", "secretName": "tiny-k2-cluster-token"}
+    drivers = [ray["headGroupSpec"]["template"]["spec"]["containers"][1],
+               children[2]["spec"]["template"]["spec"]["containers"][0]]
+    for container in drivers:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "tiny-k2-cluster-token",
+                                                                       "key": "auth_token"}}
