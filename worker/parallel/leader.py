@@ -154,9 +154,14 @@ class GroupLeader:
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL_S)
             service, group = self._service, self._group
-            if service is None or group is None or service.loop.error is None:
+            if service is None or group is None:
                 continue
-            err = service.loop.error
+            # A dead rank may be found by a call outside the engine loop (admitting a request, a KV export) while
+            # the loop idles: the group is failed then although the loop has no error, and must be rebuilt too.
+            dead_rank = group.failed if isinstance(group, ExpertParallelGroup) else None
+            err = service.loop.error or dead_rank
+            if err is None:
+                continue
             lost = err.request_ids if isinstance(err, GroupFailed) else group.request_ids()
             failure = Failure(time.time(), str(err), lost)
             self.failures.append(failure)
