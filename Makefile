@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -S -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt torch==2.13.0
-	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e '.[test]'
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e '.[test,cluster]'
 	touch $@
 
 up: install
@@ -34,7 +34,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -S -m venv .lock-venv
 	.lock-venv/bin/python -m pip install $(PIP_QUIET) torch==2.13.0
-	.lock-venv/bin/python -m pip install $(PIP_QUIET) '.[test]'
+	.lock-venv/bin/python -m pip install $(PIP_QUIET) '.[test,cluster]'
 	{ echo "# Pinned versions for make and CI; regenerate with 'make lock'. pyproject.toml keeps the ranges."; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^k2serve' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; \
 	} > constraints.txt

@@ -28,6 +28,11 @@ GROUP_REGISTRY_ACTOR = "k2serve-registry"
 POOL_METRICS_PORT = 9400
 # Ray placement-group strategies for a group's actors.
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+# Logical Ray CPUs a group leader of rank actors reserves (it only relays requests and steps its ranks). Worker
+# pods advertise room for one beside their rank, since Ray may place a leader on any of them.
+LEADER_CPUS = 0.1
+# Where the builtin model is built (worker/tiny.py): a writable folder, since containers' roots are read-only.
+CACHE_ENV = "K2SERVE_CACHE"
 
 
 class ConfigError(UserError, ValueError):
@@ -150,6 +155,10 @@ class ServingConfig(_Strict):
         False, description="Batch-invariant kernels: outputs independent of batch composition (slower)."
     )
     faults: list[FaultSpec] = Field(default_factory=list, description="Faults to inject (testing failover).")
+    cluster_token_file: str | None = Field(
+        None, description="File holding the shared secret every internal gRPC call carries as metadata "
+        "`authorization: Bearer <token>`; none: internal calls are not authenticated."
+    )
     cpu_binding: Literal["auto", "none"] = Field(
         "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "
         "of its own, and with cores to spare the router, leaders and Ray on those (k2serve/cpu_binding.py); none: "

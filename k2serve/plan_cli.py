@@ -30,14 +30,17 @@ def main(argv: list[str]) -> int:
                                      "concurrent full-context sequences of one expert-parallel group.")
     parser.add_argument("--model", default="kimi-k2-thinking",
                         help=f"shipped config ({', '.join(shipped_configs())}), a config.json or a model folder")
-    parser.add_argument("--quantization", choices=("int4", "bf16"), default="int4")
-    parser.add_argument("--gpu", nargs="+", default=["H100-80GB", "H200-141GB"], choices=sorted(GPU_MEMORY))
+    parser.add_argument("--quantization", choices=("int4", "bf16"), default="int4",
+                        help="routed-expert weight format (int4: K2 Thinking's W4A16 group-32)")
+    parser.add_argument("--gpu", nargs="+", default=["H100-80GB", "H200-141GB"], choices=sorted(GPU_MEMORY),
+                        help="devices to plan for")
     parser.add_argument("--device-memory-gib", type=float, default=None,
                         help="plan for a device of this many GiB instead of --gpu")
     parser.add_argument("--ep", nargs="+", type=int, default=[8, 16], help="expert-parallel sizes")
     parser.add_argument("--context", type=int, default=262144, help="tokens of the longest sequence")
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
-    parser.add_argument("--max-running", type=int, default=256)
+    parser.add_argument("--max-batch-tokens", type=int, default=8192,
+                        help="token budget of one engine step (sizes the activations)")
+    parser.add_argument("--max-running", type=int, default=256, help="most sequences a group runs at once")
     parser.add_argument("--reserve-gib", type=float, default=4.0, help="kept free per device (CUDA, NCCL, ...)")
     args = parser.parse_args(argv)
     try:

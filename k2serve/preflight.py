@@ -1,5 +1,6 @@
 """Checks that run before slow work starts (Ray, model loading), so a user's mistake is reported in a second as
-one line that says what to do, not as a traceback after the stack came up."""
+one line that says what to do, not as a traceback after the stack came up. (Joining a Ray cluster checks its
+address the same way: k2serve/ray_join.py.)"""
 
 from __future__ import annotations
 
@@ -23,12 +24,3 @@ def ensure_port_free(host: str, port: int, what: str, flag: str) -> None:
                 raise UserError(f"{what} port {port} on {host} is already in use (another `k2serve up`?): stop "
                                 f"that process or choose another with {flag} (0 picks a free one)") from e
             raise UserError(f"cannot listen on {host}:{port} for {what}: {e.strerror or e}") from e
-
-
-def ensure_reachable(host: str, port: int, what: str, hint: str, timeout_s: float = 3.0) -> None:
-    """One TCP connect with a deadline, so a client never hangs on an address nobody serves."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return
-    except OSError as e:
-        raise UserError(f"no {what} answers at {host}:{port} ({e.strerror or e}); {hint}") from e

@@ -6,6 +6,7 @@ make the API server's garbage collector do it too)."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from k2serve.operator import pods
 from k2serve.operator.capacity_gate import check_capacity
 from k2serve.operator.download_job import (ModelVerdict, hub_source, job_name, model_verdict, progress_name,
                                            render_download)
-from k2serve.operator.render import render_children
+from k2serve.operator.render import render_children, render_cluster_token
 from k2serve.operator.spec import GROUP, PLURAL, VERSION, K2DeploymentSpec, K2DeploymentStatus
 from k2serve.operator.status import Observed, Wanted, blocked_status, compute_status, invalid_status, with_conditions
 
@@ -47,12 +48,8 @@ def _converge(kube: k.Kube, child: dict[str, Any]) -> str | None:
     meta = child["metadata"]
     existing = kube.get(ref, meta["namespace"], meta["name"])
     if existing is None:
-        try:
-            kube.create(child)
+        if _create(kube, child):
             return f"created {child['kind']} {meta['name']}"
-        except k.KubeError as e:
-            if e.status != 409:
-                raise
         # AlreadyExists: a concurrent reconcile of the same CR (kopf runs the timer beside change handlers).
         existing = kube.get(ref, meta["namespace"], meta["name"]) or {}
     wanted = {key: value for key, value in child.items() if key not in ("apiVersion", "kind", "status")}
@@ -60,6 +57,17 @@ def _converge(kube: k.Kube, child: dict[str, Any]) -> str | None:
         return None
     kube.patch(ref, meta["namespace"], meta["name"], wanted)
     return f"updated {child['kind']} {meta['name']}"
+
+
+def _create(kube: k.Kube, obj: dict[str, Any]) -> bool:
+    """Creates `obj`; False when it already exists (HTTP 409), which a racing reconcile may have done."""
+    try:
+        kube.create(obj)
+    except k.KubeError as e:
+        if e.status != 409:
+            raise
+        return False
+    return True
 
 
 def _observe(kube: k.Kube, name: str, namespace: str, kuberay: bool) -> Observed:
@@ -106,6 +114,11 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
         # A new revision downloading: running workers keep reading the folder they were started on.
         children = [c for c in children if c["metadata"]["name"] != pods.config_name(name)]
     kopf.adopt(children, owner=body)
+    if kube.get(k.SECRET, namespace, pods.cluster_token_name(name)) is None:
+        token = render_cluster_token(name, namespace, secrets.token_urlsafe(32), secrets.token_urlsafe(32))
+        kopf.adopt(token, owner=body)
+        if _create(kube, token):
+            kopf.info(body, reason="Reconciled", message=f"created Secret {token['metadata']['name']}")
     for child in children:
         if done := _converge(kube, child):
             kopf.info(body, reason="Reconciled", message=done)
@@ -141,6 +154,8 @@ def delete_children(kube: k.Kube, body: kopf.Body) -> list[str]:
     """Deletes every child this operator may have made (whatever the spec says now); absent ones are fine."""
     name, namespace = body.metadata.name, body.metadata.namespace
     gone = []
+    if kube.delete(k.SECRET, namespace, pods.cluster_token_name(name)):
+        gone.append(f"Secret {pods.cluster_token_name(name)}")
     try:  # the download's children are named after the source: only the spec knows them
         download = render_download(name, namespace, K2DeploymentSpec.model_validate(dict(body.spec)))
     except ValidationError:

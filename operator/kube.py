@@ -47,8 +47,9 @@ JOB = Ref("batch", "v1", "jobs", "Job")
 SERVICEACCOUNT = Ref("", "v1", "serviceaccounts", "ServiceAccount")
 ROLE = Ref("rbac.authorization.k8s.io", "v1", "roles", "Role")
 ROLEBINDING = Ref("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
+SECRET = Ref("", "v1", "secrets", "Secret")
 CHILD_REFS: dict[str, Ref] = {r.kind: r for r in (CONFIGMAP, SERVICE, DEPLOYMENT, PDB, NETWORKPOLICY, RAYCLUSTER,
-                                                  SERVICEMONITOR, JOB, SERVICEACCOUNT, ROLE, ROLEBINDING)}
+                                                  SERVICEMONITOR, JOB, SERVICEACCOUNT, ROLE, ROLEBINDING, SECRET)}
 
 
 class KubeError(RuntimeError):

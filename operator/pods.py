@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from k2serve.config import CONFIG_ENV, ChainStoreConfig, PoolConfig, RouterConfig, ServingConfig
+from k2serve.config import CACHE_ENV, CONFIG_ENV, ChainStoreConfig, PoolConfig, RouterConfig, ServingConfig
 from k2serve.download import HubSource, is_hub_source
 from k2serve.operator.spec import K2DeploymentSpec, PoolSpec, Resources
 
@@ -14,7 +14,14 @@ CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 API_KEYS_DIR = "/etc/k2serve/api-keys"
 MODEL_DIR = "/models"
 CHAINS_DIR = "/var/lib/k2serve"
+CACHE_DIR = "/var/cache/k2serve"  # the builtin model is built here, per pod (an emptyDir: roots are read-only)
+# KubeRay adds a port named "metrics" (Ray's own, 8080) to every Ray container; ours must differ, and the chart's
+# PodMonitor scrapes exactly this name.
+METRICS_PORT_NAME = "k2-metrics"
 REDIS_URL_ENV = "K2SERVE_REDIS_URL"
+CLUSTER_TOKEN_DIR = "/var/run/secrets/k2serve/cluster"
+CLUSTER_TOKEN_KEY = "token"
+RAY_AUTH_KEY = "auth_token"  # KubeRay's key for Ray's own token (authOptions.secretName names this Secret)
 POOLS = ("prefill", "decode")
 
 
@@ -28,6 +35,11 @@ def router_name(name: str) -> str:
 
 def ray_name(name: str) -> str:
     return f"{name}-ray"
+
+
+def cluster_token_name(name: str) -> str:
+    """The Secret holding the internal gRPC token (created once by the reconciler, owned by the K2Deployment)."""
+    return f"{name}-cluster-token"
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -67,7 +79,7 @@ def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
         api_keys_file=f"{API_KEYS_DIR}/{r.api_key_secret.key}" if r.api_key_secret else None,
     )
     store = spec.chain_store.model_dump(include=set(ChainStoreConfig.model_fields))
-    if spec.chain_store.pvc:
+    if spec.chain_store.backend == "sqlite":  # on the router's chains volume: its working directory is read-only
         store["sqlite_path"] = f"{CHAINS_DIR}/{spec.chain_store.sqlite_path}"
     if spec.chain_store.redis_url_secret:
         store["redis_url_env"] = REDIS_URL_ENV
@@ -77,6 +89,7 @@ def serving_config(spec: K2DeploymentSpec) -> ServingConfig:
         # Ranks run in worker pods the head pod's controller cannot see the cores of (they may not have joined
         # when it plans): pods get their cores from their CPU requests and the kubelet's CPU manager instead.
         cpu_binding="none",
+        cluster_token_file=f"{CLUSTER_TOKEN_DIR}/{CLUSTER_TOKEN_KEY}",
     )
 
 
@@ -95,22 +108,30 @@ def container_security(read_only_root: bool) -> dict[str, Any]:
 
 
 def pod_security() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+    """The pod-level part of every pod's spec: a non-root identity, and no Kubernetes API token (nothing the
+    operator renders talks to the API server)."""
+    return {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+            "automountServiceAccountToken": False}
 
 
-def env(spec: K2DeploymentSpec) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": CONFIG_PATH}]
-    if ref := spec.chain_store.redis_url_secret:
+def env(spec: K2DeploymentSpec, *, chain_store: bool = False) -> list[dict[str, Any]]:
+    """`chain_store`: the container opens the chain store (the router), so it gets the redis URL Secret."""
+    out: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": CONFIG_PATH}, {"name": CACHE_ENV, "value": CACHE_DIR}]
+    if (ref := spec.chain_store.redis_url_secret) and chain_store:
         out.append({"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return out
 
 
 def volumes(name: str, spec: K2DeploymentSpec, *, shm_size: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(volumes, volumeMounts): the config, /tmp (read-only roots), and the model, store, keys and shm when used."""
+    """(volumes, volumeMounts): the config and the internal gRPC token, /tmp and the model cache (read-only
+    roots), and the model, store, keys and shm when used."""
+    token = {"secretName": cluster_token_name(name), "items": [{"key": CLUSTER_TOKEN_KEY, "path": CLUSTER_TOKEN_KEY}]}
     vols: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": config_name(name)}},
-                                  {"name": "tmp", "emptyDir": {}}]
+                                  {"name": "cluster-token", "secret": token},
+                                  {"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                                    {"name": "tmp", "mountPath": "/tmp"}]
+                                    {"name": "cluster-token", "mountPath": CLUSTER_TOKEN_DIR, "readOnly": True},
+                                    {"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_DIR}]
     if spec.model.pvc:
         vols.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
@@ -118,6 +139,13 @@ def volumes(name: str, spec: K2DeploymentSpec, *, shm_size: str | None = None) -
         vols.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return vols, mounts
+
+
+def ray_auth_env(name: str) -> list[dict[str, Any]]:
+    """What a Ray driver outside KubeRay's Ray container needs to pass Ray's token auth (KubeRay injects the same
+    into the Ray containers)."""
+    ref = {"secretKeyRef": {"name": cluster_token_name(name), "key": RAY_AUTH_KEY}}
+    return [{"name": "RAY_AUTH_MODE", "value": "token"}, {"name": "RAY_AUTH_TOKEN", "valueFrom": ref}]
 
 
 def scheduling(spec: K2DeploymentSpec) -> dict[str, Any]:

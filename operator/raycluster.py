@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from k2serve.config import POOL_METRICS_PORT
+from k2serve.config import LEADER_CPUS, POOL_METRICS_PORT
 from k2serve.operator import pods
 from k2serve.operator.spec import K2DeploymentSpec, PoolSpec
 
@@ -35,14 +35,16 @@ def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolS
         "minReplicas": replicas,
         "maxReplicas": replicas,
         "rayStartParams": {
-            # KubeRay passes this verbatim to `ray start --resources`; the pool controller asks for it per actor.
-            "resources": json.dumps(json.dumps({pods.ray_resource(pool): 1})),
-            "num-cpus": str(max(1, math.ceil(pool_spec.num_cpus_per_actor))),
+            # KubeRay pastes this into a bash line (`--resources='{...}'`) and also parses it itself after
+            # trimming quotes, so: single-quoted JSON. The pool controller asks for it per actor.
+            "resources": f"'{json.dumps({pods.ray_resource(pool): 1}, separators=(',', ':'))}'",
+            # One rank plus room for a group leader, which Ray may place on any worker pod.
+            "num-cpus": str(math.ceil(pool_spec.num_cpus_per_actor + LEADER_CPUS)),
         },
         "template": {
             "metadata": {"labels": {**pods.labels(name, "worker"), "k2serve.io/pool": pool}},
             "spec": {
-                "securityContext": pods.pod_security(),
+                **pods.pod_security(),
                 "containers": [{
                     "name": "ray-worker",
                     "image": spec.ray.image or spec.image,
@@ -63,16 +65,20 @@ def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolS
 def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
     vols, mounts = pods.volumes(name, spec)
     image = spec.ray.image or spec.image
-    controller_cmd = ["k2serve", "pools", "--config", pods.CONFIG_PATH,
+    controller_cmd = ["k2serve", "pools", "--config", pods.CONFIG_PATH, "--wait-for-ray", "300",
                       "--metrics-port", str(POOL_METRICS_PORT), "--metrics-host", "0.0.0.0"]
     return {
         "serviceType": "ClusterIP",
-        # No CPUs for tasks on the head: actors of the pools must land on worker pods.
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        # No CPUs for tasks on the head: actors of the pools must land on worker pods. The dashboard answers
+        # inside the pod only: nothing here needs it from outside (KubeRay's probes query the dashboard agent).
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "127.0.0.1"},
         "template": {
             "metadata": {"labels": pods.labels(name, "head")},
             "spec": {
-                "securityContext": pods.pod_security(),
+                **pods.pod_security(),
+                # The pool controller is a Ray driver: ray.init finds its node by looking for the raylet among
+                # the processes it can see, which in a pod of separate PID namespaces is none.
+                "shareProcessNamespace": True,
                 "containers": [
                     {
                         "name": "ray-head",
@@ -81,7 +87,6 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
                         "env": pods.env(spec),
                         "resources": pods.resources(spec.ray.head_resources),
                         "ports": [{"containerPort": 6379, "name": "gcs"},
-                                  {"containerPort": 8265, "name": "dashboard"},
                                   {"containerPort": 10001, "name": "client"}],
                         "volumeMounts": mounts,
                         "securityContext": pods.container_security(read_only_root=False),
@@ -94,8 +99,9 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
                         "image": image,
                         "imagePullPolicy": spec.image_pull_policy,
                         "command": controller_cmd,
-                        "ports": [{"containerPort": POOL_METRICS_PORT, "name": "metrics", "protocol": "TCP"}],
-                        "env": [*pods.env(spec), {"name": "RAY_ADDRESS", "value": "127.0.0.1:6379"}],
+                        "ports": [{"containerPort": POOL_METRICS_PORT, "name": pods.METRICS_PORT_NAME, "protocol": "TCP"}],
+                        "env": [*pods.env(spec), *pods.ray_auth_env(name),
+                                {"name": "RAY_ADDRESS", "value": "127.0.0.1:6379"}],
                         "volumeMounts": mounts,
                         "securityContext": pods.container_security(read_only_root=True),
                     },
@@ -121,6 +127,9 @@ def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec) -> dict
     ray_spec: dict[str, Any] = {
         "rayVersion": spec.ray.ray_version,
         "enableInTreeAutoscaling": False,
+        # Ray's token auth (KubeRay >= 1.6, Ray >= 2.52): KubeRay gives every Ray container the token of this
+        # Secret (key auth_token); the pool controller and the routers get it from pods.ray_auth_env.
+        "authOptions": {"mode": "token", "secretName": pods.cluster_token_name(name)},
         "headGroupSpec": _head_group(name, spec),
         "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool)) for pool in pods.POOLS],
     }

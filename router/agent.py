@@ -16,7 +16,10 @@ import httpx
 
 from k2serve.agent_loop import ExecutedCall, ModelTurn, run_agent
 from k2serve.agent_tools import Chain, DemoTools
-from k2serve.router.chat import stream_chat
+from k2serve.errors import UserError
+from k2serve.helptext import summary
+from k2serve.router.chat import request_failed, stream_chat
+from k2serve.terminal import printable
 
 
 def http_completer(client: httpx.Client, model: str, max_tokens: int, out: TextIO) -> Any:
@@ -28,12 +31,12 @@ def http_completer(client: httpx.Client, model: str, max_tokens: int, out: TextI
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="k2serve agent", description=__doc__.splitlines()[0])
-    ap.add_argument("task")
+    ap = argparse.ArgumentParser(prog="k2serve agent", description=summary(__doc__))
+    ap.add_argument("task", help="what the agent should do, e.g. \"What is 17 * 23?\"")
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
     ap.add_argument("--model", help="model name (default: the first in /v1/models)")
     ap.add_argument("--max-tokens", type=int, default=200, help="per model turn")
-    ap.add_argument("--max-turns", type=int, default=400)
+    ap.add_argument("--max-turns", type=int, default=400, help="most model turns before giving up (400)")
     ap.add_argument("--chain", metavar="SEED:LINKS", help="set up the chain that `next` walks, e.g. demo:10")
     ap.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"), help="bearer key ($K2SERVE_API_KEY)")
     args = ap.parse_args(argv)
@@ -41,14 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.chain:
         seed, _, links = args.chain.rpartition(":")
         if not seed or not links.isdigit() or int(links) < 1:
-            print("k2serve agent: --chain wants SEED:LINKS with LINKS >= 1", file=sys.stderr)
-            return 2
+            raise UserError("--chain wants SEED:LINKS with LINKS >= 1")
         chain = Chain(seed, int(links))
         print(f"[chain] starts at {chain.start}", flush=True)
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     def show(call: ExecutedCall) -> None:
-        print(f"[result {call.id}] {call.result}", flush=True)
+        print(printable(f"[result {call.id}] {call.result}"), flush=True)
 
     try:
         with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(600, connect=5)) as client:
@@ -56,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             run = run_agent(args.task, http_completer(client, model, args.max_tokens, sys.stdout), DemoTools(chain),
                             args.max_turns, show)
     except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
-        print(f"k2serve agent: {e}", file=sys.stderr)
-        return 1
+        raise request_failed(args.url, e) from e
     if run.answer is None:
         print(f"k2serve agent: no answer after {run.turns} turns", file=sys.stderr)
         return 1
-    print(f"\n[answer after {len(run.calls)} calls] {run.answer}")
+    print(printable(f"\n[answer after {len(run.calls)} calls] {run.answer}"))
     return 0

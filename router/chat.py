@@ -55,6 +55,14 @@ def stream_chat(client: httpx.Client, body: dict[str, Any], out: TextIO) -> dict
     return result
 
 
+def request_failed(url: str, e: Exception) -> UserError:
+    """The one-line error for a request to a stack that failed; for no stack at all, how to start one."""
+    if isinstance(e, httpx.ConnectError):
+        return UserError(f"no k2serve stack answers at {url} ({e}); start one with `make up` or `k2serve up` in "
+                         "another terminal, or pass --url")
+    return UserError(f"request to {url} failed: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve chat", description=summary(__doc__))
     ap.add_argument("message", help="the user message")
@@ -78,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.tools:
                 body["tools"] = json.loads(args.tools.read_text())
             stream_chat(client, body, sys.stdout)
-    except httpx.ConnectError as e:
-        raise UserError(f"no k2serve stack answers at {args.url} ({e}); start one with `make up` or `k2serve up` "
-                        "in another terminal, or pass --url") from e
     except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
-        raise UserError(f"request to {args.url} failed: {e}") from e
+        raise request_failed(args.url, e) from e
     return 0

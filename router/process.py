@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 from k2serve.config import RAY_NAMESPACE, ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.signals import stop_on_signals
+from k2serve.ray_join import join_ray
 from k2serve.router.http.app import create_app
 from k2serve.router.http.uvicorn_runner import serving
+from k2serve.signals import stop_on_signals
 from k2serve.router.core import RouterCore
 from k2serve.router.directory import RegistryDirectory
 from k2serve.groups import GroupAddress
@@ -75,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.group:
         directory = StaticDirectory(args.group)
     else:
-        import ray
-
-        ray.init(address=args.ray_address, namespace=RAY_NAMESPACE, log_to_driver=False)
+        join_ray(args.ray_address, RAY_NAMESPACE, log_to_driver=False)
         directory = RegistryDirectory(RAY_NAMESPACE)
 
     def ready(url: str, grpc_port: int) -> None:

@@ -13,6 +13,7 @@ import yaml
 from helm_python import Chart, _native
 
 from k2serve import dashboards
+from k2serve.operator.pods import METRICS_PORT_NAME
 
 CHART = Path(__file__).resolve().parents[1] / "charts/k2serve"
 DOCS = {name: json.loads(text) for name, text in dashboards.render().items()}
@@ -99,6 +100,20 @@ def test_podmonitor_only_where_the_prometheus_operator_is() -> None:
     assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "k2serve"}
+
+
+def test_podmonitor_scrapes_the_one_port_the_operator_names_for_it() -> None:
+    """One scrape target per pod: the pool controller's port in head pods (named as the operator renders it,
+    not KubeRay's "metrics") and the operator's own; worker pods are not scraped (their metrics go through the
+    pool controller, and the NetworkPolicy admits only its port)."""
+    docs = _render({}, ["monitoring.coreos.com/v1/PodMonitor"])
+    (monitor,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == [METRICS_PORT_NAME]
+    (components,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert components["values"] == ["head", "operator"]
+    (operator,) = [d for d in docs if d["kind"] == "Deployment"]
+    ports = operator["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert [p["name"] for p in ports].count(METRICS_PORT_NAME) == 1
 
 
 @pytest.mark.parametrize("values", [{"dashboards": {"enabled": "yes"}}, {"podMonitor": {"port": "Metrics_Port"}},

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from k2serve.config import CACHE_ENV
 from k2serve.k2format.model_config import K2Config
 from k2serve.k2format.tokenizer import write_tiny_tokenizer
 
@@ -65,7 +66,7 @@ def tiny_config(*, n_routed_experts: int = 16, n_group: int = 1, topk_group: int
 
 def cache_root(cache_dir: Path | None = None) -> Path:
     """`cache_dir`, else `$K2SERVE_CACHE`, else `~/.cache/k2serve`."""
-    return Path(cache_dir or os.environ.get("K2SERVE_CACHE") or Path.home() / ".cache" / "k2serve")
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "k2serve")
 
 
 def build_once(final: Path, build: Callable[[Path], None]) -> Path:

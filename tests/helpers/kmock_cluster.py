@@ -48,7 +48,7 @@ RAYCLUSTER_CRD = {
 # Built-in resources every API server serves (kmock serves only what is declared or already has objects).
 BUILTINS = {
     "v1/namespaces": ("Namespace", False), "v1/events": ("Event", True), "v1/pods": ("Pod", True),
-    "v1/configmaps": ("ConfigMap", True), "v1/services": ("Service", True),
+    "v1/configmaps": ("ConfigMap", True), "v1/services": ("Service", True), "v1/secrets": ("Secret", True),
     "apps/v1/deployments": ("Deployment", True), "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True),
     "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True),
     "batch/v1/jobs": ("Job", True), "v1/serviceaccounts": ("ServiceAccount", True),

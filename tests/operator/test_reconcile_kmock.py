@@ -102,6 +102,9 @@ def test_tiny_sample_lifecycle(cluster: Any) -> None:
         owners = got["metadata"].get("ownerReferences", [])
         assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("K2Deployment", name, cr["metadata"]["uid"])]
         assert owners[0]["controller"] is True
+    token = wait_for("cluster token", lambda: c.kube.get(k.SECRET, NS, f"{name}-cluster-token"))
+    assert [o["uid"] for o in token["metadata"]["ownerReferences"]] == [cr["metadata"]["uid"]]
+    assert len(token["data"]["token"]) >= 32
     progressing = wait_for("status", lambda: c.kube.get(K2D, NS, name).get("status", {}).get("phase"))
     assert progressing == "Progressing"
 
@@ -144,10 +147,14 @@ def test_tiny_sample_lifecycle(cluster: Any) -> None:
         wait_for(f"{ref.kind} drift reverted", lambda: c.kube.get(ref, NS, wanted[ref]["metadata"]["name"])[key]
                  == {**c.kube.get(ref, NS, wanted[ref]["metadata"]["name"])[key], **wanted[ref][key]})
 
+    # The token is created once: resyncs leave it as it was.
+    assert c.kube.get(k.SECRET, NS, f"{name}-cluster-token")["data"] == token["data"]
+
     # Deleting the CR deletes the children (explicitly: kmock has no garbage collector).
     c.kube.delete(K2D, NS, name)
     for child in _children(name):
         wait_for(f"{child['kind']} deleted", lambda: c.kube.get(k.ref_of(child), NS, child["metadata"]["name"]) is None)
+    wait_for("token deleted", lambda: c.kube.get(k.SECRET, NS, f"{name}-cluster-token") is None)
     wait_for("CR gone", lambda: c.kube.get(K2D, NS, name) is None)
     assert {"Reconciled", "Ready", "Deleted"} <= {event.get("reason") for event in _events(c)}
 

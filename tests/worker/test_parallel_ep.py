@@ -34,7 +34,7 @@ def mixed_prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def group_spec(world_size: int) -> GroupSpec:
-    return GroupSpec(model_dir=str(resolve_checkpoint("builtin:tiny-k2")), world_size=world_size,
+    return GroupSpec(model_source="builtin:tiny-k2", world_size=world_size,
                      engine=EngineConfig(num_blocks=256, block_size=16, max_batch_tokens=512), eos_ids=[],
                      deterministic=True, num_cpus_per_actor=0.5, collective_timeout_s=20.0)
 

@@ -28,6 +28,7 @@ from k2serve.config import Placement
 from k2serve.k2format.block_hash import block_hashes
 from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
 from k2serve.k2format.model_config import K2Config
+from k2serve.worker.loader import resolve_checkpoint
 from k2serve.worker.parallel.ep import expert_range
 from k2serve.worker.parallel.rank import CONCURRENCY_GROUPS, RankSnapshot, RankWorker
 
@@ -35,7 +36,9 @@ from k2serve.worker.parallel.rank import CONCURRENCY_GROUPS, RankSnapshot, RankW
 
 @dataclass
 class GroupSpec:
-    model_dir: str
+    # The model as configured (`builtin:tiny-k2`, a directory): every process resolves it where it runs, because
+    # what one pod resolved (the builtin model's cache folder) need not exist on the pod of another rank.
+    model_source: str
     world_size: int
     engine: EngineConfig
     eos_ids: list[int]
@@ -90,7 +93,7 @@ class ExpertParallelGroup:
     kv_in_object_store = True  # the worker service hands KV over as ObjectRefs (export_kv_ref, add_request kv=)
 
     def __init__(self, spec: GroupSpec) -> None:
-        model = K2Config.from_dir(spec.model_dir)
+        model = K2Config.from_dir(resolve_checkpoint(spec.model_source))
         expert_range(0, spec.world_size, model.n_routed_experts)  # N must divide E: fail before any actor starts
         self.moe_layers: list[int] = list(model.moe_layers)  # rows of `expert_load`
         self.spec = spec
@@ -136,7 +139,7 @@ class ExpertParallelGroup:
         host, port = ray.get(self.ranks[0].rendezvous_address.remote(), timeout=s.start_timeout_s)
         self.pids = ray.get([r.pid.remote() for r in self.ranks], timeout=s.start_timeout_s)
         self.expert_bytes = ray.get(
-            [r.setup.remote(s.model_dir, host, port, s.engine, s.eos_ids, s.deterministic, s.collective_timeout_s)
+            [r.setup.remote(s.model_source, host, port, s.engine, s.eos_ids, s.deterministic, s.collective_timeout_s)
              for r in self.ranks], timeout=s.start_timeout_s)
         self.max_model_len = ray.get(self.ranks[0].max_model_len.remote(), timeout=s.start_timeout_s)
         self.owner.clear()

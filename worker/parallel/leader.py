@@ -61,7 +61,7 @@ class _ArmedFault:
 def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s: float = 30.0,
                steps_ahead: int = 0) -> GroupSpec:
     model_dir = resolve_checkpoint(config.model.source)
-    return GroupSpec(model_dir=str(model_dir), world_size=pool.expert_parallel,
+    return GroupSpec(model_source=config.model.source, world_size=pool.expert_parallel,
                      engine=EngineConfig.for_pool(pool, config),
                      eos_ids=K2Tokenizer.from_dir(model_dir).eos_ids, deterministic=config.deterministic,
                      placement=pool.placement, num_cpus_per_actor=pool.num_cpus_per_actor,
@@ -108,7 +108,7 @@ class GroupLeader:
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
                                       block_size=self.spec.engine.block_size, metrics=self.metrics)
         self.address = await self._service.start(host, 0)
-        self.metrics.init_experts(self._group.moe_layers, K2Config.from_dir(self.spec.model_dir).n_routed_experts)
+        self.metrics.init_experts(self._group.moe_layers, K2Config.from_dir(resolve_checkpoint(self.spec.model_source)).n_routed_experts)
         self.metrics_port = self.metrics.serve(0, host)
         self.metrics.group_healthy.labels(role=self.role, group=self.group_id).set(1)
         if self._replaces:
@@ -154,9 +154,14 @@ class GroupLeader:
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL_S)
             service, group = self._service, self._group
-            if service is None or group is None or service.loop.error is None:
+            if service is None or group is None:
                 continue
-            err = service.loop.error
+            # A dead rank may be found by a call outside the engine loop (admitting a request, a KV export) while
+            # the loop idles: the group is failed then although the loop has no error, and must be rebuilt too.
+            dead_rank = group.failed if isinstance(group, ExpertParallelGroup) else None
+            err = service.loop.error or dead_rank
+            if err is None:
+                continue
             lost = err.request_ids if isinstance(err, RankFailure) else group.request_ids()
             failure = Failure(time.time(), str(err), lost)
             self.failures.append(failure)

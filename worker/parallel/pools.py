@@ -22,12 +22,11 @@ import ray
 
 from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
 from k2serve.config import RAY_NAMESPACE as NAMESPACE
-from k2serve.config import FaultSpec, ServingConfig
+from k2serve.config import LEADER_CPUS, FaultSpec, ServingConfig
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
-from k2serve.errors import UserError
 from k2serve.helptext import summary
 from k2serve.localray import init_local_ray
-from k2serve.preflight import ensure_reachable
+from k2serve.ray_join import join_ray
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.in_leader_group import engine_in_leader
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
@@ -35,7 +34,6 @@ from k2serve.groups import Role
 
 log = logging.getLogger(__name__)
 
-LEADER_CPUS = 0.1  # a leader of rank actors only relays requests and steps its ranks
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 5.0
 NAME_RELEASE_TIMEOUT_S = 30.0  # a dead actor's name is freed asynchronously
@@ -238,24 +236,6 @@ class PoolController:
         ray.get(self._registry.set.remote(self.groups()), timeout=CALL_TIMEOUT_S)
 
 
-def cluster_address(given: str | None) -> str:
-    """The Ray cluster to join, found as `ray.init(address="auto")` finds it and checked to answer: a cluster
-    that stopped leaves its address behind, and joining it would hang."""
-    from ray._private.services import get_ray_address_from_environment
-
-    hint = ("start one with `ray start --head`, pass --address HOST:PORT of a running cluster, or use --local for "
-            "a Ray of its own on this machine")
-    try:
-        address = get_ray_address_from_environment(given or "auto", None)
-    except ConnectionError as e:
-        raise UserError(f"no Ray cluster to join ({e}); {hint}") from e
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"no Ray cluster to join (address {address!r}); {hint}")
-    ensure_reachable(host, int(port), "Ray cluster", hint)
-    return address
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve pools", description=summary(__doc__))
     ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
@@ -263,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                     "cluster last started on this machine)")
     ap.add_argument("--local", action="store_true", help="start a local Ray (loopback, no dashboard) instead of "
                     "joining a cluster")
+    ap.add_argument("--wait-for-ray", type=float, default=0.0, metavar="S",
+                    help="keep trying to join the cluster this long (a pod may start before the Ray head; default 0)")
     ap.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of leaders and registry ({NAMESPACE})")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="serve every group's metrics, merged, on this port's /metrics (default: not served)")
@@ -272,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         init_local_ray()
     else:
-        ray.init(address=cluster_address(args.address), namespace=args.namespace)
+        join_ray(args.address, args.namespace, wait_s=args.wait_for_ray, hint=(
+            "start one with `ray start --head`, pass --address HOST:PORT of a running cluster, or use --local for a "
+            "Ray of its own on this machine"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from k2serve.cpu_binding import bind_own
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, Request, TokenEvent
-from k2serve.worker.loader import load_weights
 from k2serve.k2format.model_config import K2Config
+from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
 from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.parallel.ep import ExpertParallelMoE, expert_range
@@ -121,15 +121,17 @@ class RankWorker:
         host = ray.util.get_node_ip_address()
         return host, free_port(host)
 
-    def setup(self, model_dir: str, host: str, port: int, engine_config: EngineConfig, eos_ids: list[int],
+    def setup(self, model_source: str, host: str, port: int, engine_config: EngineConfig, eos_ids: list[int],
               deterministic: bool, timeout_s: float) -> int:
         """Joins the group and loads weights + this rank's experts; returns resident routed-expert bytes."""
-        if host.startswith("127."):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if host == "127.0.0.1":  # a single-node loopback cluster; elsewhere Gloo takes the interface the
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # host name resolves to (a pod's own address)
         if self.world_size > 1:  # a group of one holds every expert: no collectives to join
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+        # Resolved here, not by the leader: a builtin model the leader built lives only on the leader's pod.
+        model_dir = str(resolve_checkpoint(model_source))
         built = build_rank_engine(model_dir, engine_config, eos_ids, deterministic, rank=self.rank,
                                   world_size=self.world_size, lockstep=True)
         self.engine, self.executor = built.engine, built.executor
