@@ -111,10 +111,16 @@ def evaluate(name: str, model_dir: Path, tasks: int, links: list[int], chains: i
         for _ in range(tasks):
             run_episode(completer, make_episode(family, rng, "eval"), tally)
         print(f"{family:10s} | {tally.row()}   ({time.monotonic() - start:.0f}s)", flush=True)
+    blocks = completer.engine.blocks
     for n in links:
         tally = Tally()
+        queried, hit = blocks.prefix_queries_tokens, blocks.prefix_hit_tokens
         done = sum(run_episode(completer, chain_episode(f"eval-{seed}-{n}-{i}", n), tally) for i in range(chains))
-        print(f"chain {n:3d} links: {done}/{chains} completed with every argument right", flush=True)
+        queried, hit = blocks.prefix_queries_tokens - queried, blocks.prefix_hit_tokens - hit
+        # the same counters feed k2serve_prefix_cache_hit_tokens_total when served
+        print(f"chain {n:3d} links: {done}/{chains} completed with every argument right, valid calls "
+              f"{tally.valid}/{tally.calls}, prompt tokens from the prefix cache {100 * hit / max(1, queried):.0f}%",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

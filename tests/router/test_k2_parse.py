@@ -157,3 +157,26 @@ def test_nameless_calls_stream_the_same_at_every_split() -> None:
 def test_truncated_nameless_call_is_settled_at_the_end() -> None:
     text = SB + k2_call("1", '{"expression": "2*3"}')[:-len(CE)]
     assert parse_k2_output(text, TOOLS).tool_calls == [ParsedToolCall("1", "calculator", '{"expression": "2*3"}')]
+
+
+# Greedy outputs of the shipped builtin:tiny-k2-agent (first training run, below its goals): malformed calls the
+# parser must keep apart without losing text.
+REAL_OUTPUTS: list[tuple[str, ParsedOutput]] = [
+    ('<think>Lorthe ulcalcalalalioresesertherthesthestioresesesessssititon":":":"}' + CE + SE,
+     ParsedOutput('Lorthe ulcalcalalalioresesertherthesthestioresesesessssititon":":":"}' + CE + SE)),
+    ("<think>Lore up up therther.</think>" + SB + k2_call("functions.wexpr:0", '{":0' + AB + '{":":"}') + SE,
+     ParsedOutput("Lore up up therther.", None, [ParsedToolCall("functions.wexpr:0", "wexpr", '{":0' + AB + '{":":"}')])),
+    ("<think>Lor.</think>" + SB + CB + "functions.</think>" + SB + CB + "funcions.</think>" + SB
+     + k2_call("functions.cionver:0", '{":"}') + SE,
+     ParsedOutput("Lor.", f"{CB}functions.</think>{SB}{CB}funcions.</think>{SB}",
+                  [ParsedToolCall("functions.cionver:0", "cionver", '{":"}')])),
+]
+
+
+@pytest.mark.parametrize("text,expected", REAL_OUTPUTS)
+def test_real_model_outputs_parse_the_same_streamed(text: str, expected: ParsedOutput) -> None:
+    tools = [_tool("calculator", ["expression"], ["expression"]), _tool("weather", ["city"], ["city"])]
+    assert parse_k2_output(text, tools) == expected
+    for cut in range(len(text) + 1):
+        parser = K2StreamParser(tools)
+        assert merge_deltas(parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish()) == expected

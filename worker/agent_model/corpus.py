@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from k2serve.agent_tools import CONVERSIONS, DEMO_TOOLS, END_PREFIX, Chain, DemoTools, windowed
+from k2serve.agent_tools import CONVERSIONS, DEMO_TOOLS, Chain, DemoTools, windowed
 from k2serve.k2format.tokenizer import K2Tokenizer
 
 Split = Literal["train", "eval"]
@@ -245,7 +245,3 @@ def corpus_hash(samples: list[Sample]) -> str:
     for s in samples:
         digest.update(json.dumps([s.ids, s.labels]).encode())
     return digest.hexdigest()
-
-
-def is_end(result: str) -> bool:
-    return result.startswith(END_PREFIX)

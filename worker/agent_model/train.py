@@ -13,7 +13,6 @@ import json
 import math
 import random
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,10 +176,3 @@ def save_int4(bf16_dir: Path, directory: Path) -> Path:
         shutil.rmtree(directory)
     return quantize_checkpoint(bf16_dir, directory, progress=False)
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-
-    def minutes(self) -> float:
-        return (time.monotonic() - self.start) / 60
