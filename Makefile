@@ -1,4 +1,4 @@
-# The two commands a newcomer needs: `make up` (the whole stack on the built-in model) and `make test`.
+# The two commands a newcomer needs: `make up` (the whole stack on the built-in agent model) and `make test`.
 # Both first build ./.venv from the bare interpreter, pinned by constraints.txt, and reinstall only when
 # pyproject.toml, setup.py or constraints.txt changed since the last install. `make lock` regenerates
 # constraints.txt from pyproject's ranges.
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	touch $@
 
 up: install
-	$(VENV)/bin/k2serve up --model builtin:tiny-k2
+	$(VENV)/bin/k2serve up
 
 test: install
 	$(PY) -m pytest -q
