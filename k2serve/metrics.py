@@ -62,6 +62,10 @@ class Metrics:
         self.prefill_tokens = Counter("k2serve_prefill_tokens_total", "Prompt tokens computed.", ["role", "group"],
                                       registry=r)
         self.decode_tokens = Counter("k2serve_decode_tokens_total", "Tokens decoded.", ["role", "group"], registry=r)
+        self.engine_steps = Counter("k2serve_engine_steps_total", "Engine steps (a group's ranks' summed).",
+                                    ["role", "group"], registry=r)
+        self.preemptions = Counter("k2serve_preempted_sequences_total", "Sequences preempted for KV blocks (recomputed later).",
+                                   ["role", "group"], registry=r)
         self.prefix_hit_tokens = Counter("k2serve_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.",
                                          ["role", "group"], registry=r)
         self.expert_tokens = Counter("k2serve_expert_tokens_total", "Tokens routed to each expert of each MoE layer.",
@@ -72,6 +76,10 @@ class Metrics:
                                    ["role", "group"], registry=r)
         self.group_restarts = Counter("k2serve_worker_group_restarts_total", "Groups rebuilt after a failure.",
                                       ["role"], registry=r)
+        # The engine's counters by `EngineStats` field: the worker service exports each under its group's labels.
+        self.engine_counters: dict[str, Counter] = {"prefill_tokens": self.prefill_tokens,
+                                                    "decode_tokens": self.decode_tokens, "steps": self.engine_steps,
+                                                    "preemptions": self.preemptions}
         # ---- operator
         self.reconciles = Counter("k2serve_operator_reconciles_total", "Reconciles, by outcome.", ["outcome"], registry=r)
         self.reconcile_seconds = Histogram("k2serve_operator_reconcile_duration_seconds", "Reconcile latency.",
@@ -95,8 +103,8 @@ class Metrics:
 
     def init_group(self, role: Role, group: str) -> None:
         """A worker group's series, at 0 (until its first export sets them)."""
-        for metric in (self.queue_depth, self.running, self.kv_blocks_used, self.kv_blocks_free, self.prefill_tokens,
-                       self.decode_tokens, self.prefix_hit_tokens, self.all_to_all_bytes, self.group_healthy):
+        for metric in (self.queue_depth, self.running, self.kv_blocks_used, self.kv_blocks_free, self.prefix_hit_tokens,
+                       self.all_to_all_bytes, self.group_healthy, *self.engine_counters.values()):
             metric.labels(role=role, group=group)
 
     def init_experts(self, moe_layers: Iterable[int], experts: int) -> None:

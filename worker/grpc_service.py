@@ -22,10 +22,11 @@ import pickle
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import grpc
+from prometheus_client import Counter
 
 from k2serve.groups import Role
 from k2serve.metrics import Metrics
@@ -99,7 +100,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         self.kv_ttl_s = kv_ttl_s
         self.handoffs = HandoffCounts()
         self._held: dict[str, _HeldKV] = {}
-        self._reported = {"prefill": 0, "decode": 0, "prefix": 0}  # counter values already exported
+        self._reported: dict[Counter, int] = {}  # cumulative values already exported, per counter
         self._server: grpc.aio.Server | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self.failed: str | None = None  # set when the engine broke; Health reports it
@@ -376,15 +377,14 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
 
     async def _export_gauges(self) -> None:
         assert self.metrics is not None
-        s = await self.loop.call(self._stats)
+        s, counters = await self.loop.call(lambda: (self._stats(), replace(self.loop.engine.stats)))
         m, labels = self.metrics, {"role": self.role, "group": self.group_id}
         m.running.labels(**labels).set(s.running)
         m.queue_depth.labels(**labels).set(s.waiting)
         m.kv_blocks_used.labels(**labels).set(s.kv_blocks_used)
         m.kv_blocks_free.labels(**labels).set(s.kv_blocks_free)
         m.group_healthy.labels(**labels).set(0 if self.loop.error is not None or self.failed else 1)
-        for key, counter, value in (("prefill", m.prefill_tokens, s.prefill_tokens),
-                                    ("decode", m.decode_tokens, s.decode_tokens),
-                                    ("prefix", m.prefix_hit_tokens, s.prefix_hit_tokens)):
-            counter.labels(**labels).inc(max(0, value - self._reported[key]))
-            self._reported[key] = value
+        totals = [(m.engine_counters[name], value) for name, value in asdict(counters).items()]
+        for counter, value in [*totals, (m.prefix_hit_tokens, s.prefix_hit_tokens)]:
+            counter.labels(**labels).inc(max(0, value - self._reported.get(counter, 0)))
+            self._reported[counter] = value

@@ -27,8 +27,6 @@ class LocalStack:
             await g.stop()
 
 
-
-
 async def start_local_stack(config: ServingConfig, metrics: Metrics | None = None) -> LocalStack:
     """In-process groups plus a started `RouterCore` over them (store from `config.chain_store`)."""
     metrics = metrics or Metrics()

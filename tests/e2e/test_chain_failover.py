@@ -103,8 +103,8 @@ class Cluster:
         return path
 
     def start_groups(self, config: Path, restart_after_s: float = 0.3) -> None:
-        p = Proc.start(["k2serve.worker.parallel.inproc_group", "--config", str(config), "--restart-after", str(restart_after_s)],
-                       self.dir / "groups.log")
+        p = Proc.start(["k2serve.worker.parallel.inproc_group", "--config", str(config),
+                        "--restart-after", str(restart_after_s)], self.dir / "groups.log")
         self.procs.append(p)
         p.wait_for("READY", 120)
         self.groups = [line.split(" ", 1)[1] for line in p.lines if line.startswith("GROUP ")]

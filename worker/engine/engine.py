@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -101,11 +101,16 @@ class Request:
 
 @dataclass
 class EngineStats:
+    """The engine's counters (cumulative): the one snapshot that reaches /metrics. A field added here is exported
+    once `Metrics.engine_counters` names its counter (tests/worker/test_engine_stats.py checks both agree)."""
+
     prefill_tokens: int = 0
     decode_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
-    forward_rows: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # tokens per forward, recent
+
+    def __add__(self, other: EngineStats) -> EngineStats:
+        return EngineStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
 class Engine:
@@ -122,6 +127,7 @@ class Engine:
         self.running: list[Request] = []
         self.held: dict[str, Request] = {}  # finished prefill-only sequences whose KV waits for export
         self.stats = EngineStats()
+        self.forward_rows: deque[int] = deque(maxlen=1024)  # tokens per forward, recent
         self._admissions = itertools.count()
         self._models: dict[bool, K2Model] = {model.deterministic: model}
 
@@ -357,7 +363,7 @@ class Engine:
         token_slots = all_slots.view(-1)[torch.tensor(owner, dtype=torch.int64) * (width * bs) + pos]  # [T]
         batch = ForwardBatch(torch.tensor(ids, dtype=torch.int64), pos, seqs,
                              torch.tensor(logits_rows, dtype=torch.int64), grid, token_slots)
-        self.stats.forward_rows.append(len(ids))
+        self.forward_rows.append(len(ids))
         return model.forward(batch, self.kv)
 
     def _finish_reason(self, seq: Request, token: int) -> str | None:

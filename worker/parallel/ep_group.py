@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from k2serve.config import Placement
 from k2serve.k2format.block_hash import block_hashes
-from k2serve.worker.engine.engine import EngineConfig, KVHandoffLost, TokenEvent
+from k2serve.worker.engine.engine import EngineConfig, EngineStats, KVHandoffLost, TokenEvent
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import resolve_checkpoint
 from k2serve.worker.parallel.ep import expert_range
@@ -81,14 +81,6 @@ class GroupBlocks:
     prefix_hit_tokens: int = 0
 
 
-@dataclass
-class GroupStats:
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    steps: int = 0
-    all_to_all_bytes: int = 0
-
-
 class ExpertParallelGroup:
     kv_in_object_store = True  # the worker service hands KV over as ObjectRefs (export_kv_ref, add_request kv=)
 
@@ -107,11 +99,12 @@ class ExpertParallelGroup:
         # has computed exactly those), kept by their rank after they finish
         self.holding: dict[str, int] = {}
         self.blocks = GroupBlocks()
-        self.stats = GroupStats()
+        self.stats = EngineStats()  # every rank's engine counters, summed
+        self.all_to_all_bytes = 0  # since the leader last exported it
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, E] since the last take
         self.failed: RankFailure | None = None
         self._snaps: list[RankSnapshot] = []
-        self._token_base = (0, 0)  # prefill/decode tokens counted by ranks that a rebuild replaced
+        self._base = EngineStats()  # counted by ranks that a rebuild replaced
         self._pg: PlacementGroup | None = None
         self._ahead: deque[list[Any]] = deque()  # steps already submitted to every rank, oldest first
         # Prompt prefix (`block_hashes` key) -> the rank that last took a request starting with it: its prefix cache
@@ -146,7 +139,7 @@ class ExpertParallelGroup:
         self.active.clear()
         self.holding.clear()
         self._affinity.clear()  # fresh ranks, empty caches
-        self._token_base = (self.stats.prefill_tokens, self.stats.decode_tokens)
+        self._base = self.stats
         self._snaps = []
         self._ahead.clear()
         self.failed = None
@@ -324,10 +317,8 @@ class ExpertParallelGroup:
         self._snaps = snaps
         self.blocks = GroupBlocks(sum(s.kv_blocks_used for s in snaps), sum(s.kv_blocks_free for s in snaps),
                                   sum(s.prefix_hit_tokens for s in snaps))
-        self.stats.prefill_tokens = self._token_base[0] + sum(s.prefill_tokens for s in snaps)
-        self.stats.decode_tokens = self._token_base[1] + sum(s.decode_tokens for s in snaps)
-        self.stats.steps += 1
-        self.stats.all_to_all_bytes += sum(s.all_to_all_bytes for s in snaps)
+        self.stats = sum((s.counters for s in snaps), self._base)
+        self.all_to_all_bytes += sum(s.all_to_all_bytes for s in snaps)
         loads = [s.expert_load for s in snaps if s.expert_load is not None]
         if loads:
             load = torch.stack(loads).sum(0)  # [num_moe_layers, E]

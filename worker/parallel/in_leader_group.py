@@ -28,7 +28,7 @@ from k2serve.cpu_binding import GroupCores
 from k2serve.worker.engine.engine import Engine
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import resolve_checkpoint
-from k2serve.worker.parallel.ep_group import GroupSpec, GroupStats
+from k2serve.worker.parallel.ep_group import GroupSpec
 from k2serve.worker.parallel.rank import build_rank_engine, reserved_cpus
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class InLeaderGroup:
             raise ValueError(f"a local group has one rank, not {spec.world_size}")
         self.spec = spec
         self.moe_layers: list[int] = list(K2Config.from_dir(resolve_checkpoint(spec.model_source)).moe_layers)  # rows of `expert_load`
-        self.stats = GroupStats()  # no all-to-all here: its byte count stays 0
+        self.all_to_all_bytes = 0  # no all-to-all here
         self.pids = [os.getpid()]  # the process holding rank 0 (what a kill_actor fault kills)
         self._cores = spec.rank_cores[0] if spec.rank_cores else None
         torch.set_num_threads(len(self._cores) if self._cores else reserved_cpus())

@@ -197,8 +197,8 @@ class GroupLeader:
         if group is None:
             return
         labels = {"role": self.role, "group": self.group_id}
-        self.metrics.all_to_all_bytes.labels(**labels).inc(group.stats.all_to_all_bytes)
-        group.stats.all_to_all_bytes = 0
+        self.metrics.all_to_all_bytes.labels(**labels).inc(group.all_to_all_bytes)
+        group.all_to_all_bytes = 0
         now = time.monotonic()
         if now - self._last_load_export >= EXPERT_LOAD_EXPORT_S:
             self._last_load_export = now

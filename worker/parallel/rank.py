@@ -8,7 +8,7 @@ import os
 import queue
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from k2serve.cpu_binding import bind_own
 from k2serve.worker.allocator import keep_freed_memory
-from k2serve.worker.engine.engine import Engine, EngineConfig, KVHandoff, Request, TokenEvent
+from k2serve.worker.engine.engine import Engine, EngineConfig, EngineStats, KVHandoff, Request, TokenEvent
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
@@ -36,8 +36,7 @@ class RankSnapshot:
     kv_blocks_used: int
     kv_blocks_free: int
     prefix_hit_tokens: int
-    prefill_tokens: int
-    decode_tokens: int
+    counters: EngineStats  # a copy of the engine's
     all_to_all_bytes: int  # since the previous snapshot
     expert_load: torch.Tensor | None  # [num_moe_layers, E] tokens routed since the last one sent (see step)
 
@@ -184,7 +183,7 @@ class RankWorker:
         if report:
             self._load_reported = now
         snap = RankSnapshot(len(eng.running), len(eng.waiting), eng.blocks.num_used_blocks,
-                            eng.blocks.num_free_blocks, eng.blocks.prefix_hit_tokens, eng.stats.prefill_tokens,
-                            eng.stats.decode_tokens, self.executor.counter.take() if self.executor else 0,
+                            eng.blocks.num_free_blocks, eng.blocks.prefix_hit_tokens, replace(eng.stats),
+                            self.executor.counter.take() if self.executor else 0,
                             eng.model.expert_load.take() if report else None)
         return events, snap
