@@ -22,6 +22,7 @@ from k2serve.faults import GroupFaults
 from k2serve.router.schedule import GroupAddress, Role, StaticDirectory
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_model
 from k2serve.worker.model.k2 import K2Model
@@ -44,7 +45,7 @@ def build_engine(model_dir: Path, pool: PoolConfig, config: ServingConfig, eos_i
     return Engine(model, EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
                                       max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
                                       max_model_len=config.model.max_context, deterministic=config.deterministic),
-                  eos_token_ids=eos_ids)
+                  eos_token_ids=eos_ids, grammar_vocab=GrammarVocab.from_model_dir(model_dir, w.config.vocab_size))
 
 
 @dataclass
