@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import jsonschema
+
 from k2serve.router.http.errors import APIError
-from k2serve.router.http.openai_models import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from k2serve.router.http.openai_models import (ChatCompletionRequest, CompletionRequest, NamedToolChoice,
+                                               SamplingRequest)
+from k2serve.sampling_params import MAX_SCHEMA_CHARS, Constraint, SamplingParams, ToolSchema
 from k2serve.worker.chat_template import ChatTemplateError
-from k2serve.sampling_params import SamplingParams
 from k2serve.worker.tokenizer import K2Tokenizer
 
 
@@ -50,7 +56,53 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
                        param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
     return SamplingParams(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         max_tokens=limit if limit is not None else room, ignore_eos=req.ignore_eos,
         logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, stop_token_ids=list(req.stop_token_ids or ()),
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        constraint=constraint(req) if isinstance(req, ChatCompletionRequest) else None,
+        max_reasoning_tokens=req.max_reasoning_tokens,
     )
+
+
+def constraint(req: ChatCompletionRequest) -> Constraint | None:
+    """What the answer must be: a JSON value (`response_format`), or tool calls (`tool_choice` required or named,
+    or `strict` tools under `auto`, whose calls follow their schemas when the model makes one)."""
+    parallel = req.parallel_tool_calls is not False
+    choice = req.tool_choice
+    tools = req.tools or []
+    if isinstance(choice, NamedToolChoice):
+        named = [t for t in tools if t.function.name == choice.function.name]
+        return Constraint(kind="tool_calls", tools=_tool_schemas(named), parallel=parallel)
+    if choice == "required":
+        return Constraint(kind="tool_calls", tools=_tool_schemas(tools), parallel=parallel)
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return Constraint(kind="json", json_schema='{"type": "object"}')
+    if fmt is not None and fmt.json_schema is not None:
+        schema = fmt.json_schema.schema_
+        _check_schema(schema, "response_format.json_schema.schema")
+        return Constraint(kind="json", json_schema=json.dumps(schema))
+    if choice != "none" and any(t.function.strict for t in tools):
+        return Constraint(kind="tool_calls", tools=_tool_schemas(tools), parallel=parallel, required=False)
+    return None
+
+
+def _tool_schemas(tools: list[Any]) -> list[ToolSchema]:
+    out = []
+    for i, t in enumerate(tools):
+        schema = t.function.parameters if t.function.parameters is not None else {"type": "object"}
+        _check_schema(schema, f"tools.{i}.function.parameters")
+        out.append(ToolSchema(name=t.function.name, parameters=json.dumps(schema)))
+    return out
+
+
+def _check_schema(schema: dict[str, Any], param: str) -> None:
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise APIError(400, f"{param}: not a valid JSON schema: {e.message}", param=param) from None
+    if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:
+        raise APIError(400, f"{param}: longer than {MAX_SCHEMA_CHARS} characters as JSON", param=param)
