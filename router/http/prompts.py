@@ -41,9 +41,10 @@ def completion_prompt(tokenizer: K2Tokenizer, req: CompletionRequest) -> list[in
     return list(prompt)
 
 
-def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
-                    top_logprobs: int | None) -> SamplingParams:
-    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token."""
+def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *, top_logprobs: int | None,
+                    reasoning_budget: int | None = None) -> SamplingParams:
+    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token.
+    `reasoning_budget`: the server's default for chat turns that set no max_reasoning_tokens."""
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty", param="prompt")
     room = max_context - prompt_len
@@ -55,6 +56,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
                             "Please reduce the length of the prompt or of max_tokens.",
                        param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
+    chat = isinstance(req, ChatCompletionRequest)
     return SamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         max_tokens=limit if limit is not None else room, ignore_eos=req.ignore_eos,
@@ -62,8 +64,9 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, stop_token_ids=list(req.stop_token_ids or ()),
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
-        constraint=constraint(req) if isinstance(req, ChatCompletionRequest) else None,
-        max_reasoning_tokens=req.max_reasoning_tokens,
+        constraint=constraint(req) if chat else None,
+        max_reasoning_tokens=req.max_reasoning_tokens if req.max_reasoning_tokens is not None or not chat
+        else reasoning_budget,
     )
 
 

@@ -121,3 +121,15 @@ def test_unsupported_or_bad_fields_are_400(client: openai.OpenAI, extra: dict[st
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny-k2", messages=MESSAGES, max_tokens=4, extra_body=extra)
     assert named in str(e.value)
+
+
+def test_server_reasoning_budget_is_the_chat_default() -> None:
+    from k2serve.router.http.openai_models import ChatCompletionRequest, CompletionRequest
+    from k2serve.router.http.prompts import sampling_params
+
+    chat = ChatCompletionRequest(messages=MESSAGES)
+    assert sampling_params(chat, 5, 100, top_logprobs=None, reasoning_budget=7).max_reasoning_tokens == 7
+    own = ChatCompletionRequest(messages=MESSAGES, max_reasoning_tokens=0)
+    assert sampling_params(own, 5, 100, top_logprobs=None, reasoning_budget=7).max_reasoning_tokens == 0
+    raw = CompletionRequest(prompt="abc")  # a raw prompt has no thinking section of the server's making
+    assert sampling_params(raw, 5, 100, top_logprobs=None, reasoning_budget=7).max_reasoning_tokens is None
