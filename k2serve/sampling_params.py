@@ -65,7 +65,7 @@ class SamplingParams(BaseModel):
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="1 means off")
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0, description="1 means off")
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
     constraint: Constraint | None = None
     max_reasoning_tokens: int | None = Field(default=None, ge=0,

@@ -69,7 +69,7 @@ class SamplingRequest(_Request):
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM extension; 1 means off.")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="vLLM extension; 1 means off.")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension; 0 means off.")
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
         Field(None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) → bias added to its logit."))
