@@ -5,7 +5,11 @@ as the baseline, and the router's overhead (the same load streamed straight from
 the router, in alternating runs).
 
     python bench/serve.py [--smoke] [--json out.json] [--overhead-runs 5] [--rank-cpus 1] [--max-tokens 64]
-                          [--requests-per-slot 4] [--cpu-binding auto|none]
+                          [--requests-per-slot 4] [--cpu-binding auto|none] [--json-schema]
+
+`--json-schema` measures constrained decoding instead: the engine alone, the same load twice in one run, every
+request free and then every request under a JSON schema (xgrammar bitmask in every step, answer from the
+first token; compilation cached after the first request).
 
 Requests: 4 x concurrency per level (a client takes the next as soon as one ends), prompts of 16-256 tokens,
 and `--max-tokens` generated tokens each: one number (every request the same), or LO-HI (uniform, per request).
@@ -44,6 +48,7 @@ from k2serve.cpu_binding import allowed_cores, bind_tree
 from k2serve.router.directory import RegistryDirectory
 from k2serve.stack.inproc import start_local_stack
 from k2serve.router.grpc_api import start_router_server
+from k2serve.sampling_params import Constraint
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.proto.convert import sampling_to_proto
 
@@ -81,6 +86,16 @@ def workload(n: int, lens: tuple[int, int], outs: tuple[int, int], vocab: int, s
 
 def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+# An answer that can go on for as long as max_tokens: the bitmask is filled by xgrammar in every step.
+BENCH_SCHEMA = ('{"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}}, '
+                '"required": ["notes"], "additionalProperties": false}')
+
+
+def constrained(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, max_reasoning_tokens=0,
+                          constraint=Constraint(kind="json", json_schema=BENCH_SCHEMA, after_think=False))
 
 
 async def drive(open_stream, items: list[Item], concurrency: int, label: str) -> Row:
@@ -250,21 +265,24 @@ async def bench_stack(tmp: Path, levels: list[int], per_level: int, lens: tuple[
     return rows, overhead
 
 
-def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int], vocab: int
-                 ) -> list[Row]:
+def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int], vocab: int,
+                 params: Callable[[int], SamplingParams] = greedy, label: str = "engine alone") -> list[Row]:
     """The engine alone in this process (no router, gRPC, Ray or second process), the same closed loop of
     `concurrency` requests in flight: the ceiling the stack rows are measured against."""
     import torch
 
     from k2serve.worker.engine.engine import Engine, EngineConfig
+    from k2serve.worker.engine.grammar import GrammarVocab
     from k2serve.worker.loader import load_weights, resolve_checkpoint
     from k2serve.worker.model.k2 import K2Model
 
-    weights = load_weights(resolve_checkpoint("builtin:tiny-k2"))
+    model_dir = resolve_checkpoint("builtin:tiny-k2")
+    weights = load_weights(model_dir)
     model = K2Model(weights.config, weights.dense, weights.experts)
+    grammar_vocab = GrammarVocab.from_model_dir(model_dir, weights.config.vocab_size)
     rows = []
     for c in levels:
-        engine = Engine(model, EngineConfig(max_running=64), eos_token_ids=[])
+        engine = Engine(model, EngineConfig(max_running=64), eos_token_ids=[], grammar_vocab=grammar_vocab)
         items = workload(per_level * c, lens, outs, vocab, seed=c)
         pending = deque(enumerate(items))
         last: dict[str, tuple[float, int]] = {}  # request -> (time of its last token or admission, tokens)
@@ -273,7 +291,7 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs:
 
         def admit() -> None:
             i, (prompt, max_tokens) = pending.popleft()
-            engine.add_request(str(i), prompt, greedy(max_tokens))
+            engine.add_request(str(i), prompt, params(max_tokens))
             last[str(i)] = (time.perf_counter(), 0)
 
         t0 = time.perf_counter()
@@ -292,7 +310,7 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs:
                     admit()
         wall = time.perf_counter() - t0
         n = torch.get_num_threads()
-        rows.append(Row(f"k2serve engine alone, {n} torch thread{'s' * (n > 1)}", c, len(items), total, wall,
+        rows.append(Row(f"k2serve {label}, {n} torch thread{'s' * (n > 1)}", c, len(items), total, wall,
                         total / wall, pct(ttfts, 0.5), pct(ttfts, 0.99), pct(itls, 0.5), pct(itls, 0.99)))
     return rows
 
@@ -331,6 +349,22 @@ def bench_transformers(levels: list[int], per_level: int, lens: tuple[int, int],
         rows.append(Row("transformers generate (static batches)", c, len(items), total, wall, total / wall,
                         None, None, None, None))
     return rows
+
+
+def bench_constrained(levels: list[int], per_level: int, lens: tuple[int, int], outs: tuple[int, int],
+                      out: Path | None) -> int:
+    """Free vs JSON-schema-constrained decoding, alternating per level so drift in the machine's load hits both."""
+    rows: list[Row] = []
+    for c in levels:
+        rows += bench_engine([c], per_level, lens, outs, 512, greedy, "engine, free")
+        rows += bench_engine([c], per_level, lens, outs, 512, constrained, "engine, JSON schema")
+    print(table(rows))
+    for free, json_rows in zip(rows[::2], rows[1::2]):
+        print(f"concurrency {free.concurrency}: constrained / free tokens/s = "
+              f"{json_rows.tok_per_s / free.tok_per_s:.3f}")
+    if out:
+        out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
 
 
 def table(rows: list[Row]) -> str:
@@ -384,13 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-binding", choices=("auto", "none"), default="auto",
                     help="the stack's cpu_binding (k2serve/cpu_binding.py): auto binds each rank to cores of its "
                          "own when the node has a core per rank; none leaves every thread to the OS")
+    ap.add_argument("--levels", type=lambda t: [int(x) for x in t.split(",")],
+                    help="concurrencies, comma-separated (default 1,8,32; 1,4 with --smoke)")
+    ap.add_argument("--json-schema", action="store_true",
+                    help="only the engine alone, free vs every request under a JSON schema, in one run")
     ap.add_argument("--max-tokens", type=lengths,
                     help="tokens generated per request: N, or LO-HI for lengths drawn uniformly per request "
                          "(default 64; 4 with --smoke)")
     args = ap.parse_args(argv)
     levels, per_level, lens = ([1, 4], 1, (4, 24)) if args.smoke else ([1, 8, 32], 4, (16, 256))
     per_level = args.requests_per_slot or per_level
+    levels = args.levels or levels
     outs = args.max_tokens or ((4, 4) if args.smoke else (64, 64))
+    if args.json_schema:
+        return bench_constrained(levels, per_level, lens, outs, args.json)
 
     import ray
 

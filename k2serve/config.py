@@ -102,6 +102,9 @@ class RouterConfig(_Strict):
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a request may take, seconds.")
     stall_timeout_s: float = Field(30.0, gt=0, description="A group stream silent this long after its first "
                                    "token counts as a failed group; the turn is re-dispatched.")
+    max_reasoning_tokens: int | None = Field(
+        None, ge=0, description="Default reasoning budget of a chat turn (a request's max_reasoning_tokens wins): "
+        "past it the engine closes the thinking section and the answer follows. None: unlimited.")
 
 
 class ChainStoreConfig(_Strict):

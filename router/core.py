@@ -308,6 +308,9 @@ class RouterCore:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
+        bad = [t for t in sampling.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids must lie in [0, {vocab}); got {bad[:5]}")
         if len(prompt) + sampling.max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
                              f"context limit of {self.max_context} tokens")

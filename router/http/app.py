@@ -77,7 +77,8 @@ class _Api:
         if header_chain and body.chain_id and header_chain != body.chain_id:
             raise APIError(400, f"chain_id {body.chain_id!r} differs from header {CHAIN_HEADER} {header_chain!r}",
                            param="chain_id")
-        params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top)
+        params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top,
+                                 reasoning_budget=self.config.router.max_reasoning_tokens)
         deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
         tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,

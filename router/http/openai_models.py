@@ -1,7 +1,10 @@
 """OpenAI-compatible request and response bodies for chat completions, completions and models.
 
-Requests ignore fields we do not use (as vLLM does) and validate the ones we do with OpenAI's bounds, so a
-bad value is a 400 that names the field. `chain_id` and `deterministic` are k2serve extensions.
+Requests ignore fields that do not change what is generated (`user`, `metadata`, ...) and validate the ones we
+use with OpenAI's bounds, so a bad value is a 400 that names the field. A known field that would change the
+output but is not supported is a 400 naming it, never a silent 200. `chain_id`, `deterministic` and
+`max_reasoning_tokens` are k2serve extensions; `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids` and
+`ignore_eos` are vLLM's.
 """
 
 from __future__ import annotations
@@ -10,11 +13,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from k2serve.sampling_params import MAX_TOP_LOGPROBS
+from k2serve.sampling_params import MAX_LOGIT_BIAS, MAX_TOOLS, MAX_TOP_LOGPROBS
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
 
+
+MAX_STOP_TOKEN_IDS = 64
+# Fields of OpenAI's or vLLM's API that change what is generated and that k2serve does not implement: sending one
+# with a value other than its no-op is a 400 naming it.
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "functions": None, "function_call": None, "prediction": None, "audio": None, "modalities": ["text"],
+    "reasoning_effort": None, "web_search_options": None, "suffix": None, "use_beam_search": False,
+    "length_penalty": None, "min_tokens": 0, "bad_words": None, "allowed_token_ids": None, "guided_json": None,
+    "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
+    "logits_processors": None, "prompt_logprobs": None, "include_stop_str_in_output": False,
+    "skip_special_tokens": True, "truncate_prompt_tokens": None, "continue_final_message": False,
+}
 
 _Text = Annotated[str, Field(min_length=1)]
 _Ids = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -29,7 +44,7 @@ class StreamOptions(_Request):
 
 
 class FunctionSpec(_Request):
-    name: str
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -52,12 +67,31 @@ class SamplingRequest(_Request):
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 means off.")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="vLLM extension; 1 means off.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension; 0 means off.")
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = (
+        Field(None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) → bias added to its logit."))
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                                                     description="vLLM extension.")
+    max_reasoning_tokens: int | None = Field(
+        None, ge=0, description="k2serve: past this many thinking tokens the server closes the thinking section.")
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                           Field(max_length=4)] | None = None
     ignore_eos: bool = False
     chain_id: str | None = Field(None, min_length=1, max_length=128,
                                  description="k2serve: continue this chain (same as header X-K2-Chain-Id).")
     deterministic: bool | None = Field(None, description="k2serve: batch-invariant decoding for this request.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, noop in UNSUPPORTED_FIELDS.items():
+                if data.get(name) is not None and data[name] != noop:
+                    raise ValueError(f"`{name}` is not supported by this server (it would change the output)")
+        return data
 
     @property
     def stop_strings(self) -> list[str]:
@@ -104,11 +138,39 @@ class MessageIn(BaseModel):
     tool_call_id: str | None = None
 
 
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: required exactly when type is 'json_schema'")
+        return self
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[MessageIn] = Field(min_length=1)
-    tools: list[ToolSpec] | None = None
-    tool_choice: Literal["none", "auto"] | None = Field(None, description="'required' and named tools are not "
-                                                                         "supported.")
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins if both.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -117,6 +179,14 @@ class ChatCompletionRequest(SamplingRequest):
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs=true")
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and not self.tools:
+            raise ValueError("tool_choice: a required or named tool choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools or ()}:
+            raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools")
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with a required or named tool_choice")
         return self
 
     @property

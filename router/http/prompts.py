@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import jsonschema
+
 from k2serve.router.http.errors import APIError
-from k2serve.router.http.openai_models import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from k2serve.k2format.chat_template import ChatTemplateError
-from k2serve.sampling_params import SamplingParams
 from k2serve.k2format.tokenizer import K2Tokenizer
+from k2serve.router.http.openai_models import (ChatCompletionRequest, CompletionRequest, NamedToolChoice,
+                                               SamplingRequest)
+from k2serve.sampling_params import MAX_SCHEMA_CHARS, Constraint, SamplingParams, ToolSchema
 
 
 def check_model(requested: str | None, served: str, aliases: frozenset[str] = frozenset()) -> None:
@@ -38,9 +44,10 @@ def completion_prompt(tokenizer: K2Tokenizer, req: CompletionRequest) -> list[in
     return list(prompt)
 
 
-def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
-                    top_logprobs: int | None) -> SamplingParams:
-    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token."""
+def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *, top_logprobs: int | None,
+                    reasoning_budget: int | None = None) -> SamplingParams:
+    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token.
+    `reasoning_budget`: the server's default for chat turns that set no max_reasoning_tokens."""
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty", param="prompt")
     room = max_context - prompt_len
@@ -52,8 +59,56 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
                             "Please reduce the length of the prompt or of max_tokens.",
                        param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
+    chat = isinstance(req, ChatCompletionRequest)
     return SamplingParams(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         max_tokens=limit if limit is not None else room, ignore_eos=req.ignore_eos,
         logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, stop_token_ids=list(req.stop_token_ids or ()),
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        constraint=constraint(req) if chat else None,
+        max_reasoning_tokens=req.max_reasoning_tokens if req.max_reasoning_tokens is not None or not chat
+        else reasoning_budget,
     )
+
+
+def constraint(req: ChatCompletionRequest) -> Constraint | None:
+    """What the answer must be: a JSON value (`response_format`), or tool calls (`tool_choice` required or named,
+    or `strict` tools under `auto`, whose calls follow their schemas when the model makes one)."""
+    parallel = req.parallel_tool_calls is not False
+    choice = req.tool_choice
+    tools = req.tools or []
+    if isinstance(choice, NamedToolChoice):
+        named = [t for t in tools if t.function.name == choice.function.name]
+        return Constraint(kind="tool_calls", tools=_tool_schemas(named), parallel=parallel)
+    if choice == "required":
+        return Constraint(kind="tool_calls", tools=_tool_schemas(tools), parallel=parallel)
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return Constraint(kind="json", json_schema='{"type": "object"}')
+    if fmt is not None and fmt.json_schema is not None:
+        schema = fmt.json_schema.schema_
+        _check_schema(schema, "response_format.json_schema.schema")
+        return Constraint(kind="json", json_schema=json.dumps(schema))
+    if choice != "none" and any(t.function.strict for t in tools):
+        return Constraint(kind="tool_calls", tools=_tool_schemas(tools), parallel=parallel, required=False)
+    return None
+
+
+def _tool_schemas(tools: list[Any]) -> list[ToolSchema]:
+    out = []
+    for i, t in enumerate(tools):
+        schema = t.function.parameters if t.function.parameters is not None else {"type": "object"}
+        _check_schema(schema, f"tools.{i}.function.parameters")
+        out.append(ToolSchema(name=t.function.name, parameters=json.dumps(schema)))
+    return out
+
+
+def _check_schema(schema: dict[str, Any], param: str) -> None:
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise APIError(400, f"{param}: not a valid JSON schema: {e.message}", param=param) from None
+    if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:
+        raise APIError(400, f"{param}: longer than {MAX_SCHEMA_CHARS} characters as JSON", param=param)

@@ -10,6 +10,7 @@ tokens it already produced as `output_prefix` — continues exactly where it sto
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -20,7 +21,9 @@ import torch
 from k2serve.config import PoolConfig, ServingConfig
 from k2serve.sampling_params import finish_reason
 from k2serve.worker.engine.blocks import BlockManager
-from k2serve.worker.engine.sampling import SamplingParams, resolve_seed, sample
+from k2serve.worker.engine.grammar import ConstraintGrammars, GrammarVocab, Grammars
+from k2serve.worker.engine.guide import Guide
+from k2serve.worker.engine.sampling import History, SamplingParams, resolve_seed, sample
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
 from k2serve.worker.model.k2 import K2Model
 
@@ -84,6 +87,8 @@ class Request:
     num_computed: int = 0
     admitted: int = -1
     finish_reason: str | None = None
+    guide: Guide | None = None  # constrained decoding / reasoning budget: set once its grammars are compiled
+    compiling: concurrent.futures.Future[ConstraintGrammars] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -114,7 +119,10 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: K2Model, config: EngineConfig, eos_token_ids: list[int] | None = None) -> None:
+    def __init__(self, model: K2Model, config: EngineConfig, eos_token_ids: list[int] | None = None,
+                 grammar_vocab: GrammarVocab | None = None) -> None:
+        """`grammar_vocab`: the tokenizer's view for constrained decoding and reasoning budgets; without it such
+        requests are refused."""
         self.model = model
         self.cfg = config
         mc = model.config
@@ -130,6 +138,7 @@ class Engine:
         self.forward_rows: deque[int] = deque(maxlen=1024)  # tokens per forward, recent
         self._admissions = itertools.count()
         self._models: dict[bool, K2Model] = {model.deterministic: model}
+        self.grammars = Grammars(grammar_vocab) if grammar_vocab is not None else None
 
     # ---- requests -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, **options: Any) -> int:
@@ -166,8 +175,44 @@ class Engine:
             raise ValueError(f"request {request_id!r}: prompt + max_tokens exceed the KV cache ({capacity} tokens)")
         if kv is not None and kv.block_size != self.cfg.block_size:
             raise ValueError(f"KV handoff block size {kv.block_size} != engine block size {self.cfg.block_size}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"request {request_id!r}: logit_bias token ids must lie in [0, {vocab})")
         det = self.cfg.deterministic if deterministic is None or self.cfg.lockstep else deterministic
-        return Request(request_id, list(prompt), prefix, params, resolve_seed(params), det, hold_kv, kv)
+        seq = Request(request_id, list(prompt), prefix, params, resolve_seed(params), det, hold_kv, kv)
+        if params.guided:
+            self._guide(seq)
+        return seq
+
+    def _guide(self, seq: Request) -> None:
+        """Sets up a guided request's steering. A fresh request's grammars compile on the grammar thread (it waits
+        in the queue meanwhile); a resumed one compiles here and replays its tokens, so a prefix the constraint
+        does not allow is refused before anything is queued."""
+        grammars = self.grammars
+        constraint = seq.params.constraint
+        if grammars is None:
+            raise ValueError(f"request {seq.request_id!r}: this engine was built without a tokenizer, so it cannot "
+                             "follow constraints or reasoning budgets")
+        if constraint is None:
+            seq.guide = Guide(seq.params, grammars.vocab, None)
+        else:
+            Grammars.check(constraint)
+            if not seq.output and not self.cfg.lockstep:  # ranks in lockstep must admit it in the same step
+                seq.compiling = grammars.submit(constraint)
+                return
+            seq.guide = Guide(seq.params, grammars.vocab, grammars.compile(constraint))
+        for token in seq.output:
+            seq.guide.accept(token)  # GuideViolation is a ValueError: the request is refused
+
+    def _compiled(self, seq: Request) -> bool:
+        """Whether `seq` may be admitted: its grammars (if any) are compiled."""
+        if seq.compiling is None:
+            return True
+        if not seq.compiling.done():
+            return False
+        assert self.grammars is not None
+        seq.guide = Guide(seq.params, self.grammars.vocab, seq.compiling.result())
+        seq.compiling = None
+        return True
 
     def enqueue(self, seq: Request) -> None:
         if self.has_request(seq.request_id):
@@ -220,6 +265,11 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         scheduled = self._schedule()
         self.stats.steps += 1
+        if not scheduled and not self.running:
+            # Only requests whose grammars compile: wait a little for one instead of spinning.
+            pending = [s.compiling for s in self.waiting if s.compiling is not None]
+            if pending:
+                concurrent.futures.wait(pending, timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
         if not scheduled:
             if self.cfg.lockstep:  # expert-parallel peers still run their MoE collectives
                 self._forward([], self.cfg.deterministic)
@@ -249,10 +299,11 @@ class Engine:
                 out.append((seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running:
-            seq = self.waiting[0]
-            if not self._admit(seq):
+            # In queue order, passing over requests whose grammars still compile.
+            seq = next((s for s in self.waiting if self._compiled(s)), None)
+            if seq is None or not self._admit(seq):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             pending = seq.num_tokens - seq.num_computed
             n = min(pending, budget)
@@ -304,10 +355,20 @@ class Engine:
         if not sampled:
             return events
         positions = [s.num_tokens for s in sampled]
-        result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled], positions)
+        masked = [i for i, s in enumerate(sampled) if s.guide is not None and s.guide.masks]
+        bitmask = None
+        if masked:
+            bitmask = torch.full((len(sampled), -(-logits.shape[1] // 32)), -1, dtype=torch.int32)  # [B, W]
+            for i in masked:
+                sampled[i].guide.fill(bitmask[i])  # type: ignore[union-attr]
+        histories = [History(s.prompt, s.output) if s.params.penalized else None for s in sampled]
+        result = sample(logits, [s.params for s in sampled], [s.seed for s in sampled], positions,
+                        histories=histories, bitmask=bitmask, masked_rows=masked)
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # one conversion, not one per row
         for i, seq in enumerate(sampled):
             token = tokens[i]
+            if seq.guide is not None:
+                seq.guide.accept(token)
             seq.output.append(token)
             seq.finish_reason = self._finish_reason(seq, token)
             row = result.top_logprobs[i]

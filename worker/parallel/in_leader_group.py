@@ -74,7 +74,8 @@ class InLeaderGroup:
 
     def rebuild(self) -> None:
         """A fresh engine (empty KV cache and queues) over the weights already loaded."""
-        self.engine = Engine(self.engine.model, self.engine.cfg, eos_token_ids=self.spec.eos_ids)
+        vocab = self.engine.grammars.vocab if self.engine.grammars is not None else None
+        self.engine = Engine(self.engine.model, self.engine.cfg, eos_token_ids=self.spec.eos_ids, grammar_vocab=vocab)
 
     def shutdown(self) -> None:
         """Nothing outside this process to stop: the engine goes with the leader."""

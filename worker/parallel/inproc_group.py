@@ -20,6 +20,7 @@ from k2serve.groups import GroupAddress, Role
 from k2serve.signals import stop_on_signals
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_checkpoint
 from k2serve.worker.model.k2 import K2Model
@@ -38,7 +39,8 @@ def _weights(model_dir: Path) -> ModelWeights:
 def build_engine(model_dir: Path, pool: PoolConfig, config: ServingConfig, eos_ids: list[int]) -> Engine:
     w = _weights(model_dir)
     model = K2Model(w.config, w.dense, w.experts, deterministic=config.deterministic)
-    return Engine(model, EngineConfig.for_pool(pool, config), eos_token_ids=eos_ids)
+    return Engine(model, EngineConfig.for_pool(pool, config), eos_token_ids=eos_ids,
+                  grammar_vocab=GrammarVocab.from_model_dir(model_dir, w.config.vocab_size))
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from k2serve.cpu_binding import bind_own
 from k2serve.worker.allocator import keep_freed_memory
 from k2serve.worker.engine.engine import Engine, EngineConfig, EngineStats, KVHandoff, Request, TokenEvent
+from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
@@ -86,7 +87,8 @@ def build_rank_engine(model_dir: str, engine_config: EngineConfig, eos_ids: list
         experts = executor = ExpertParallelMoE(shards, backend, rank, world_size, deterministic)
     model = K2Model(w.config, w.dense, experts, deterministic=deterministic)
     config = EngineConfig(**{**engine_config.__dict__, "lockstep": lockstep, "deterministic": deterministic})
-    return BuiltEngine(Engine(model, config, eos_token_ids=eos_ids), sum(s.nbytes() for s in shards.values()),
+    vocab = GrammarVocab.from_model_dir(model_dir, w.config.vocab_size)
+    return BuiltEngine(Engine(model, config, eos_token_ids=eos_ids, grammar_vocab=vocab), sum(s.nbytes() for s in shards.values()),
                        executor)
 
 
