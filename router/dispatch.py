@@ -123,7 +123,7 @@ class Dispatcher:
         """The token events of one attempt, from index len(done) on; group failures raise GroupFailed."""
         sampling = sampling_to_proto(params)
         prefix = list(done)
-        kv_handle = b""
+        kv_handle: pb.KVHandle | None = None
         if not self.config.router.aggregated:
             g = await self.pick("prefill", prompt + prefix, exclude)
             resp = await self._call(g, live, g.stub.Prefill, pb.PrefillRequest(
@@ -133,7 +133,7 @@ class Dispatcher:
             if resp.first.finish_reason:
                 return
             prefix.append(resp.first.token)
-            kv_handle = resp.kv_handle
+            kv_handle = resp.kv_handle if resp.HasField("kv_handle") else None
             g = await self.pick("decode", [], exclude)
         else:
             g = await self.pick("prefill", prompt + prefix, exclude)

@@ -25,6 +25,7 @@ from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_model
 from k2serve.worker.model.k2 import K2Model
+from k2serve.worker.kv_handoff import LocalPeers
 from k2serve.worker.service import WorkerService
 from k2serve.worker.tokenizer import K2Tokenizer
 
@@ -62,13 +63,17 @@ class LocalGroup:
     @classmethod
     async def start(cls, model_dir: Path, pool: PoolConfig, config: ServingConfig, *, group_id: str, role: Role,
                     eos_ids: list[int], metrics: Metrics | None = None, host: str = "127.0.0.1",
-                    restart_after_s: float | None = None) -> "LocalGroup":
+                    restart_after_s: float | None = None, peers: LocalPeers | None = None) -> "LocalGroup":
+        """`peers`: the KV handoff peers this group takes handles from and publishes its own table to."""
         faults = GroupFaults(config.faults, group_id, role)  # one counter across restarts: `times` is total
+        peers = peers if peers is not None else LocalPeers()
 
         def build() -> WorkerService:
             engine = build_engine(model_dir, pool, config, eos_ids)
-            return WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
-                                 metrics=metrics, faults=faults)
+            service = WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
+                                    metrics=metrics, faults=faults, peers=peers)
+            peers.tables[group_id] = service.held
+            return service
 
         service = build()
         group = cls(service, await service.start(host, 0), build, restart_after_s)
@@ -123,8 +128,9 @@ async def start_local_groups(config: ServingConfig, metrics: Metrics | None = No
     else:
         specs += [(f"prefill-{i}", "prefill", config.prefill) for i in range(config.prefill.groups)]
         specs += [(f"decode-{i}", "decode", config.decode) for i in range(config.decode.groups)]
+    peers = LocalPeers()  # the groups of this process hand KV to each other, to no one else
     return [await LocalGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics,
-                                   restart_after_s=restart_after_s)
+                                   restart_after_s=restart_after_s, peers=peers)
             for gid, role, pool in specs]
 
 

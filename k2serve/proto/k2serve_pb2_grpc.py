@@ -5,7 +5,7 @@ import warnings
 
 from k2serve.proto import k2serve_pb2 as k2serve_dot_proto_dot_k2serve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

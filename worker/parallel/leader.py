@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from k2serve.config import FaultSpec, PoolConfig, ServingConfig
+from k2serve.config import GROUP_REGISTRY_ACTOR, FaultSpec, PoolConfig, ServingConfig
 from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
 from k2serve.worker.engine.engine import EngineConfig, TokenEvent
@@ -29,6 +29,7 @@ from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import resolve_model
 from k2serve.worker.parallel.group import ExpertParallelGroup, GroupFailed, GroupSpec
 from k2serve.worker.parallel.in_leader import InLeaderGroup, engine_in_leader
+from k2serve.worker.kv_handoff import RegistryPeers
 from k2serve.worker.service import Role, WorkerService
 from k2serve.worker.tokenizer import K2Tokenizer
 
@@ -106,8 +107,9 @@ class GroupLeader:
         host = ray.util.get_node_ip_address()
         kind = InLeaderGroup if self._local else ExpertParallelGroup
         self._group = await asyncio.to_thread(kind, self.spec)
+        peers = RegistryPeers(ray.get_runtime_context().namespace, GROUP_REGISTRY_ACTOR)
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
-                                      block_size=self.spec.engine.block_size, metrics=self.metrics)
+                                      block_size=self.spec.engine.block_size, metrics=self.metrics, peers=peers)
         self.address = await self._service.start(host, 0)
         self.metrics_port = self.metrics.serve(0, host)
         self.metrics.group_healthy.labels(role=self.role, group=self.group_id).set(1)
@@ -134,6 +136,12 @@ class GroupLeader:
 
     def expert_bytes(self) -> list[int]:
         return list(self._group.expert_bytes) if self._group is not None else []
+
+    def held_kv_ref(self, hid: bytes) -> list[Any] | None:
+        """[ObjectRef] of the KV this group holds under handle id `hid` (in a list, so Ray hands over the ref,
+        not the object), or None. Asked by decode leaders over Ray (worker/kv_handoff.py RegistryPeers)."""
+        ref = self._service.held.get(hid) if self._service is not None else None
+        return [ref] if ref is not None else None
 
     def failure_log(self) -> list[dict[str, Any]]:
         return [asdict(f) for f in self.failures]
