@@ -116,6 +116,11 @@ class ServingConfig(_Strict):
         False, description="Batch-invariant kernels: outputs independent of batch composition (slower)."
     )
     faults: list[FaultSpec] = Field(default_factory=list)
+    cluster_token_file: str | None = Field(
+        None, description="File holding the shared secret of internal gRPC (router → worker groups): every such call "
+        "sends `authorization: Bearer <token>` and worker groups refuse (UNAUTHENTICATED) calls without it. Re-read "
+        "when it changes. Unset: internal gRPC is open (`k2serve up` sets a fresh one).",
+    )
     cpu_binding: Literal["auto", "none"] = Field(
         "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "
         "of its own, and with cores to spare the router, leaders and Ray on those (k2serve/cpu_binding.py); none: "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from k2serve.cluster_auth import cluster_token
 from k2serve.config import PoolConfig, ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import open_store
@@ -67,11 +68,12 @@ class LocalGroup:
         """`peers`: the KV handoff peers this group takes handles from and publishes its own table to."""
         faults = GroupFaults(config.faults, group_id, role)  # one counter across restarts: `times` is total
         peers = peers if peers is not None else LocalPeers()
+        token = cluster_token(config.cluster_token_file)
 
         def build() -> WorkerService:
             engine = build_engine(model_dir, pool, config, eos_ids)
             service = WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
-                                    metrics=metrics, faults=faults, peers=peers)
+                                    metrics=metrics, faults=faults, peers=peers, token=token)
             peers.tables[group_id] = service.held
             return service
 

@@ -1,4 +1,6 @@
-"""The router's gRPC service (`k2serve.v1.Router`): a thin adapter from protos to `RouterCore`."""
+"""The router's gRPC service (`k2serve.v1.Router`): a thin adapter from protos to `RouterCore`. Clients
+authenticate as over HTTP (router/api_keys.py): with keys set, a call without a valid `authorization: Bearer <key>`
+is refused UNAUTHENTICATED before its request is read, and a chain of another key's tenant is NOT_FOUND."""
 
 from __future__ import annotations
 
@@ -7,16 +9,27 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from k2serve.cluster_auth import BearerInterceptor, bearer
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.router.api_keys import APIKeys
 from k2serve.router.chains import NotFoundError
 from k2serve.router.core import ChainToken, RouterCore
 from k2serve.proto.convert import sampling_from_proto
 
 
 class RouterService(pb_grpc.RouterServicer):
-    def __init__(self, core: RouterCore) -> None:
+    def __init__(self, core: RouterCore, keys: APIKeys) -> None:
         self.core = core
+        self.keys = keys
+
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant (the interceptor already refused calls without a valid key)."""
+        tenant = self.keys.tenant(bearer(context.invocation_metadata()))
+        if tenant is None:  # the key file rotated between the interceptor and here
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the API key is no longer valid")
+            raise AssertionError("abort raises")
+        return tenant
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
@@ -27,7 +40,8 @@ class RouterService(pb_grpc.RouterServicer):
             prompt = self._prompt(request)
             params = sampling_from_proto(request.sampling)
             stream = self.core.generate(prompt, params, chain_id=request.chain_id or None,
-                                        deterministic=request.deterministic, request_meta={"api": "grpc"})
+                                        deterministic=request.deterministic, request_meta={"api": "grpc"},
+                                        tenant=await self._tenant(context))
             async for chunk in self._chunks(stream):
                 yield chunk
         except NotFoundError as e:
@@ -38,7 +52,8 @@ class RouterService(pb_grpc.RouterServicer):
     async def ResumeChain(self, request: pb.ResumeChainRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            async for chunk in self._chunks(self.core.resume(request.chain_id, request.from_index)):
+            stream = self.core.resume(request.chain_id, request.from_index, await self._tenant(context))
+            async for chunk in self._chunks(stream):
                 yield chunk
         except NotFoundError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -46,11 +61,15 @@ class RouterService(pb_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     async def Cancel(self, request: pb.CancelChainRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        try:
+            await self.core.get_chain(request.chain_id, await self._tenant(context))
+        except NotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return pb.CancelResponse(cancelled=await self.core.cancel(request.chain_id))
 
     async def GetChain(self, request: pb.GetChainRequest, context: grpc.aio.ServicerContext) -> pb.ChainDocument:
         try:
-            chain = await self.core.get_chain(request.chain_id)
+            chain = await self.core.get_chain(request.chain_id, await self._tenant(context))
         except NotFoundError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return pb.ChainDocument(chain_id=chain.chain_id, json=chain.model_dump_json())
@@ -78,9 +97,14 @@ class RouterService(pb_grpc.RouterServicer):
 
 
 async def start_router_server(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serves the Router service; returns the started server and its bound port."""
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServicer_to_server(RouterService(core), server)
+    """Serves the Router service; returns the started server and its bound port. ValueError if
+    `router.api_keys_file` is set but unreadable or empty."""
+    keys = APIKeys(core.config.router.api_keys_file)
+    interceptors = [] if keys.open else [BearerInterceptor(
+        lambda given: keys.tenant(given) is not None,
+        "incorrect or missing API key: send metadata `authorization: Bearer <key>`")]
+    server = grpc.aio.server(interceptors=interceptors)
+    pb_grpc.add_RouterServicer_to_server(RouterService(core, keys), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"router: cannot bind gRPC on {host}:{port}")

@@ -14,8 +14,12 @@ import asyncio
 import sys
 from pathlib import Path
 
+import contextlib
 import math
 import os
+import secrets
+import tempfile
+from collections.abc import Iterator
 
 from k2serve.config import ServingConfig
 from k2serve.cpu_binding import bind_tree
@@ -49,6 +53,22 @@ def logical_cpus(config: ServingConfig) -> int:
     pools = [config.prefill] if config.router.aggregated else [config.prefill, config.decode]
     wanted = sum(p.groups * p.expert_parallel * p.num_cpus_per_actor for p in pools) + 1
     return max(os.cpu_count() or 1, math.ceil(wanted))
+
+
+@contextlib.contextmanager
+def local_cluster_token(config: ServingConfig) -> Iterator[ServingConfig]:
+    """`config` with a cluster token: its own, or a fresh random one in a private (0600) temp file that lives as
+    long as the stack — so the local stack's internal gRPC is authenticated too."""
+    if config.cluster_token_file is not None:
+        yield config
+        return
+    fd, path = tempfile.mkstemp(prefix="k2serve-cluster-token-")  # mkstemp: 0600, this user only
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        yield config.model_copy(update={"cluster_token_file": path})
+    finally:
+        os.unlink(path)
 
 
 async def run(config: ServingConfig) -> None:
@@ -107,5 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"k2serve up: {e}", file=sys.stderr)
         return 2
-    asyncio.run(run(config))
+    with local_cluster_token(config) as config:
+        asyncio.run(run(config))
     return 0

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import grpc
 
+from k2serve.cluster_auth import ClusterToken, server_interceptors
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
@@ -59,8 +60,9 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
 
     def __init__(self, loop: EngineLoop, *, group_id: str, role: Role, block_size: int,
                  metrics: Metrics | None = None, kv_ttl_s: float = 60.0, faults: GroupFaults | None = None,
-                 peers: KVPeers | None = None) -> None:
-        """`peers`: where handed-off KV is fetched from (default: none, every handle is refused)."""
+                 peers: KVPeers | None = None, token: ClusterToken | None = None) -> None:
+        """`peers`: where handed-off KV is fetched from (default: none, every handle is refused); `token`: the
+        cluster token every call must carry (None: open)."""
         self.loop = loop
         self.faults = faults
         self.dead = asyncio.Event()  # set once a fault killed this group (its host may start a new one)
@@ -71,6 +73,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         self.handoffs = HandoffCounts()
         self.held = HeldKV(kv_ttl_s)  # KV this group exported, by handle id
         self.peers: KVPeers = peers if peers is not None else LocalPeers()
+        self.token = token
         self._reported = {"prefill": 0, "decode": 0, "prefix": 0}  # counter values already exported
         self._server: grpc.aio.Server | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -81,7 +84,8 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         """Starts the engine loop and the gRPC server; returns the bound `host:port`."""
         self.loop.start()
         self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
-                                                ("grpc.max_receive_message_length", 64 << 20)])
+                                                ("grpc.max_receive_message_length", 64 << 20)],
+                                       interceptors=server_interceptors(self.token))
         pb_grpc.add_WorkerGroupServicer_to_server(self, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:

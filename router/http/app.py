@@ -22,7 +22,8 @@ from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import ToolCall
 from k2serve.router.http import openai_models as om
-from k2serve.router.http.auth import bearer_guard, load_api_keys
+from k2serve.router.api_keys import APIKeys
+from k2serve.router.http.auth import bearer_guard, request_tenant
 from k2serve.router.http.errors import APIError, error_body, install_error_handlers
 from k2serve.router.http.observe import Generation, RequestMetrics
 from k2serve.router.http.prompts import chat_prompt, check_model, completion_prompt, sampling_params
@@ -81,10 +82,10 @@ class _Api:
         deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
         tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
-                                    deterministic=deterministic, request_meta=meta)
+                                    deterministic=deterministic, request_meta=meta, tenant=request_tenant(request))
         gen = await Generation.start(tokens, core=self.core, state=request.scope["state"])
         if history:
-            await self._record_transcript(gen, history)
+            await self._record_transcript(gen, history, request)
         return await self._respond(request, body, gen, chat=chat, top=top, created=int(time.time()), resume_at=0)
 
     async def _replay(self, request: Request, body: om.SamplingRequest, last_event_id: str, *, chat: bool,
@@ -94,7 +95,7 @@ class _Api:
             chain_id, last = parse_event_id(last_event_id)
         except ValueError as e:
             raise APIError(400, str(e), param="Last-Event-ID") from e
-        turn = await self._latest_turn(chain_id)
+        turn = await self._latest_turn(chain_id, request)
         gen = await self._resumed(request, chain_id)
         return await self._respond(request, body, gen, chat=chat, top=top, created=int(turn.created_at),
                                    resume_at=last + 1)
@@ -136,10 +137,11 @@ class _Api:
 
     async def _resumed(self, request: Request, chain_id: str) -> Generation:
         # From token 0: the detokenizer and parser state at any index is a function of the tokens before it.
-        return await Generation.start(self.core.resume(chain_id, 0), core=self.core, state=request.scope["state"])
+        return await Generation.start(self.core.resume(chain_id, 0, request_tenant(request)), core=self.core,
+                                      state=request.scope["state"])
 
-    async def _latest_turn(self, chain_id: str) -> Any:
-        chain = await self._chain(chain_id)
+    async def _latest_turn(self, chain_id: str, request: Request) -> Any:
+        chain = await self._chain(chain_id, request)
         if not chain.turns:
             raise APIError(409, f"chain {chain_id!r} has no turn to stream", code="chain_idle")
         return chain.turns[-1]
@@ -234,7 +236,7 @@ class _Api:
             await self.core.record_tool_calls(gen.chain_id, gen.turn,
                                               [ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls])
 
-    async def _record_transcript(self, gen: Generation, messages: list[dict[str, Any]]) -> None:
+    async def _record_transcript(self, gen: Generation, messages: list[dict[str, Any]], request: Request) -> None:
         """The conversation's tool calls into the chain's transcript, in conversation order: calls the client
         wrote itself (an agent replaying or scripting assistant turns) are recorded under the chain's previous
         turn, calls already recorded are skipped; then the tool results sent for calls that have none yet."""
@@ -246,29 +248,30 @@ class _Api:
                 if m.get("role") == "tool" and isinstance(m.get("tool_call_id"), str)}
         if not sent:
             return
-        chain = await self._chain(gen.chain_id)
+        chain = await self._chain(gen.chain_id, request)
         results = {c.id: _text(sent[c.id]) for c in chain.tool_calls if c.result is None and c.id in sent}
         if results:
             await self.core.record_tool_results(gen.chain_id, results)
 
     # ---- chains, models, probes
 
-    async def _chain(self, chain_id: str) -> Any:
+    async def _chain(self, chain_id: str, request: Request) -> Any:
+        """The chain if the caller's tenant owns it; 404 as for a missing one otherwise."""
         try:
-            return await self.core.get_chain(chain_id)
+            return await self.core.get_chain(chain_id, request_tenant(request))
         except KeyError:
             raise APIError(404, f"no such chain: {chain_id!r}", param="chain_id", code="chain_not_found") from None
 
-    async def get_chain(self, chain_id: str) -> JSONResponse:
-        return JSONResponse((await self._chain(chain_id)).model_dump(mode="json"))
+    async def get_chain(self, chain_id: str, request: Request) -> JSONResponse:
+        return JSONResponse((await self._chain(chain_id, request)).model_dump(mode="json"))
 
-    async def cancel_chain(self, chain_id: str) -> JSONResponse:
+    async def cancel_chain(self, chain_id: str, request: Request) -> JSONResponse:
         """Stops the chain's turn if this router generates it (a disconnect does not: chains are durable)."""
-        await self._chain(chain_id)
+        await self._chain(chain_id, request)
         return JSONResponse({"id": chain_id, "object": "chain.cancel", "cancelled": await self.core.cancel(chain_id)})
 
-    async def delete_chain(self, chain_id: str) -> JSONResponse:
-        if not await self.core.delete_chain(chain_id):
+    async def delete_chain(self, chain_id: str, request: Request) -> JSONResponse:
+        if not await self.core.delete_chain(chain_id, request_tenant(request)):
             raise APIError(404, f"no such chain: {chain_id!r}", param="chain_id", code="chain_not_found")
         return JSONResponse({"id": chain_id, "object": "chain.deleted", "deleted": True})
 
@@ -296,7 +299,7 @@ def _text(content: Any) -> str:
 
 def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> FastAPI:
     """The HTTP app; ValueError if `router.api_keys_file` is set but unreadable or empty."""
-    keys = load_api_keys(config.router.api_keys_file)
+    keys = APIKeys(config.router.api_keys_file)
     api = _Api(core, config, metrics)
     app = FastAPI(title="k2serve", summary="OpenAI-compatible API of the k2serve router", version="1")
     install_error_handlers(app)

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from k2serve.cluster_auth import cluster_token
 from k2serve.config import GROUP_REGISTRY_ACTOR, FaultSpec, PoolConfig, ServingConfig
 from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
@@ -109,7 +110,8 @@ class GroupLeader:
         self._group = await asyncio.to_thread(kind, self.spec)
         peers = RegistryPeers(ray.get_runtime_context().namespace, GROUP_REGISTRY_ACTOR)
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
-                                      block_size=self.spec.engine.block_size, metrics=self.metrics, peers=peers)
+                                      block_size=self.spec.engine.block_size, metrics=self.metrics, peers=peers,
+                                      token=cluster_token(self.config.cluster_token_file))
         self.address = await self._service.start(host, 0)
         self.metrics_port = self.metrics.serve(0, host)
         self.metrics.group_healthy.labels(role=self.role, group=self.group_id).set(1)
