@@ -80,9 +80,9 @@ class ChainStoreConfig(_Strict):
     redis_url_env: str | None = Field(
         None, description="Environment variable holding the redis URL (e.g. from a Secret); used when redis_url is unset."
     )
-    checkpoint_every: int = Field(16, ge=1, description="Most generated tokens a turn buffers before a durable "
-                                  "append (when one turn's are due, every live turn's buffered tokens are "
-                                  "written in the same commit).")
+    checkpoint_every: int = Field(16, ge=1, description="Most generated tokens of a turn not yet durable before "
+                                  "generation waits for the store. Tokens reach clients only once durable: group "
+                                  "commits run back to back, each writing what every live turn produced meanwhile.")
     ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="Retention of finished chains.")
     migration_limit: int = Field(3, ge=0, description="Re-dispatches of one generation after group failures.")
     lease_ttl_s: float = Field(2.0, gt=0, description="A dead router's chains become resumable by another "

@@ -256,6 +256,7 @@ class RouterCore:
                     last = i == len(turn.generated) - 1
                     live.publish(ChainToken(chain_id, turn.index, i, t, None, None,
                                             reason if last else None, len(turn.prompt_tokens)))
+                live.reveal(len(turn.generated))  # read from the store
                 live.end()
                 return live
             self.metrics.chain_resumes.labels(cause="router").inc()
@@ -362,8 +363,9 @@ class RouterCore:
         live = LiveTurn(chain_id, turn, len(prompt))
         for i, t in enumerate(done):
             live.publish(ChainToken(chain_id, turn, i, t, None, None, None, len(prompt)))
+        live.reveal(len(done))  # read from the store
         ckpt = ChainCheckpointer(self.store, chain_id, turn, self.config.chain_store.checkpoint_every,
-                                 durable=len(done))
+                                 durable=len(done), on_settled=live.reveal)
         self._live[chain_id] = live
         self._commits.join(ckpt)
         live.task = asyncio.get_running_loop().create_task(
@@ -394,10 +396,7 @@ class RouterCore:
                         if ev.index > len(tokens):
                             raise RuntimeError(f"worker skipped from index {len(tokens)} to {ev.index}")
                         tokens.append(ev.token)
-                        ckpt.pending.append(ev.token)
                         finish = ev.finish_reason or None
-                        if finish is None and len(ckpt.pending) >= ckpt.every:
-                            await self._commits.flush(ckpt)
                         now = time.monotonic()
                         if failed_at is not None:
                             self.metrics.failover_seconds.observe(now - failed_at)
@@ -408,6 +407,8 @@ class RouterCore:
                         tok = ChainToken(chain_id, live.turn, ev.index, ev.token, ev.logprob,
                                          [(t.token, t.logprob) for t in ev.top_logprobs] or None, finish,
                                          len(prompt))
+                        live.publish(tok)  # seen by readers once durable (live.reveal)
+                        ckpt.pending.append(ev.token)
                         if finish is not None:
                             status, reason = "finished", finish
                             self.metrics.e2e.observe(now - t0)
@@ -416,9 +417,12 @@ class RouterCore:
                             await self._close(ckpt, status, reason)
                             status = ""
                             self._unregister(live)  # also before the last token: a next turn may start at once
-                            live.publish(tok)
+                            live.reveal(ckpt.durable)
                             return
-                        live.publish(tok)
+                        if len(ckpt.pending) >= ckpt.every:  # the store fell behind: wait for it
+                            await self._commits.flush(ckpt)
+                        else:  # durable with the next group write, then visible
+                            self._commits.kick(ckpt)
                         self.faults.after_token(len(tokens), began_here)
                     raise GroupFailed(live.group_id, "stream ended without a finish reason")
                 except GroupFailed as e:
@@ -448,6 +452,7 @@ class RouterCore:
                 await asyncio.shield(self._close(ckpt))
             elif status:  # else it ended with its last token
                 await asyncio.shield(self._close(ckpt, status, reason))
+            live.reveal(ckpt.durable)
             live.end(error)
 
     def _unregister(self, live: LiveTurn) -> None:
