@@ -60,6 +60,22 @@ class PoolConfig(_Strict):
     )
 
 
+class RequestLimits(_Strict):
+    """Bounds on what one API request may ask for; past one the request is refused (413 for the body, else 400)
+    naming the limit, before any turn starts."""
+
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest HTTP request body (413 past it, unread).")
+    max_json_depth: int = Field(64, ge=4, le=512, description="Deepest nesting of arrays/objects in a body.")
+    max_messages: int = Field(2048, ge=1, description="Most messages in one chat request.")
+    max_tools: int = Field(128, ge=0, description="Most tools in one chat request.")
+    max_tool_schema_bytes: int = Field(32 << 10, ge=64, description="Largest JSON of one tool's definition.")
+    max_stop_strings: int = Field(4, ge=0, le=64, description="Most `stop` strings.")
+    max_stop_chars: int = Field(256, ge=1, description="Longest `stop` string, characters.")
+    default_max_tokens: int = Field(4096, ge=1, description="Generated tokens of a request that sets no "
+                                    "max_tokens (at most what fits in the context).")
+    max_turns_per_chain: int = Field(1000, ge=1, description="Most turns one chain may hold.")
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
@@ -71,6 +87,7 @@ class RouterConfig(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0, description="A group stream silent this long after its first "
                                    "token counts as a failed group; the turn is re-dispatched.")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
 
 
 class ChainStoreConfig(_Strict):

@@ -346,6 +346,10 @@ class RouterCore:
         """A new turn; a turn still "running" with nobody generating it (we hold the lease) was abandoned by a
         client that moved on to the next turn: it ends "cancelled"."""
         chain = self.store.get_chain(chain_id)
+        cap = self.config.router.limits.max_turns_per_chain
+        if chain.n_turns >= cap:
+            raise ValueError(f"chain {chain_id} holds {chain.n_turns} turns; the limit is {cap} "
+                             "(router.limits.max_turns_per_chain): start a new chain")
         self.metrics.tool_calls_per_chain.observe(len(chain.tool_calls))
         if chain.turns and chain.turns[-1].status == "running":
             self.store.finish_turn(chain_id, chain.turns[-1].index, "cancelled", "superseded")

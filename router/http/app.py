@@ -25,6 +25,7 @@ from k2serve.router.http import openai_models as om
 from k2serve.router.api_keys import APIKeys
 from k2serve.router.http.auth import bearer_guard, request_tenant
 from k2serve.router.http.errors import APIError, error_body, install_error_handlers
+from k2serve.router.http.limits import BodyLimits, check_request
 from k2serve.router.http.observe import Generation, RequestMetrics
 from k2serve.router.http.prompts import chat_prompt, check_model, completion_prompt, sampling_params
 from k2serve.router.http.stream import (ChunkWriter, TokenStep, TurnAssembler, chat_logprobs, chat_message,
@@ -60,6 +61,8 @@ class _Api:
         top = (body.top_logprobs or 0) if body.logprobs else None
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=True, top=top)
+        check_request(self.config.router.limits, stop=body.stop_strings, messages=body.template_messages(),
+                      tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None)
         prompt = chat_prompt(self.core.tokenizer, body)
         return await self._generate(request, body, prompt, chain, chat=True, top=top,
                                     history=body.template_messages())
@@ -70,6 +73,7 @@ class _Api:
         top = body.logprobs
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=False, top=top)
+        check_request(self.config.router.limits, stop=body.stop_strings, prompt=body.prompt)
         prompt = completion_prompt(self.core.tokenizer, body)
         return await self._generate(request, body, prompt, chain, chat=False, top=top)
 
@@ -78,7 +82,8 @@ class _Api:
         if header_chain and body.chain_id and header_chain != body.chain_id:
             raise APIError(400, f"chain_id {body.chain_id!r} differs from header {CHAIN_HEADER} {header_chain!r}",
                            param="chain_id")
-        params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top)
+        params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top,
+                                 default_max_tokens=self.config.router.limits.default_max_tokens)
         deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
         tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
@@ -304,6 +309,7 @@ def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> Fas
     app = FastAPI(title="k2serve", summary="OpenAI-compatible API of the k2serve router", version="1")
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimits, limits=config.router.limits)  # outermost: before anything reads the body
 
     app.add_api_route("/healthz", api.healthz, methods=["GET"], tags=["probes"])
     app.add_api_route("/readyz", api.readyz, methods=["GET"], tags=["probes"], responses={503: {}})

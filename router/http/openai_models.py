@@ -52,8 +52,8 @@ class SamplingRequest(_Request):
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 means off.")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                          Field(max_length=4)] | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Count and length bounded by router.limits (default 4 strings of 256 characters).")
     ignore_eos: bool = False
     chain_id: str | None = Field(None, min_length=1, max_length=128,
                                  description="k2serve: continue this chain (same as header X-K2-Chain-Id).")

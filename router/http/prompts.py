@@ -35,8 +35,9 @@ def completion_prompt(tokenizer: K2Tokenizer, req: CompletionRequest) -> list[in
 
 
 def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
-                    top_logprobs: int | None) -> SamplingParams:
-    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token."""
+                    top_logprobs: int | None, default_max_tokens: int) -> SamplingParams:
+    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token;
+    `default_max_tokens`: the budget of a request that sets none (at most what fits)."""
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty", param="prompt")
     room = max_context - prompt_len
@@ -50,6 +51,6 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *,
                        code="context_length_exceeded")
     return SamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-        max_tokens=limit if limit is not None else room, ignore_eos=req.ignore_eos,
+        max_tokens=limit if limit is not None else min(room, default_max_tokens), ignore_eos=req.ignore_eos,
         logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
     )
