@@ -39,20 +39,24 @@ class RouterService(pb_grpc.RouterServicer):
         try:
             prompt = self._prompt(request)
             params = sampling_from_proto(request.sampling)
-            stream = self.core.generate(prompt, params, chain_id=request.chain_id or None,
-                                        deterministic=request.deterministic, request_meta={"api": "grpc"},
-                                        tenant=await self._tenant(context))
-            async for chunk in self._chunks(stream):
-                yield chunk
-        except NotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        stream = self.core.generate(prompt, params, chain_id=request.chain_id or None,
+                                    deterministic=request.deterministic, request_meta={"api": "grpc"},
+                                    tenant=await self._tenant(context))
+        async for chunk in self._answer(stream, context):
+            yield chunk
 
     async def ResumeChain(self, request: pb.ResumeChainRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[pb.GenerateChunk]:
+        stream = self.core.resume(request.chain_id, request.from_index, await self._tenant(context))
+        async for chunk in self._answer(stream, context):
+            yield chunk
+
+    async def _answer(self, stream: AsyncIterator[ChainToken], context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.GenerateChunk]:
+        """The turn's chunks; the core's refusals (raised before its first token) as gRPC status codes."""
         try:
-            stream = self.core.resume(request.chain_id, request.from_index, await self._tenant(context))
             async for chunk in self._chunks(stream):
                 yield chunk
         except NotFoundError as e:
