@@ -4,6 +4,7 @@ is refused UNAUTHENTICATED before its request is read, and a chain of another ke
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -37,7 +38,7 @@ class RouterService(pb_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; this router serves "
                                 f"{self.core.model_name!r}")
         try:
-            prompt = self._prompt(request)
+            prompt = await asyncio.to_thread(self._prompt, request)  # templating + tokenizing: off the event loop
             params = sampling_from_proto(request.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

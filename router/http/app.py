@@ -61,9 +61,9 @@ class _Api:
         top = (body.top_logprobs or 0) if body.logprobs else None
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=True, top=top)
-        check_request(self.config.router.limits, stop=body.stop_strings, messages=body.template_messages(),
-                      tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None)
-        prompt = chat_prompt(self.core.tokenizer, body)
+        # Off the event loop: templating and tokenizing a big conversation takes seconds of CPU, and every
+        # stream this router serves would stall for as long.
+        prompt = await asyncio.to_thread(self._chat_prompt, body)
         return await self._generate(request, body, prompt, chain, chat=True, top=top,
                                     history=body.template_messages())
 
@@ -73,9 +73,17 @@ class _Api:
         top = body.logprobs
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=False, top=top)
-        check_request(self.config.router.limits, stop=body.stop_strings, prompt=body.prompt)
-        prompt = completion_prompt(self.core.tokenizer, body)
+        prompt = await asyncio.to_thread(self._completion_prompt, body)
         return await self._generate(request, body, prompt, chain, chat=False, top=top)
+
+    def _chat_prompt(self, body: om.ChatCompletionRequest) -> list[int]:
+        check_request(self.config.router.limits, stop=body.stop_strings, messages=body.template_messages(),
+                      tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None)
+        return chat_prompt(self.core.tokenizer, body)
+
+    def _completion_prompt(self, body: om.CompletionRequest) -> list[int]:
+        check_request(self.config.router.limits, stop=body.stop_strings, prompt=body.prompt)
+        return completion_prompt(self.core.tokenizer, body)
 
     async def _generate(self, request: Request, body: om.SamplingRequest, prompt: list[int], header_chain: str | None,
                         *, chat: bool, top: int | None, history: list[dict[str, Any]] | None = None) -> Response:

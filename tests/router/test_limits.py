@@ -149,3 +149,24 @@ def test_inputs_that_gave_500_give_4xx_before_a_turn(served: tuple[str, Path], r
                    timeout=60)
     assert 400 <= r.status_code < 500, r.text
     assert chains(db) == before
+
+
+def test_templating_and_tokenizing_run_off_the_event_loop(served: tuple[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big conversation's template and tokenizer run on a worker thread, not the loop every stream shares: the
+    thread that runs them is one of asyncio's worker threads, not the server's loop thread (`k2serve-http`)."""
+    import threading
+
+    from k2serve.worker.tokenizer import K2Tokenizer
+
+    url, _ = served
+    threads: dict[str, str] = {}
+    encode = K2Tokenizer.encode_chat
+
+    def spy(self: K2Tokenizer, *args: Any, **kwargs: Any) -> list[int]:
+        threads["encode_chat"] = threading.current_thread().name
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(K2Tokenizer, "encode_chat", spy)
+    assert chat(url).status_code == 200
+    assert threads["encode_chat"].startswith("asyncio_"), threads

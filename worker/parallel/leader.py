@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from k2serve.cluster_auth import cluster_token
-from k2serve.config import GROUP_REGISTRY_ACTOR, FaultSpec, PoolConfig, ServingConfig
+from k2serve.config import GROUP_REGISTRY_ACTOR, RAY_NAMESPACE, FaultSpec, PoolConfig, ServingConfig
 from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
 from k2serve.worker.engine.engine import EngineConfig, TokenEvent
@@ -76,8 +76,11 @@ class GroupLeader:
     """Use as a Ray actor (`ray.remote(GroupLeader)`); `start()` must be awaited before anything else."""
 
     def __init__(self, config: ServingConfig, pool: Pool, index: int, role: Role, *,
-                 collective_timeout_s: float = 30.0, cores: GroupCores | None = None, replaces: bool = False) -> None:
-        """`replaces`: this leader takes the place of one that died (the pool controller's replacement)."""
+                 collective_timeout_s: float = 30.0, cores: GroupCores | None = None, replaces: bool = False,
+                 namespace: str = RAY_NAMESPACE) -> None:
+        """`replaces`: this leader takes the place of one that died (the pool controller's replacement);
+        `namespace`: the Ray namespace of the pool's registry and leaders (where KV handoff peers are found)."""
+        self.namespace = namespace
         self.config = config
         self.pool = pool
         self.role: Role = role
@@ -108,7 +111,7 @@ class GroupLeader:
         host = ray.util.get_node_ip_address()
         kind = InLeaderGroup if self._local else ExpertParallelGroup
         self._group = await asyncio.to_thread(kind, self.spec)
-        peers = RegistryPeers(ray.get_runtime_context().namespace, GROUP_REGISTRY_ACTOR)
+        peers = RegistryPeers(self.namespace, GROUP_REGISTRY_ACTOR)
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
                                       block_size=self.spec.engine.block_size, metrics=self.metrics, peers=peers,
                                       token=cluster_token(self.config.cluster_token_file))

@@ -182,7 +182,7 @@ class PoolController:
                     **resources).remote(config, slot.pool, slot.index, slot.role,
                                         collective_timeout_s=self.collective_timeout_s,
                                         cores=self.cores.groups[slot.group_id] if self.cores else None,
-                                        replaces=replaces)
+                                        replaces=replaces, namespace=self.namespace)
                 return slot.leader.start.remote()
             except ValueError:  # the dead leader's name is not released yet
                 if time.monotonic() > deadline:
