@@ -30,7 +30,7 @@ from k2serve.worker.engine.engine import Engine, EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.k2 import K2Model
-from k2serve.worker.tokenizer import K2Tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer
 
 DEFAULT_WORK = Path.home() / ".cache/k2serve/agent-train"
 MAX_TURN_TOKENS = 160

@@ -24,7 +24,7 @@ from k2serve.worker.agent_model.corpus import FAMILIES, build_corpus, corpus_has
 from k2serve.worker.agent_model.train import (
     TrainPlan, agent_config, disable_qat, hf_model, save_bf16, save_int4, train,
 )
-from k2serve.worker.tokenizer import K2Tokenizer, write_tiny_tokenizer
+from k2serve.k2format.tokenizer import K2Tokenizer, write_tiny_tokenizer
 
 EPISODES = {"calculator": 60, "weather": 60, "two_step": 40, "chain": 150, "no_tool": 30, "retry": 40,
             "parallel": 40}

@@ -89,6 +89,22 @@ class PoolConfig(_Strict):
     )
 
 
+class RequestLimits(_Strict):
+    """Bounds on what one API request may ask for; past one the request is refused (413 for the body, else 400)
+    naming the limit, before any turn starts."""
+
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest HTTP request body (413 past it, unread).")
+    max_json_depth: int = Field(64, ge=4, le=512, description="Deepest nesting of arrays/objects in a body.")
+    max_messages: int = Field(2048, ge=1, description="Most messages in one chat request.")
+    max_tools: int = Field(128, ge=0, description="Most tools in one chat request.")
+    max_tool_schema_bytes: int = Field(32 << 10, ge=64, description="Largest JSON of one tool's definition.")
+    max_stop_strings: int = Field(4, ge=0, le=64, description="Most `stop` strings.")
+    max_stop_chars: int = Field(256, ge=1, description="Longest `stop` string, characters.")
+    default_max_tokens: int = Field(4096, ge=1, description="Generated tokens of a request that sets no "
+                                    "max_tokens (at most what fits in the context).")
+    max_turns_per_chain: int = Field(1000, ge=1, description="Most turns one chain may hold.")
+
+
 class RouterConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers listen on.")
     http_port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
@@ -105,6 +121,7 @@ class RouterConfig(_Strict):
     max_reasoning_tokens: int | None = Field(
         None, ge=0, description="Default reasoning budget of a chat turn (a request's max_reasoning_tokens wins): "
         "past it the engine closes the thinking section and the answer follows. None: unlimited.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Bounds on one API request.")
 
 
 class ChainStoreConfig(_Strict):
@@ -116,9 +133,9 @@ class ChainStoreConfig(_Strict):
     redis_url_env: str | None = Field(
         None, description="Environment variable holding the redis URL (e.g. from a Secret); used when redis_url is unset."
     )
-    checkpoint_every: int = Field(16, ge=1, description="Most generated tokens a turn buffers before a durable "
-                                  "append (when one turn's are due, every live turn's buffered tokens are "
-                                  "written in the same commit).")
+    checkpoint_every: int = Field(16, ge=1, description="Most generated tokens of a turn not yet durable before "
+                                  "generation waits for the store. Tokens reach clients only once durable: group "
+                                  "commits run back to back, each writing what every live turn produced meanwhile.")
     ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="Retention of finished chains.")
     migration_limit: int = Field(3, ge=0, description="Re-dispatches of one generation after group failures.")
     lease_ttl_s: float = Field(2.0, gt=0, description="A dead router's chains become resumable by another "
@@ -159,8 +176,9 @@ class ServingConfig(_Strict):
     )
     faults: list[FaultSpec] = Field(default_factory=list, description="Faults to inject (testing failover).")
     cluster_token_file: str | None = Field(
-        None, description="File holding the shared secret every internal gRPC call carries as metadata "
-        "`authorization: Bearer <token>`; none: internal calls are not authenticated."
+        None, description="File holding the shared secret of internal gRPC (router → worker groups): every such call "
+        "sends `authorization: Bearer <token>` and worker groups refuse (UNAUTHENTICATED) calls without it. Re-read "
+        "when it changes. Unset: internal gRPC is open (`k2serve up` sets a fresh one).",
     )
     cpu_binding: Literal["auto", "none"] = Field(
         "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "

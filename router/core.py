@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
-from k2serve.router.chains import Chain, ChainCheckpointer, ToolCall, open_store
+from k2serve.router.api_keys import OPEN_TENANT
+from k2serve.router.chains import Chain, ChainCheckpointer, ChainNotFound, ChainStore, ToolCall, open_store
 from k2serve.router.chains.batched_commit import BatchedCommit
 from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, LiveTurn
@@ -158,11 +159,12 @@ class RouterCore:
 
     # ---- generation -----------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams, *, chain_id: str | None = None,
-                       deterministic: bool = False, request_meta: dict[str, Any] | None = None
-                       ) -> AsyncIterator[ChainToken]:
+                       deterministic: bool = False, request_meta: dict[str, Any] | None = None,
+                       tenant: str = OPEN_TENANT) -> AsyncIterator[ChainToken]:
         """Starts one turn and streams it from token 0. The turn runs in a task of this router, not in the
         reader: a reader that goes away leaves it generating (`cancel` stops it). Bad requests raise ValueError
-        before the first token; an unknown `chain_id` raises `ChainNotFound` (a KeyError)."""
+        before the first token; an unknown `chain_id`, or another tenant's, raises `ChainNotFound` (a KeyError).
+        A new chain belongs to `tenant`."""
         self._validate(prompt_ids, sampling)
         await self.start()
         params = sampling.model_copy(update={"seed": resolve_seed(sampling)})
@@ -170,10 +172,10 @@ class RouterCore:
         sampling_doc = {**params.model_dump(mode="json"), "deterministic": det}
         meta = request_meta or {}
         if chain_id is None:  # a new chain: nobody else knows its id, so no lease to wait for and no lock
-            chain_id, turn = await self._io(self._begin_new_chain, meta, sampling_doc, prompt_ids)
+            chain_id, turn = await self._io(self._begin_new_chain, meta, sampling_doc, prompt_ids, tenant)
             live = self._launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
         else:
-            await self._io(self.store.get_chain, chain_id)  # raises ChainNotFound
+            await self.get_chain(chain_id, tenant)  # raises ChainNotFound
             await self._await_lease(chain_id)
             async with self._starting.hold(chain_id):
                 if chain_id in self._live:
@@ -194,7 +196,7 @@ class RouterCore:
                 return
             await asyncio.sleep(TAIL_POLL_S)
 
-    async def resume(self, chain_id: str, from_index: int) -> AsyncIterator[ChainToken]:
+    async def resume(self, chain_id: str, from_index: int, tenant: str = OPEN_TENANT) -> AsyncIterator[ChainToken]:
         """The latest turn of a chain from generated index `from_index` on. A turn generating here is followed
         live; a finished one is replayed from the store; one left running by a router that died is claimed
         (store lease) and generated on from its last checkpoint; one another live router generates is tailed
@@ -202,10 +204,10 @@ class RouterCore:
         if from_index < 0:
             raise ValueError(f"from_index must be >= 0, got {from_index}")
         live = self._live.get(chain_id)
+        chain = await self.get_chain(chain_id, tenant)  # after the live check: a turn that ended is stored
         if live is not None:
             self.metrics.chain_resumes.labels(cause="client").inc()  # a reader reconnecting to a live turn
         else:
-            chain = await self._io(self.store.get_chain, chain_id)
             if not chain.turns:
                 raise ValueError(f"chain {chain_id} has no turn to resume")
             turn = chain.turns[-1]
@@ -258,6 +260,7 @@ class RouterCore:
                     last = i == len(turn.generated) - 1
                     live.publish(ChainToken(chain_id, turn.index, i, t, None, None,
                                             reason if last else None, len(turn.prompt_tokens)))
+                live.reveal(len(turn.generated))  # read from the store
                 live.end()
                 return live
             self.metrics.chain_resumes.labels(cause="router").inc()
@@ -279,10 +282,18 @@ class RouterCore:
                 await asyncio.shield(live.task)
         return True
 
-    async def get_chain(self, chain_id: str) -> Chain:
-        return await self._io(self.store.get_chain, chain_id)
+    async def get_chain(self, chain_id: str, tenant: str = OPEN_TENANT) -> Chain:
+        """The chain, if `tenant` owns it; another tenant's is as unknown as a missing one (ChainNotFound)."""
+        chain = await self._io(self.store.get_chain, chain_id)
+        if chain.tenant != tenant:
+            raise ChainNotFound(f"no chain {chain_id!r}")
+        return chain
 
-    async def delete_chain(self, chain_id: str) -> bool:
+    async def delete_chain(self, chain_id: str, tenant: str = OPEN_TENANT) -> bool:
+        try:
+            await self.get_chain(chain_id, tenant)
+        except ChainNotFound:
+            return False
         await self.cancel(chain_id)
         return await self._io(self.store.delete_chain, chain_id)
 
@@ -315,11 +326,12 @@ class RouterCore:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
                              f"context limit of {self.max_context} tokens")
 
-    def _begin_new_chain(self, meta: dict[str, Any], sampling: dict[str, Any], prompt: list[int]) -> tuple[str, int]:
-        """(chain id, turn 0) of a new chain leased to this router: one thread hop and one commit for all three
-        writes."""
+    def _begin_new_chain(self, meta: dict[str, Any], sampling: dict[str, Any], prompt: list[int],
+                         tenant: str) -> tuple[str, int]:
+        """(chain id, turn 0) of a new chain of `tenant` leased to this router: one thread hop and one commit for
+        all three writes."""
         with self.store.batch():
-            chain_id = self.store.create_chain()
+            chain_id = self.store.create_chain(tenant=tenant)
             if not self.store.claim(chain_id, self.router_id, self.lease_ttl_s):
                 raise RuntimeError(f"chain {chain_id}: a new chain's lease is held by another router")
             turn = self.store.begin_turn(chain_id, meta, sampling, prompt)
@@ -341,6 +353,10 @@ class RouterCore:
         """A new turn; a turn still "running" with nobody generating it (we hold the lease) was abandoned by a
         client that moved on to the next turn: it ends "cancelled"."""
         chain = self.store.get_chain(chain_id)
+        cap = self.config.router.limits.max_turns_per_chain
+        if chain.n_turns >= cap:
+            raise ValueError(f"chain {chain_id} holds {chain.n_turns} turns; the limit is {cap} "
+                             "(router.limits.max_turns_per_chain): start a new chain")
         self.metrics.tool_calls_per_chain.observe(len(chain.tool_calls))
         if chain.turns and chain.turns[-1].status == "running":
             self.store.finish_turn(chain_id, chain.turns[-1].index, "cancelled", "superseded")
@@ -358,8 +374,9 @@ class RouterCore:
         live = LiveTurn(chain_id, turn, len(prompt))
         for i, t in enumerate(done):
             live.publish(ChainToken(chain_id, turn, i, t, None, None, None, len(prompt)))
+        live.reveal(len(done))  # read from the store
         ckpt = ChainCheckpointer(self.store, chain_id, turn, self.config.chain_store.checkpoint_every,
-                                 durable=len(done))
+                                 durable=len(done), on_settled=live.reveal)
         self._live[chain_id] = live
         self._commits.join(ckpt)
         live.task = asyncio.get_running_loop().create_task(
@@ -390,10 +407,7 @@ class RouterCore:
                         if ev.index > len(tokens):
                             raise RuntimeError(f"worker skipped from index {len(tokens)} to {ev.index}")
                         tokens.append(ev.token)
-                        ckpt.pending.append(ev.token)
                         finish = ev.finish_reason or None
-                        if finish is None and len(ckpt.pending) >= ckpt.every:
-                            await self._commits.flush(ckpt)
                         now = time.monotonic()
                         if failed_at is not None:
                             self.metrics.failover_seconds.observe(now - failed_at)
@@ -404,6 +418,8 @@ class RouterCore:
                         tok = ChainToken(chain_id, live.turn, ev.index, ev.token, ev.logprob,
                                          [(t.token, t.logprob) for t in ev.top_logprobs] or None, finish,
                                          len(prompt))
+                        live.publish(tok)  # seen by readers once durable (live.reveal)
+                        ckpt.pending.append(ev.token)
                         if finish is not None:
                             status, reason = "finished", finish
                             self.metrics.e2e.observe(now - t0)
@@ -412,9 +428,12 @@ class RouterCore:
                             await self._close(ckpt, status, reason)
                             status = ""
                             self._unregister(live)  # also before the last token: a next turn may start at once
-                            live.publish(tok)
+                            live.reveal(ckpt.durable)
                             return
-                        live.publish(tok)
+                        if len(ckpt.pending) >= ckpt.every:  # the store fell behind: wait for it
+                            await self._commits.flush(ckpt)
+                        else:  # durable with the next group write, then visible
+                            self._commits.kick(ckpt)
                         self.faults.after_token(len(tokens), began_here)
                     raise GroupFailed(live.group_id, "stream ended without a finish reason")
                 except GroupFailed as e:
@@ -444,6 +463,7 @@ class RouterCore:
                 await asyncio.shield(self._close(ckpt))
             elif status:  # else it ended with its last token
                 await asyncio.shield(self._close(ckpt, status, reason))
+            live.reveal(ckpt.durable)
             live.end(error)
 
     def _unregister(self, live: LiveTurn) -> None:

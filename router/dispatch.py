@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from k2serve.cluster_auth import cluster_token, internal_channel
 from k2serve.config import ServingConfig
 from k2serve.faults import RouterFaults
 from k2serve.metrics import Metrics
@@ -58,6 +59,7 @@ class Dispatcher:
         self.metrics = metrics
         self.faults = faults
         self.stall_timeout_s = stall_timeout_s
+        self.token = cluster_token(config.cluster_token_file)  # sent on every call to a group
         self.scheduler = Scheduler(config.router.routing_policy, config.decode.block_size)
         self._groups: dict[str, GroupClient] = {}
         self._lock = asyncio.Lock()
@@ -79,7 +81,7 @@ class Dispatcher:
             for gid, addr in known.items():
                 if gid not in self._groups:
                     # Short reconnect backoff: a restarted group is usable again within ~0.1 s, not gRPC's 1 s+.
-                    channel = grpc.aio.insecure_channel(addr.address, options=[
+                    channel = internal_channel(addr.address, self.token, options=[
                         ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
                         ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
                     stub = pb_grpc.WorkerGroupStub(channel)
@@ -123,7 +125,7 @@ class Dispatcher:
         """The token events of one attempt, from index len(done) on; group failures raise GroupFailed."""
         sampling = sampling_to_proto(params)
         prefix = list(done)
-        kv_handle = b""
+        kv_handle: pb.KVHandle | None = None
         if not self.config.router.aggregated:
             g = await self.pick("prefill", prompt + prefix, exclude)
             resp = await self._call(g, live, g.stub.Prefill, pb.PrefillRequest(
@@ -133,7 +135,7 @@ class Dispatcher:
             if resp.first.finish_reason:
                 return
             prefix.append(resp.first.token)
-            kv_handle = resp.kv_handle
+            kv_handle = resp.kv_handle if resp.HasField("kv_handle") else None
             g = await self.pick("decode", [], exclude)
         else:
             g = await self.pick("prefill", prompt + prefix, exclude)

@@ -1,22 +1,36 @@
-"""The router's gRPC service (`k2serve.v1.Router`): a thin adapter from protos to `RouterCore`."""
+"""The router's gRPC service (`k2serve.v1.Router`): a thin adapter from protos to `RouterCore`. Clients
+authenticate as over HTTP (router/api_keys.py): with keys set, a call without a valid `authorization: Bearer <key>`
+is refused UNAUTHENTICATED before its request is read, and a chain of another key's tenant is NOT_FOUND."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
 import grpc
 
+from k2serve.cluster_auth import BearerInterceptor, bearer
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
+from k2serve.router.api_keys import APIKeys
 from k2serve.router.chains import NotFoundError
 from k2serve.router.core import ChainToken, RouterCore
 from k2serve.proto.convert import sampling_from_proto
 
 
 class RouterService(pb_grpc.RouterServicer):
-    def __init__(self, core: RouterCore) -> None:
+    def __init__(self, core: RouterCore, keys: APIKeys) -> None:
         self.core = core
+        self.keys = keys
+
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant (the interceptor already refused calls without a valid key)."""
+        tenant = self.keys.tenant(bearer(context.invocation_metadata()))
+        if tenant is None:  # the key file rotated between the interceptor and here
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the API key is no longer valid")
+            raise AssertionError("abort raises")
+        return tenant
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
@@ -24,10 +38,26 @@ class RouterService(pb_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; this router serves "
                                 f"{self.core.model_name!r}")
         try:
-            prompt = self._prompt(request)
+            prompt = await asyncio.to_thread(self._prompt, request)  # templating + tokenizing: off the event loop
             params = sampling_from_proto(request.sampling)
-            stream = self.core.generate(prompt, params, chain_id=request.chain_id or None,
-                                        deterministic=request.deterministic, request_meta={"api": "grpc"})
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        stream = self.core.generate(prompt, params, chain_id=request.chain_id or None,
+                                    deterministic=request.deterministic, request_meta={"api": "grpc"},
+                                    tenant=await self._tenant(context))
+        async for chunk in self._answer(stream, context):
+            yield chunk
+
+    async def ResumeChain(self, request: pb.ResumeChainRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.GenerateChunk]:
+        stream = self.core.resume(request.chain_id, request.from_index, await self._tenant(context))
+        async for chunk in self._answer(stream, context):
+            yield chunk
+
+    async def _answer(self, stream: AsyncIterator[ChainToken], context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.GenerateChunk]:
+        """The turn's chunks; the core's refusals (raised before its first token) as gRPC status codes."""
+        try:
             async for chunk in self._chunks(stream):
                 yield chunk
         except NotFoundError as e:
@@ -35,22 +65,16 @@ class RouterService(pb_grpc.RouterServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
-    async def ResumeChain(self, request: pb.ResumeChainRequest, context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[pb.GenerateChunk]:
+    async def Cancel(self, request: pb.CancelChainRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         try:
-            async for chunk in self._chunks(self.core.resume(request.chain_id, request.from_index)):
-                yield chunk
+            await self.core.get_chain(request.chain_id, await self._tenant(context))
         except NotFoundError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-    async def Cancel(self, request: pb.CancelChainRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         return pb.CancelResponse(cancelled=await self.core.cancel(request.chain_id))
 
     async def GetChain(self, request: pb.GetChainRequest, context: grpc.aio.ServicerContext) -> pb.ChainDocument:
         try:
-            chain = await self.core.get_chain(request.chain_id)
+            chain = await self.core.get_chain(request.chain_id, await self._tenant(context))
         except NotFoundError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return pb.ChainDocument(chain_id=chain.chain_id, json=chain.model_dump_json())
@@ -78,9 +102,14 @@ class RouterService(pb_grpc.RouterServicer):
 
 
 async def start_router_server(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serves the Router service; returns the started server and its bound port."""
-    server = grpc.aio.server()
-    pb_grpc.add_RouterServicer_to_server(RouterService(core), server)
+    """Serves the Router service; returns the started server and its bound port. ValueError if
+    `router.api_keys_file` is set but unreadable or empty."""
+    keys = APIKeys(core.config.router.api_keys_file)
+    interceptors = [] if keys.open else [BearerInterceptor(
+        lambda given: keys.tenant(given) is not None,
+        "incorrect or missing API key: send metadata `authorization: Bearer <key>`")]
+    server = grpc.aio.server(interceptors=interceptors)
+    pb_grpc.add_RouterServicer_to_server(RouterService(core, keys), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"router: cannot bind gRPC on {host}:{port}")

@@ -1,14 +1,15 @@
 """The worker group's gRPC service (`k2serve.v1.WorkerGroup`), served by the group leader over an `EngineLoop`.
 
 Prefill runs the prompt as a one-token request that holds its KV and exports that KV into Ray's object store
-(an expert-parallel group leaves it where its rank put it; a single-process engine's is `ray.put` here), and
-returns a `KVHandle` — the ObjectRef with the token count and a digest of the tokens — pickled as `kv_handle`
-(read back by an unpickler that builds nothing else). The ref stays pinned here until a TTL passes, then is
-unpinned (the decode group's borrow, if any, keeps the object alive while it is read). Decode checks the handle
-against its own prompt, brings the object to its node and hands it to the engine — to a group as the ref,
-which its rank resolves, so KV bytes never pass through a leader. An unusable handle (not a handle, another
-prompt's, object gone, owner dead) makes the engine re-prefill instead, so a failed handoff costs time, never
-tokens. Without a Ray connection Prefill returns an empty handle and Decode always re-prefills.
+(an expert-parallel group leaves it where its rank put it; a single-process engine's is `ray.put` here), keeps
+the ObjectRef in its own table under a random id for a TTL, and returns a `KVHandle` descriptor — group id, that
+id, token count, digest of the tokens (worker/kv_handoff.py). Decode checks the handle against its own prompt,
+asks the named group — found through trusted `KVPeers`, never an address from the message — for the ref, brings
+the object to its node and hands it to the engine — to a group as the ref, which its rank resolves, so KV bytes
+never pass through a leader. Nothing a peer sends is unpickled. A handle naming a group no trusted source knows
+is refused (INVALID_ARGUMENT); an unusable one (another prompt's, expired, object gone, owner dead) makes the
+engine re-prefill instead, so a failed handoff costs time, never tokens. Without a Ray connection Prefill returns
+no handle and Decode always re-prefills.
 DecodeMany is Decode for many requests over one call (what routers use): one message per engine step.
 """
 
@@ -16,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import pickle
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
@@ -28,14 +26,15 @@ from typing import Any
 import grpc
 from prometheus_client import Counter
 
+from k2serve.cluster_auth import ClusterToken, server_interceptors
 from k2serve.groups import Role
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_from_proto
 from k2serve.faults import GroupFaults
-from k2serve.k2format.block_hash import ROOT_HASH, hash_block_tokens
 from k2serve.worker.engine.engine import KVHandoff, KVHandoffLost, TokenEvent
+from k2serve.worker.kv_handoff import HeldKV, KVPeers, LocalPeers, UnknownPeer, check_handle, make_handle
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
 
@@ -51,34 +50,6 @@ def event_to_proto(ev: TokenEvent, seed: int | None = None, kv_handoff: str = ""
 
 
 @dataclass
-class KVHandle:
-    """What `kv_handle` carries: enough to check a handoff against the decode request without reading it."""
-
-    ref: Any  # ray.ObjectRef of the KVHandoff
-    tokens: int  # the KV covers the first `tokens` of prompt + output_prefix
-    block_size: int
-    digest: bytes  # hash_block_tokens(ROOT_HASH, those tokens)
-
-
-class _HandleUnpickler(pickle.Unpickler):
-    """A `kv_handle` arrives over the network: unpickling it may build a KVHandle and Ray's ObjectRef, nothing
-    else (a plain `loads` would run whatever callable the bytes name)."""
-
-    ALLOWED = {(__name__, "KVHandle"), ("ray._private.serialization", "_object_ref_deserializer")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"a kv_handle may not reference {module}.{name}")
-        return super().find_class(module, name)
-
-
-@dataclass
-class _HeldKV:
-    ref: Any  # ray.ObjectRef
-    expires: float
-
-
-@dataclass
 class HandoffCounts:
     ok: int = 0
     fallback: int = 0
@@ -89,7 +60,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
     (`add_request/cancel/has_work/step/export_kv`, and `running`, `waiting`, `blocks`, `stats` for Stats)."""
 
     def __init__(self, loop: EngineLoop, *, group_id: str, role: Role, block_size: int,
-                 metrics: Metrics | None = None, kv_ttl_s: float = 60.0, faults: GroupFaults | None = None) -> None:
+                 metrics: Metrics | None = None, kv_ttl_s: float = 60.0, faults: GroupFaults | None = None,
+                 peers: KVPeers | None = None, token: ClusterToken | None = None) -> None:
+        """`peers`: where handed-off KV is fetched from (default: none, every handle is refused); `token`: the
+        cluster token every call must carry (None: open)."""
         self.loop = loop
         self.faults = faults
         self.dead = asyncio.Event()  # set once a fault killed this group (its host may start a new one)
@@ -97,9 +71,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         self.role: Role = role
         self.block_size = block_size
         self.metrics = metrics
-        self.kv_ttl_s = kv_ttl_s
         self.handoffs = HandoffCounts()
-        self._held: dict[str, _HeldKV] = {}
+        self.held = HeldKV(kv_ttl_s)  # KV this group exported, by handle id
+        self.peers: KVPeers = peers if peers is not None else LocalPeers()
+        self.token = token
         self._reported: dict[Counter, int] = {}  # cumulative values already exported, per counter
         self._server: grpc.aio.Server | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -112,7 +87,8 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         """Starts the engine loop and the gRPC server; returns the bound `host:port`."""
         self.loop.start()
         self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
-                                                ("grpc.max_receive_message_length", 64 << 20)])
+                                                ("grpc.max_receive_message_length", 64 << 20)],
+                                       interceptors=server_interceptors(self.token))
         pb_grpc.add_WorkerGroupServicer_to_server(self, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
@@ -129,14 +105,13 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
-        self._free_held(list(self._held))
+        self.held.clear()
         await self.loop.stop()
 
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            now = time.monotonic()
-            self._free_held([k for k, h in self._held.items() if h.expires < now])
+            self.held.expire()
             if self.metrics is not None:
                 await self._export_gauges()
 
@@ -165,11 +140,12 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         finished = ev.finish_reason == "stop" or produced >= params.max_tokens
         ev.finish_reason = ev.finish_reason if finished else None
         tokens = list(request.prompt) + list(request.output_prefix)
-        handle, kv_tokens = (b"", 0) if finished else await self._export(rid, tokens)
+        handle = None if finished else await self._export(rid, tokens)
         if finished:
             await self.loop.call(self.loop.engine.release, rid)
         await self._maybe_die(context)
-        return pb.PrefillResponse(first=event_to_proto(ev, seed), kv_handle=handle, kv_tokens=kv_tokens)
+        return pb.PrefillResponse(first=event_to_proto(ev, seed), kv_handle=handle,
+                                  kv_tokens=handle.tokens if handle is not None else 0)
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
         params = await self._params(request.sampling, context)
@@ -281,8 +257,8 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         return await self.loop.call(self._stats)
 
     # ---- KV handoff -----------------------------------------------------------------------------------
-    async def _export(self, rid: str, tokens: list[int]) -> tuple[bytes, int]:
-        """The serialized `KVHandle` of a finished hold_kv request's KV (`tokens`: its prompt + output_prefix)."""
+    async def _export(self, rid: str, tokens: list[int]) -> pb.KVHandle | None:
+        """The handle of a finished hold_kv request's KV (`tokens`: its prompt + output_prefix); None without Ray."""
         import ray
 
         engine = self.loop.engine
@@ -291,18 +267,17 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         else:
             kv: KVHandoff = await self.loop.call(engine.export_kv, rid)
             if not ray.is_initialized():
-                return b"", 0
+                return None
             ref, n = ray.put(kv), len(kv.tokens)
-        self._held[rid] = _HeldKV(ref, time.monotonic() + self.kv_ttl_s)
-        handle = KVHandle(ref, n, self.block_size, hash_block_tokens(ROOT_HASH, tokens[:n]))
-        return ray.cloudpickle.dumps(handle), n
+        return make_handle(self.group_id, self.held.put(ref), tokens[:n], self.block_size)
 
     async def _attach(self, rid: str, request: pb.DecodeRequest, params: SamplingParams,
                       sink: asyncio.Queue[Any]) -> tuple[int, str]:
         """Queues a decode request whose events go to `sink`, with its handed-off KV when that is usable;
         returns (seed, handoff outcome: "" without a handle, else "ok" or "fallback" = re-prefilled)."""
         kwargs: dict[str, Any] = {"output_prefix": list(request.output_prefix), "deterministic": request.deterministic}
-        kv = await self._fetch(request.kv_handle, request) if request.kv_handle else None
+        has_handle = request.HasField("kv_handle")
+        kv = await self._fetch(request.kv_handle, request) if has_handle else None
         if kv is not None:
             try:
                 seed = await self.loop.attach(rid, list(request.prompt), params, sink, kv=kv, **kwargs)
@@ -311,51 +286,38 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
             except KVHandoffLost as e:  # lost between the check and the rank reading it
                 log.warning("group %s: KV handoff for %s failed, re-prefilling: %s", self.group_id, rid, e)
         seed = await self.loop.attach(rid, list(request.prompt), params, sink, **kwargs)
-        if not request.kv_handle:
+        if not has_handle:
             return seed, ""
         self.handoffs.fallback += 1
         return seed, "fallback"
 
-    async def _fetch(self, handle: bytes, request: pb.DecodeRequest) -> Any:
+    async def _fetch(self, handle: pb.KVHandle, request: pb.DecodeRequest) -> Any:
         """What the engine imports — the KVHandoff, or for a group its ObjectRef, brought to this node — or None
-        (re-prefill) when the handle is unusable."""
+        (re-prefill) when the handle is unusable. Raises UnknownPeer (a ValueError: the request is refused) for a
+        handle naming a group no trusted source knows."""
         try:
             import ray
 
-            if not ray.is_initialized():
-                raise RuntimeError("this group is not connected to Ray")
-            h = _HandleUnpickler(io.BytesIO(handle)).load()
-            if not isinstance(h, KVHandle):
-                raise TypeError(f"kv_handle holds a {type(h).__name__}, not a KVHandle")
-            if h.block_size != self.block_size:
-                raise ValueError(f"handed-off block size {h.block_size} != {self.block_size}")
-            tokens = list(request.prompt) + list(request.output_prefix)
-            if h.tokens > len(tokens) or h.digest != hash_block_tokens(ROOT_HASH, tokens[:h.tokens]):
-                raise ValueError("handed-off KV belongs to a different prompt")
+            ref = await self.peers.ref(handle.group_id, handle.id)  # the group first: an unknown one is refused
+            if ref is None or not ray.is_initialized():
+                raise LookupError(f"group {handle.group_id} holds no such KV (expired, restarted, or no Ray)")
+            check_handle(handle, list(request.prompt) + list(request.output_prefix), self.block_size)
             if getattr(self.loop.engine, "kv_in_object_store", False):
                 # Here, not on the rank: a slow transfer must not hold up the rank's steps.
-                ready, _ = await asyncio.to_thread(ray.wait, [h.ref], num_returns=1, timeout=KV_FETCH_TIMEOUT_S,
+                ready, _ = await asyncio.to_thread(ray.wait, [ref], num_returns=1, timeout=KV_FETCH_TIMEOUT_S,
                                                    fetch_local=True)
                 if not ready:
                     raise TimeoutError(f"KV not on this node after {KV_FETCH_TIMEOUT_S} s")
-                return h.ref
-            kv = await asyncio.wait_for(asyncio.wrap_future(h.ref.future()), KV_FETCH_TIMEOUT_S)
+                return ref
+            kv = await asyncio.wait_for(asyncio.wrap_future(ref.future()), KV_FETCH_TIMEOUT_S)
             if not isinstance(kv, KVHandoff):
                 raise TypeError(f"kv_handle's object is a {type(kv).__name__}, not a KVHandoff")
             return kv
+        except UnknownPeer:
+            raise
         except Exception as e:  # any failure to fetch means: recompute the prompt here
             log.warning("group %s: KV handoff for %s failed, re-prefilling: %s", self.group_id, request.request_id, e)
             return None
-
-    def _free_held(self, keys: list[str]) -> None:
-        """Undoes the pin that pickling the ref out of band took (Ray pins such objects for the owner's
-        lifetime), so the object store frees the KV once the decode group's borrow ends too."""
-        import ray
-
-        for key in keys:
-            held = self._held.pop(key)
-            if ray.is_initialized():
-                ray._private.worker.global_worker.core_worker.remove_object_ref_reference(held.ref)
 
     # ---- stats ----------------------------------------------------------------------------------------
     async def _params(self, s: pb.SamplingParams, context: grpc.aio.ServicerContext) -> SamplingParams:

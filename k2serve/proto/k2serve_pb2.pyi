@@ -115,15 +115,29 @@ class PrefillRequest(_message.Message):
     output_prefix: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deterministic: _Optional[bool] = ..., output_prefix: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class KVHandle(_message.Message):
+    __slots__ = ("group_id", "id", "tokens", "block_size", "digest")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    id: bytes
+    tokens: int
+    block_size: int
+    digest: bytes
+    def __init__(self, group_id: _Optional[str] = ..., id: _Optional[bytes] = ..., tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
 class PrefillResponse(_message.Message):
     __slots__ = ("first", "kv_handle", "kv_tokens")
     FIRST_FIELD_NUMBER: _ClassVar[int]
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first: TokenEvent
-    kv_handle: bytes
+    kv_handle: KVHandle
     kv_tokens: int
-    def __init__(self, first: _Optional[_Union[TokenEvent, _Mapping]] = ..., kv_handle: _Optional[bytes] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, first: _Optional[_Union[TokenEvent, _Mapping]] = ..., kv_handle: _Optional[_Union[KVHandle, _Mapping]] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "sampling", "deterministic", "output_prefix", "kv_handle")
@@ -138,8 +152,8 @@ class DecodeRequest(_message.Message):
     sampling: SamplingParams
     deterministic: bool
     output_prefix: _containers.RepeatedScalarFieldContainer[int]
-    kv_handle: bytes
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deterministic: _Optional[bool] = ..., output_prefix: _Optional[_Iterable[int]] = ..., kv_handle: _Optional[bytes] = ...) -> None: ...
+    kv_handle: KVHandle
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deterministic: _Optional[bool] = ..., output_prefix: _Optional[_Iterable[int]] = ..., kv_handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
 
 class DecodeManyRequest(_message.Message):
     __slots__ = ("decode", "cancel")

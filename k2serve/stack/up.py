@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
+import secrets
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -73,6 +77,22 @@ def logical_cpus(config: ServingConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
+@contextlib.contextmanager
+def local_cluster_token(config: ServingConfig) -> Iterator[ServingConfig]:
+    """`config` with a cluster token: its own, or a fresh random one in a private (0600) temp file that lives as
+    long as the stack — so the local stack's internal gRPC is authenticated too."""
+    if config.cluster_token_file is not None:
+        yield config
+        return
+    fd, path = tempfile.mkstemp(prefix="k2serve-cluster-token-")  # mkstemp: 0600, this user only
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        yield config.model_copy(update={"cluster_token_file": path})
+    finally:
+        os.unlink(path)
+
+
 async def run(config: ServingConfig) -> None:
     import ray
 
@@ -128,5 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     config = build_config(args)
     preflight(config)
-    asyncio.run(run(config))
+    with local_cluster_token(config) as config:
+        asyncio.run(run(config))
     return 0

@@ -42,6 +42,16 @@ class BatchedCommit:
         while ckpt.inflight and self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
 
+    def kick(self, ckpt: ChainCheckpointer) -> None:
+        """Has `ckpt`'s buffered tokens written with the next group write, without waiting for it: while tokens
+        arrive, group writes follow each other back to back, each taking what every turn buffered meanwhile
+        (`ckpt.on_settled` hears when they are durable). A failed write leaves them buffered for the next."""
+        if id(ckpt) not in self._due:
+            fut = self._due[id(ckpt)] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures retry: nobody awaits
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_due(), name="k2serve-group-commit")
+
     async def flush(self, ckpt: ChainCheckpointer) -> None:
         """Returns once every token `ckpt` has buffered is durable, written with every other member's; raises
         the store's error for this chain."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ class ChainCheckpointer:
     durable: int = 0
     pending: list[int] = field(default_factory=list)
     inflight: int = 0  # tokens a group write (`BatchedCommit`) took and has not confirmed yet
+    on_settled: Callable[[int], None] | None = None  # told the durable count when a group write settles
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -48,6 +49,8 @@ class ChainCheckpointer:
     def settle(self, durable: int) -> None:
         """The write of what `take` gave out is durable: the store holds `durable` tokens of the turn."""
         self.durable, self.inflight = durable, 0
+        if self.on_settled is not None:
+            self.on_settled(durable)
 
     def restore(self, tokens: list[int]) -> None:
         """The write of `tokens` (from `take`) failed: they are buffered again, ahead of any buffered since."""

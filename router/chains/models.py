@@ -51,6 +51,8 @@ class ChainSummary(_Model):
     n_turns: int = Field(ge=0)
     n_tool_calls: int = Field(ge=0)
     owner: str | None = Field(None, description="The router replica holding the chain's lease, if unexpired.")
+    tenant: str = Field("", description="Who created the chain (an API key's identity, never the key): only "
+                        "they may read, continue, cancel or delete it. Empty: created with the API open.")
 
 
 class Chain(ChainSummary):

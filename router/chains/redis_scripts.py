@@ -26,11 +26,13 @@ local function touch(status)
 end
 """
 
+# ARGV[3] tenant.
 CREATE = (
     _PRELUDE
     + """
 if n then return {'ok'} end
-redis.call('HSET', meta, 'created_at', now, 'updated_at', now, 'status', 'idle', 'n_turns', 0, 'n_calls', 0)
+redis.call('HSET', meta, 'created_at', now, 'updated_at', now, 'status', 'idle', 'n_turns', 0, 'n_calls', 0,
+           'tenant', ARGV[3])
 redis.call('ZADD', index, now, chain)
 return {'ok'}
 """

@@ -122,8 +122,8 @@ class RedisChainStore(ChainStore):
             raise TurnNotFound(f"chain {chain_id!r} has no turn {args[0]} (it has {reply[1]})")
         return [status, *reply[1:]]
 
-    def _create_chain(self, chain_id: str, now: float) -> None:
-        self._run("CREATE", chain_id, [], [], now)
+    def _create_chain(self, chain_id: str, tenant: str, now: float) -> None:
+        self._run("CREATE", chain_id, [], [tenant], now)
 
     def _begin_turn(self, chain_id: str, request: str, sampling: str, prompt: list[int], now: float) -> int:
         # The call id makes a resent script return the turn it already created instead of adding another.
@@ -255,6 +255,7 @@ class RedisChainStore(ChainStore):
             n_turns=n_turns,
             n_tool_calls=len(records),
             owner=None if owner is None else _s(owner),
+            tenant=_s(meta.get("tenant", b"")),
             turns=turns,
             tool_calls=records,
         )
@@ -279,7 +280,7 @@ class RedisChainStore(ChainStore):
         def read() -> list[Any]:
             pipe = self._r.pipeline(transaction=False)
             for c in ids:
-                pipe.hmget(self._key(c), ["created_at", "updated_at", "status", "n_turns", "n_calls"])
+                pipe.hmget(self._key(c), ["created_at", "updated_at", "status", "n_turns", "n_calls", "tenant"])
                 pipe.get(self._key(c, ":lease"))
             return pipe.execute()
 
@@ -288,7 +289,7 @@ class RedisChainStore(ChainStore):
         for c, fields, owner in zip(ids, replies[::2], replies[1::2]):
             if fields[0] is None:  # deleted between the two reads
                 continue
-            created, updated, status, n_turns, n_calls = fields
+            created, updated, status, n_turns, n_calls, tenant = fields
             out.append(
                 ChainSummary(
                     chain_id=c,
@@ -298,6 +299,7 @@ class RedisChainStore(ChainStore):
                     n_turns=int(n_turns),
                     n_tool_calls=int(n_calls),
                     owner=None if owner is None else _s(owner),
+                    tenant=_s(tenant or b""),
                 )
             )
         return out

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS chains (
     status TEXT NOT NULL,
     n_turns INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
-    lease_until REAL
+    lease_until REAL,
+    tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS chains_updated ON chains(updated_at);
 CREATE TABLE IF NOT EXISTS turns (
@@ -93,6 +94,9 @@ class SqliteChainStore(ChainStore):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(chains)")}
+        if "tenant" not in columns:  # a store made before chains had tenants: theirs are open ('')
+            self._db.execute("ALTER TABLE chains ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -157,11 +161,12 @@ class SqliteChainStore(ChainStore):
         else:
             db.execute("UPDATE chains SET updated_at=?, status=? WHERE chain_id=?", (now, status, chain_id))
 
-    def _create_chain(self, chain_id: str, now: float) -> None:
+    def _create_chain(self, chain_id: str, tenant: str, now: float) -> None:
         with self._write() as db:
             db.execute(
-                "INSERT OR IGNORE INTO chains(chain_id, created_at, updated_at, status) VALUES (?, ?, ?, 'idle')",
-                (chain_id, now, now),
+                "INSERT OR IGNORE INTO chains(chain_id, created_at, updated_at, status, tenant)"
+                " VALUES (?, ?, ?, 'idle', ?)",
+                (chain_id, now, now, tenant),
             )
 
     def _begin_turn(self, chain_id: str, request: str, sampling: str, prompt: list[int], now: float) -> int:
@@ -299,6 +304,7 @@ class SqliteChainStore(ChainStore):
     def get_chain(self, chain_id: str) -> Chain:
         with self._read() as db:
             created, updated, status, n_turns, owner, until = self._chain_row(db, chain_id)
+            (tenant,) = db.execute("SELECT tenant FROM chains WHERE chain_id=?", (chain_id,)).fetchone()
             turns = [
                 Turn(
                     index=idx,
@@ -333,6 +339,7 @@ class SqliteChainStore(ChainStore):
             n_turns=n_turns,
             n_tool_calls=len(calls),
             owner=_live_owner(owner, until),
+            tenant=tenant,
             turns=turns,
             tool_calls=calls,
         )
@@ -350,15 +357,16 @@ class SqliteChainStore(ChainStore):
         with self._read() as db:
             rows = db.execute(
                 "SELECT c.chain_id, c.created_at, c.updated_at, c.status, c.n_turns, c.owner, c.lease_until,"
-                " (SELECT count(*) FROM tool_calls t WHERE t.chain_id = c.chain_id)"
+                " c.tenant, (SELECT count(*) FROM tool_calls t WHERE t.chain_id = c.chain_id)"
                 " FROM chains c ORDER BY c.updated_at DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
             ChainSummary(
-                chain_id=cid, created_at=c, updated_at=u, status=s, n_turns=n, n_tool_calls=k, owner=_live_owner(o, lu)
+                chain_id=cid, created_at=c, updated_at=u, status=s, n_turns=n, n_tool_calls=k,
+                owner=_live_owner(o, lu), tenant=tn,
             )
-            for cid, c, u, s, n, o, lu, k in rows
+            for cid, c, u, s, n, o, lu, tn, k in rows
         ]
 
     def _purge_expired(self, cutoff: float) -> int:

@@ -99,11 +99,14 @@ class ChainStore(abc.ABC):
 
     io_threads = 1  # threads a caller should give its calls: as many as the backend serves at once
 
-    def create_chain(self, chain_id: str | None = None) -> str:
+    def create_chain(self, chain_id: str | None = None, tenant: str = "") -> str:
+        """A new chain owned by `tenant` (see ChainSummary.tenant)."""
         chain_id = chain_id or uuid.uuid4().hex
         if not isinstance(chain_id, str) or len(chain_id) > 200 or not chain_id.isprintable():
             raise ValueError(f"chain_id must be a printable string of at most 200 characters, got {chain_id!r}")
-        self._create_chain(chain_id, time.time())
+        if len(tenant) > 200 or not tenant.isprintable():
+            raise ValueError(f"tenant must be a printable string of at most 200 characters, got {tenant!r}")
+        self._create_chain(chain_id, tenant, time.time())
         return chain_id
 
     def begin_turn(
@@ -197,7 +200,7 @@ class ChainStore(abc.ABC):
         self.close()
 
     @abc.abstractmethod
-    def _create_chain(self, chain_id: str, now: float) -> None: ...
+    def _create_chain(self, chain_id: str, tenant: str, now: float) -> None: ...
 
     @abc.abstractmethod
     def _begin_turn(

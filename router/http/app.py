@@ -22,8 +22,10 @@ from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.chains import ToolCall
 from k2serve.router.http import openai_models as om
-from k2serve.router.http.auth import bearer_guard, load_api_keys
+from k2serve.router.api_keys import APIKeys
+from k2serve.router.http.auth import bearer_guard, request_tenant
 from k2serve.router.http.errors import APIError, error_body, install_error_handlers
+from k2serve.router.http.limits import BodyLimits, check_request
 from k2serve.router.http.observe import Generation, RequestMetrics
 from k2serve.router.http.prompts import chat_prompt, check_model, completion_prompt, sampling_params
 from k2serve.router.http.stream import (ChunkWriter, TokenStep, TurnAssembler, chat_logprobs, chat_message,
@@ -59,7 +61,9 @@ class _Api:
         top = (body.top_logprobs or 0) if body.logprobs else None
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=True, top=top)
-        prompt = chat_prompt(self.core.tokenizer, body)
+        # Off the event loop: templating and tokenizing a big conversation takes seconds of CPU, and every
+        # stream this router serves would stall for as long.
+        prompt = await asyncio.to_thread(self._chat_prompt, body)
         return await self._generate(request, body, prompt, chain, chat=True, top=top,
                                     history=body.template_messages())
 
@@ -69,8 +73,17 @@ class _Api:
         top = body.logprobs
         if last_event_id is not None:
             return await self._replay(request, body, last_event_id, chat=False, top=top)
-        prompt = completion_prompt(self.core.tokenizer, body)
+        prompt = await asyncio.to_thread(self._completion_prompt, body)
         return await self._generate(request, body, prompt, chain, chat=False, top=top)
+
+    def _chat_prompt(self, body: om.ChatCompletionRequest) -> list[int]:
+        check_request(self.config.router.limits, stop=body.stop_strings, messages=body.template_messages(),
+                      tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None)
+        return chat_prompt(self.core.tokenizer, body)
+
+    def _completion_prompt(self, body: om.CompletionRequest) -> list[int]:
+        check_request(self.config.router.limits, stop=body.stop_strings, prompt=body.prompt)
+        return completion_prompt(self.core.tokenizer, body)
 
     async def _generate(self, request: Request, body: om.SamplingRequest, prompt: list[int], header_chain: str | None,
                         *, chat: bool, top: int | None, history: list[dict[str, Any]] | None = None) -> Response:
@@ -78,14 +91,15 @@ class _Api:
             raise APIError(400, f"chain_id {body.chain_id!r} differs from header {CHAIN_HEADER} {header_chain!r}",
                            param="chain_id")
         params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top,
+                                 default_max_tokens=self.config.router.limits.default_max_tokens,
                                  reasoning_budget=self.config.router.max_reasoning_tokens)
         deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
         tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
-                                    deterministic=deterministic, request_meta=meta)
+                                    deterministic=deterministic, request_meta=meta, tenant=request_tenant(request))
         gen = await Generation.start(tokens, core=self.core, state=request.scope["state"])
         if history:
-            await self._record_transcript(gen, history)
+            await self._record_transcript(gen, history, request)
         return await self._respond(request, body, gen, chat=chat, top=top, created=int(time.time()), resume_at=0)
 
     async def _replay(self, request: Request, body: om.SamplingRequest, last_event_id: str, *, chat: bool,
@@ -95,7 +109,7 @@ class _Api:
             chain_id, last = parse_event_id(last_event_id)
         except ValueError as e:
             raise APIError(400, str(e), param="Last-Event-ID") from e
-        turn = await self._latest_turn(chain_id)
+        turn = await self._latest_turn(chain_id, request)
         gen = await self._resumed(request, chain_id)
         return await self._respond(request, body, gen, chat=chat, top=top, created=int(turn.created_at),
                                    resume_at=last + 1)
@@ -137,10 +151,11 @@ class _Api:
 
     async def _resumed(self, request: Request, chain_id: str) -> Generation:
         # From token 0: the detokenizer and parser state at any index is a function of the tokens before it.
-        return await Generation.start(self.core.resume(chain_id, 0), core=self.core, state=request.scope["state"])
+        return await Generation.start(self.core.resume(chain_id, 0, request_tenant(request)), core=self.core,
+                                      state=request.scope["state"])
 
-    async def _latest_turn(self, chain_id: str) -> Any:
-        chain = await self._chain(chain_id)
+    async def _latest_turn(self, chain_id: str, request: Request) -> Any:
+        chain = await self._chain(chain_id, request)
         if not chain.turns:
             raise APIError(409, f"chain {chain_id!r} has no turn to stream", code="chain_idle")
         return chain.turns[-1]
@@ -236,7 +251,7 @@ class _Api:
             await self.core.record_tool_calls(gen.chain_id, gen.turn,
                                               [ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls])
 
-    async def _record_transcript(self, gen: Generation, messages: list[dict[str, Any]]) -> None:
+    async def _record_transcript(self, gen: Generation, messages: list[dict[str, Any]], request: Request) -> None:
         """The conversation's tool calls into the chain's transcript, in conversation order: calls the client
         wrote itself (an agent replaying or scripting assistant turns) are recorded under the chain's previous
         turn, calls already recorded are skipped; then the tool results sent for calls that have none yet."""
@@ -248,29 +263,30 @@ class _Api:
                 if m.get("role") == "tool" and isinstance(m.get("tool_call_id"), str)}
         if not sent:
             return
-        chain = await self._chain(gen.chain_id)
+        chain = await self._chain(gen.chain_id, request)
         results = {c.id: _text(sent[c.id]) for c in chain.tool_calls if c.result is None and c.id in sent}
         if results:
             await self.core.record_tool_results(gen.chain_id, results)
 
     # ---- chains, models, probes
 
-    async def _chain(self, chain_id: str) -> Any:
+    async def _chain(self, chain_id: str, request: Request) -> Any:
+        """The chain if the caller's tenant owns it; 404 as for a missing one otherwise."""
         try:
-            return await self.core.get_chain(chain_id)
+            return await self.core.get_chain(chain_id, request_tenant(request))
         except KeyError:
             raise APIError(404, f"no such chain: {chain_id!r}", param="chain_id", code="chain_not_found") from None
 
-    async def get_chain(self, chain_id: str) -> JSONResponse:
-        return JSONResponse((await self._chain(chain_id)).model_dump(mode="json"))
+    async def get_chain(self, chain_id: str, request: Request) -> JSONResponse:
+        return JSONResponse((await self._chain(chain_id, request)).model_dump(mode="json"))
 
-    async def cancel_chain(self, chain_id: str) -> JSONResponse:
+    async def cancel_chain(self, chain_id: str, request: Request) -> JSONResponse:
         """Stops the chain's turn if this router generates it (a disconnect does not: chains are durable)."""
-        await self._chain(chain_id)
+        await self._chain(chain_id, request)
         return JSONResponse({"id": chain_id, "object": "chain.cancel", "cancelled": await self.core.cancel(chain_id)})
 
-    async def delete_chain(self, chain_id: str) -> JSONResponse:
-        if not await self.core.delete_chain(chain_id):
+    async def delete_chain(self, chain_id: str, request: Request) -> JSONResponse:
+        if not await self.core.delete_chain(chain_id, request_tenant(request)):
             raise APIError(404, f"no such chain: {chain_id!r}", param="chain_id", code="chain_not_found")
         return JSONResponse({"id": chain_id, "object": "chain.deleted", "deleted": True})
 
@@ -298,11 +314,12 @@ def _text(content: Any) -> str:
 
 def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> FastAPI:
     """The HTTP app; ValueError if `router.api_keys_file` is set but unreadable or empty."""
-    keys = load_api_keys(config.router.api_keys_file)
+    keys = APIKeys(config.router.api_keys_file)
     api = _Api(core, config, metrics)
     app = FastAPI(title="k2serve", summary="OpenAI-compatible API of the k2serve router", version="1")
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimits, limits=config.router.limits)  # outermost: before anything reads the body
 
     app.add_api_route("/healthz", api.healthz, methods=["GET"], tags=["probes"])
     app.add_api_route("/readyz", api.readyz, methods=["GET"], tags=["probes"], responses={503: {}})

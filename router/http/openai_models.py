@@ -77,8 +77,8 @@ class SamplingRequest(_Request):
                                                                      description="vLLM extension.")
     max_reasoning_tokens: int | None = Field(
         None, ge=0, description="k2serve: past this many thinking tokens the server closes the thinking section.")
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                          Field(max_length=4)] | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Count and length bounded by router.limits (default 4 strings of 256 characters).")
     ignore_eos: bool = False
     chain_id: str | None = Field(None, min_length=1, max_length=128,
                                  description="k2serve: continue this chain (same as header X-K2-Chain-Id).")

@@ -45,8 +45,9 @@ def completion_prompt(tokenizer: K2Tokenizer, req: CompletionRequest) -> list[in
 
 
 def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *, top_logprobs: int | None,
-                    reasoning_budget: int | None = None) -> SamplingParams:
-    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token.
+                    default_max_tokens: int, reasoning_budget: int | None = None) -> SamplingParams:
+    """`top_logprobs`: None when no logprobs were asked, else how many alternatives per token;
+    `default_max_tokens`: the budget of a request that sets none (at most what fits);
     `reasoning_budget`: the server's default for chat turns that set no max_reasoning_tokens."""
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty", param="prompt")
@@ -62,7 +63,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_context: int, *, 
     chat = isinstance(req, ChatCompletionRequest)
     return SamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-        max_tokens=limit if limit is not None else room, ignore_eos=req.ignore_eos,
+        max_tokens=limit if limit is not None else min(room, default_max_tokens), ignore_eos=req.ignore_eos,
         logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, stop_token_ids=list(req.stop_token_ids or ()),

@@ -147,23 +147,26 @@ def test_event_ids() -> None:
 def test_requests_to_sampling() -> None:
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_completion_tokens=5,
                                  max_tokens=9, seed=3, temperature=0.5, logprobs=True, top_logprobs=2)
-    params = sampling_params(chat, prompt_len=10, max_context=100, top_logprobs=2)
+    params = sampling_params(chat, prompt_len=10, max_context=100, top_logprobs=2, default_max_tokens=50)
     assert (params.max_tokens, params.seed, params.temperature, params.logprobs, params.top_logprobs) == \
         (5, 3, 0.5, True, 2)
     assert sampling_params(ChatCompletionRequest(messages=[{"role": "user"}]), 10, 100,
-                           top_logprobs=None).max_tokens == 90
+                           top_logprobs=None, default_max_tokens=1000).max_tokens == 90  # what fits
+    assert sampling_params(ChatCompletionRequest(messages=[{"role": "user"}]), 10, 100,
+                           top_logprobs=None, default_max_tokens=50).max_tokens == 50  # the default budget
     with pytest.raises(APIError) as err:
-        sampling_params(chat, prompt_len=98, max_context=100, top_logprobs=None)
+        sampling_params(chat, prompt_len=98, max_context=100, top_logprobs=None, default_max_tokens=50)
     assert err.value.status == 400 and err.value.code == "context_length_exceeded"
     assert "98 in the prompt" in str(err.value)
     with pytest.raises(APIError, match="maximum context length is 100"):
-        sampling_params(ChatCompletionRequest(messages=[{"role": "user"}]), 100, 100, top_logprobs=None)
+        sampling_params(ChatCompletionRequest(messages=[{"role": "user"}]), 100, 100, top_logprobs=None,
+                        default_max_tokens=50)
     with pytest.raises(APIError) as err:
         check_model("gpt-4", "tiny-k2")
     assert err.value.status == 404 and err.value.code == "model_not_found"
     check_model(None, "tiny-k2")
     for bad, field in [({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"top_logprobs": 2}, "top_logprobs"),
-                       ({"tool_choice": "required"}, "tool_choice"), ({"stop": ["a"] * 5}, "stop"),
+                       ({"tool_choice": "required"}, "tool_choice"), ({"stop": [""]}, "stop"),
                        ({"temperature": 3}, "temperature"), ({"messages": []}, "messages")]:
         with pytest.raises(ValidationError, match=field):
             ChatCompletionRequest.model_validate({"messages": [{"role": "user"}], **bad})

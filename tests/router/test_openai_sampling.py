@@ -130,8 +130,8 @@ def test_server_reasoning_budget_is_the_chat_default() -> None:
     from k2serve.router.http.prompts import sampling_params
 
     chat = ChatCompletionRequest(messages=MESSAGES)
-    assert sampling_params(chat, 5, 100, top_logprobs=None, reasoning_budget=7).max_reasoning_tokens == 7
+    assert sampling_params(chat, 5, 100, top_logprobs=None, default_max_tokens=50, reasoning_budget=7).max_reasoning_tokens == 7
     own = ChatCompletionRequest(messages=MESSAGES, max_reasoning_tokens=0)
-    assert sampling_params(own, 5, 100, top_logprobs=None, reasoning_budget=7).max_reasoning_tokens == 0
+    assert sampling_params(own, 5, 100, top_logprobs=None, default_max_tokens=50, reasoning_budget=7).max_reasoning_tokens == 0
     raw = CompletionRequest(prompt="abc")  # a raw prompt has no thinking section of the server's making
-    assert sampling_params(raw, 5, 100, top_logprobs=None, reasoning_budget=7).max_reasoning_tokens is None
+    assert sampling_params(raw, 5, 100, top_logprobs=None, default_max_tokens=50, reasoning_budget=7).max_reasoning_tokens is None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from k2serve.cluster_auth import cluster_token
 from k2serve.config import PoolConfig, ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.faults import GroupFaults
@@ -24,8 +25,9 @@ from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_checkpoint
 from k2serve.worker.model.k2 import K2Model
-from k2serve.worker.grpc_service import WorkerService
 from k2serve.k2format.tokenizer import K2Tokenizer
+from k2serve.worker.grpc_service import WorkerService
+from k2serve.worker.kv_handoff import LocalPeers
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,18 @@ class InProcessGroup:
     @classmethod
     async def start(cls, model_dir: Path, pool: PoolConfig, config: ServingConfig, *, group_id: str, role: Role,
                     eos_ids: list[int], metrics: Metrics | None = None, host: str = "127.0.0.1",
-                    restart_after_s: float | None = None) -> "InProcessGroup":
+                    restart_after_s: float | None = None, peers: LocalPeers | None = None) -> "InProcessGroup":
+        """`peers`: the KV handoff peers this group takes handles from and publishes its own table to."""
         faults = GroupFaults(config.faults, group_id, role)  # one counter across restarts: `times` is total
+        peers = peers if peers is not None else LocalPeers()
+        token = cluster_token(config.cluster_token_file)
 
         def build() -> WorkerService:
             engine = build_engine(model_dir, pool, config, eos_ids)
-            return WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
-                                 metrics=metrics, faults=faults)
+            service = WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
+                                    metrics=metrics, faults=faults, peers=peers, token=token)
+            peers.tables[group_id] = service.held
+            return service
 
         service = build()
         group = cls(service, await service.start(host, 0), build, restart_after_s)
@@ -107,8 +114,9 @@ async def start_inprocess_groups(config: ServingConfig, metrics: Metrics | None 
     else:
         specs += [(f"prefill-{i}", "prefill", config.prefill) for i in range(config.prefill.groups)]
         specs += [(f"decode-{i}", "decode", config.decode) for i in range(config.decode.groups)]
+    peers = LocalPeers()  # the groups of this process hand KV to each other, to no one else
     return [await InProcessGroup.start(model_dir, pool, config, group_id=gid, role=role, eos_ids=eos, metrics=metrics,
-                                   restart_after_s=restart_after_s)
+                                       restart_after_s=restart_after_s, peers=peers)
             for gid, role, pool in specs]
 
 

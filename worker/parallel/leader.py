@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from k2serve.config import FaultSpec, PoolConfig, ServingConfig
+from k2serve.cluster_auth import cluster_token
+from k2serve.config import GROUP_REGISTRY_ACTOR, RAY_NAMESPACE, FaultSpec, PoolConfig, ServingConfig
 from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
 from k2serve.worker.engine.engine import EngineConfig, TokenEvent
@@ -31,6 +32,7 @@ from k2serve.worker.parallel.ep_group import ExpertParallelGroup, RankFailure, G
 from k2serve.worker.parallel.in_leader_group import InLeaderGroup, engine_in_leader
 from k2serve.groups import Role
 from k2serve.worker.grpc_service import WorkerService
+from k2serve.worker.kv_handoff import RegistryPeers
 from k2serve.k2format.model_config import K2Config
 from k2serve.k2format.tokenizer import K2Tokenizer
 
@@ -73,8 +75,11 @@ class GroupLeader:
     """Use as a Ray actor (`ray.remote(GroupLeader)`); `start()` must be awaited before anything else."""
 
     def __init__(self, config: ServingConfig, pool: Pool, index: int, role: Role, *,
-                 collective_timeout_s: float = 30.0, cores: GroupCores | None = None, replaces: bool = False) -> None:
-        """`replaces`: this leader takes the place of one that died (the pool controller's replacement)."""
+                 collective_timeout_s: float = 30.0, cores: GroupCores | None = None, replaces: bool = False,
+                 namespace: str = RAY_NAMESPACE) -> None:
+        """`replaces`: this leader takes the place of one that died (the pool controller's replacement);
+        `namespace`: the Ray namespace of the pool's registry and leaders (where KV handoff peers are found)."""
+        self.namespace = namespace
         self.config = config
         self.pool = pool
         self.role: Role = role
@@ -105,8 +110,10 @@ class GroupLeader:
         host = ray.util.get_node_ip_address()
         kind = InLeaderGroup if self._local else ExpertParallelGroup
         self._group = await asyncio.to_thread(kind, self.spec)
+        peers = RegistryPeers(self.namespace, GROUP_REGISTRY_ACTOR)
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
-                                      block_size=self.spec.engine.block_size, metrics=self.metrics)
+                                      block_size=self.spec.engine.block_size, metrics=self.metrics, peers=peers,
+                                      token=cluster_token(self.config.cluster_token_file))
         self.address = await self._service.start(host, 0)
         self.metrics.init_experts(self._group.moe_layers, K2Config.from_dir(resolve_checkpoint(self.spec.model_source)).n_routed_experts)
         self.metrics_port = self.metrics.serve(0, host)
@@ -134,6 +141,12 @@ class GroupLeader:
 
     def expert_bytes(self) -> list[int]:
         return list(self._group.expert_bytes) if self._group is not None else []
+
+    def held_kv_ref(self, hid: bytes) -> list[Any] | None:
+        """[ObjectRef] of the KV this group holds under handle id `hid` (in a list, so Ray hands over the ref,
+        not the object), or None. Asked by decode leaders over Ray (worker/kv_handoff.py RegistryPeers)."""
+        ref = self._service.held.get(hid) if self._service is not None else None
+        return [ref] if ref is not None else None
 
     def failure_log(self) -> list[dict[str, Any]]:
         return [asdict(f) for f in self.failures]

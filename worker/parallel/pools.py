@@ -27,6 +27,7 @@ from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
 from k2serve.helptext import summary
 from k2serve.localray import init_local_ray
 from k2serve.ray_join import join_ray
+from k2serve.worker.kv_handoff import leader_actor_name
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.in_leader_group import engine_in_leader
 from k2serve.worker.parallel.pool_metrics import serve_group_metrics
@@ -164,7 +165,7 @@ class PoolController:
             return self._launch(slot)
 
     def _name(self, slot: _Slot) -> str:
-        return f"k2serve-{slot.group_id}"
+        return leader_actor_name(slot.group_id)
 
     def _launch(self, slot: _Slot, replaces: bool = False) -> Any:
         config = self.config.model_copy(update={"faults": self._faults_for(slot)})
@@ -181,7 +182,7 @@ class PoolController:
                     **resources).remote(config, slot.pool, slot.index, slot.role,
                                         collective_timeout_s=self.collective_timeout_s,
                                         cores=self.cores.groups[slot.group_id] if self.cores else None,
-                                        replaces=replaces)
+                                        replaces=replaces, namespace=self.namespace)
                 return slot.leader.start.remote()
             except ValueError:  # the dead leader's name is not released yet
                 if time.monotonic() > deadline:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from k2serve.config import CONFIG_ENV, UP_DEFAULT_MODEL
-from k2serve.router.up import build_config
+from k2serve.stack.up import build_config
 
 
 def _args(**over: object) -> object:
