@@ -12,28 +12,32 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from k2serve.sampling_params import finish_reason
 from k2serve.worker.engine.blocks import BlockManager
+from k2serve.worker.engine.capacity import available_bytes, plan_kv_blocks, prefill_bytes, prefill_chunk_tokens
 from k2serve.worker.engine.sampling import SamplingParams, resolve_seed, sample
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
+from k2serve.worker.model.config import K2Config
 from k2serve.worker.model.k2 import K2Model
 
 
 @dataclass
 class EngineConfig:
-    num_blocks: int = 2048
+    num_blocks: int = 2048  # 0: as many as fit the memory free once the model is loaded (engine/capacity.py)
     block_size: int = 16
     max_batch_tokens: int = 2048  # chunked-prefill budget of one step
+    prefill_memory_bytes: int | None = None  # caps max_batch_tokens so a step's activations fit these bytes
     max_running: int = 256
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     deterministic: bool = False  # the default for requests that don't say
     lockstep: bool = False  # one forward per step whatever the requests ask (expert-parallel ranks)
+    dtype: str = "auto"  # the serving config's model.dtype: weights, activations and KV cache (model/dtypes.py)
 
 
 @dataclass
@@ -98,11 +102,22 @@ class EngineStats:
     forward_rows: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # tokens per forward, recent
 
 
+def plan(config: EngineConfig, model: K2Config, dtype: torch.dtype, device: torch.device) -> EngineConfig:
+    """`config` with its memory-derived sizes resolved: the prefill chunk from `prefill_memory_bytes`, and with
+    num_blocks 0 the KV cache from the memory free besides that chunk's."""
+    chunk = config.max_batch_tokens
+    if config.prefill_memory_bytes is not None:
+        chunk = min(chunk, prefill_chunk_tokens(model, dtype, config.prefill_memory_bytes))
+    reserve = config.prefill_memory_bytes or prefill_bytes(model, dtype, chunk)
+    blocks = config.num_blocks or plan_kv_blocks(model, dtype, config.block_size, available_bytes(device), reserve)
+    return replace(config, max_batch_tokens=chunk, num_blocks=blocks)
+
+
 class Engine:
     def __init__(self, model: K2Model, config: EngineConfig, eos_token_ids: list[int] | None = None) -> None:
         self.model = model
-        self.cfg = config
         mc = model.config
+        self.cfg = config = plan(config, mc, model.dtype, model.device)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = LatentKVCache(mc, config.num_blocks, config.block_size, model.dtype, model.device)

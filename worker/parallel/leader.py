@@ -62,7 +62,8 @@ def group_spec(config: ServingConfig, pool: PoolConfig, *, collective_timeout_s:
     model_dir = resolve_model(config.model.source)
     engine = EngineConfig(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
                           max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
-                          max_model_len=config.model.max_context, deterministic=config.deterministic)
+                          max_model_len=config.model.max_context, deterministic=config.deterministic,
+                          dtype=config.model.dtype)
     return GroupSpec(model_dir=str(model_dir), world_size=pool.expert_parallel, engine=engine,
                      eos_ids=K2Tokenizer.from_dir(model_dir).eos_ids, deterministic=config.deterministic,
                      placement=pool.placement, num_cpus_per_actor=pool.num_cpus_per_actor,
