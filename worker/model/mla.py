@@ -45,11 +45,13 @@ class MLAttention:
             self.q_b = proj.get(p + "q_b_proj.weight")
         self.kv_a = proj.get(p + "kv_a_proj_with_mqa.weight")  # [c + r, D]
         self.kv_a_norm = w[p + "kv_a_layernorm.weight"]
+        # Views of the checkpoint's kv_b (one copy of it): each head's slab is row-major, so the batched products
+        # take them (or their transposes) as they are.
         kv_b = w[p + "kv_b_proj.weight"].view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
-        self.w_uk = kv_b[:, : self.nope].contiguous()  # [H, nope, c]
-        self.w_uv = kv_b[:, self.nope :].contiguous()  # [H, v, c]
-        self.w_uv_t = self.w_uv.transpose(1, 2).contiguous()  # [H, c, v]: the batched product's right operand
-        self.w_uk_t = self.w_uk.transpose(1, 2).contiguous()  # [H, c, nope]: expands latents into keys
+        self.w_uk = kv_b[:, : self.nope]  # [H, nope, c]
+        self.w_uv = kv_b[:, self.nope :]  # [H, v, c]
+        self.w_uv_t = self.w_uv.transpose(1, 2)  # [H, c, v]: the batched product's right operand
+        self.w_uk_t = self.w_uk.transpose(1, 2)  # [H, c, nope]: expands latents into keys
         self.tiles = Tiles.for_heads(self.heads)
         self.o_proj = proj.get(p + "o_proj.weight")  # [D, H * v]
 
@@ -129,10 +131,14 @@ class MLAttention:
         return lambda a, b: kv.rows(self.layer, slots[a:b])
 
     def _decompress_pays(self, n: int) -> bool:
-        """Multi-head form for a chunk of n queries when its per-pair saving, H·(2c + r − nope − r − v) per query
-        and key, outweighs expanding each key once, H·(nope + v)·c (K2: from ~171 queries on)."""
-        c = self.kv_lora_rank
-        return n * (2 * c - self.nope - self.v_dim) > (self.nope + self.v_dim) * c
+        """Multi-head form for a chunk of n queries when it at least halves the products per query and key,
+        H·(nope + r + v) against the absorbed H·(2c + r) (K2: 320 vs 1088), and that saving outweighs expanding
+        each key once, H·(nope + v)·c (K2: from ~171 queries on). Where it saves less, the two forms' equal
+        softmax work dominates and the absorbed form's one shared-key product is faster (tiny-k2, 144 vs 80:
+        bench/RESULTS.md)."""
+        c, absorbed, expanded = self.kv_lora_rank, 2 * self.kv_lora_rank + self.rope_dim, \
+            self.nope + self.rope_dim + self.v_dim
+        return absorbed >= 2 * expanded and n * (absorbed - expanded) > (self.nope + self.v_dim) * c
 
     def _attend_causal(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
         """q [n, H, c + r] at positions start.., keys [ctx, c + r] -> attended latents [n, H, c], each query seeing
