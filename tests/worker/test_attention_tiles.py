@@ -74,3 +74,39 @@ def test_tiles_fit_the_budget() -> None:
     tiles = Tiles.for_heads(64, budget=4 << 20)
     assert tiles.queries * 64 * tiles.keys * 4 <= 4 << 20
     assert Tiles.for_heads(1 << 20).keys == 16  # never a degenerate tile
+
+
+@pytest.mark.parametrize("start", [0, 37])  # a whole prompt, and one continuing mid-block after a prefix
+def test_layer_output_does_not_depend_on_the_attention_path(monkeypatch: pytest.MonkeyPatch, start: int) -> None:
+    """A tiny-k2 attention layer's output for a chunk, all of it in tiles, equals the one-product path's (fp32).
+    (Whole-model logits would also differ where a router's near-tie flips on a last-bit difference.)"""
+    from helpers.tiny import tiny_weights
+
+    from k2serve.worker.model import mla
+    from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
+    from k2serve.worker.model.k2 import K2Model
+
+    w = tiny_weights()
+    model = K2Model(w.config, w.dense, w.experts)
+    attn = model.layers[1][1]
+    gen = torch.Generator().manual_seed(start)
+    x = torch.randn(start + 150, w.config.hidden_size, generator=gen)  # [T, D]
+    slots = torch.randperm(16 * 16, generator=gen)[: x.shape[0]]  # [T]: blocks in no particular order
+
+    def outputs() -> torch.Tensor:
+        kv = LatentKVCache(w.config, 16, 16, model.dtype, model.device)
+        out = []
+        for a, b in ((0, start), (start, x.shape[0])):
+            if b > a:
+                batch = ForwardBatch(torch.zeros(b - a, dtype=torch.int64), torch.arange(a, b),
+                                     [SeqSlice(0, b - a, a, slots)], torch.arange(b - a))
+                cos, sin = model.rotary.cos_sin(torch.arange(a, b), model.dtype)
+                out.append(attn(x[a:b], batch, kv, cos, sin, model.rotary))
+        return torch.cat(out)  # [T, D]
+
+    one_product = outputs()
+    monkeypatch.setattr(mla, "TILE_BYTES", 0)
+    monkeypatch.setattr(attn, "tiles", Tiles(16, 32))
+    tiled = outputs()
+    rel = ((tiled - one_product).abs().max() / one_product.abs().max()).item()
+    assert rel <= 1e-5, f"max relative error {rel:.2e}"
