@@ -39,18 +39,27 @@ def package_view(tree: Path, out: Path) -> Path:
 async def child(args: argparse.Namespace) -> dict[str, float]:
     from k2serve.config import ServingConfig
     from k2serve.metrics import Metrics
-    from k2serve.router.chains import open_store
     from k2serve.router.core import RouterCore
-    from k2serve.router.schedule import GroupAddress, StaticDirectory
+    from k2serve.router.schedule import StaticDirectory
     from k2serve.sampling_params import SamplingParams
-    from k2serve.worker.loader import resolve_model
-    from k2serve.k2format.tokenizer import K2Tokenizer
 
     tmp = Path(args.child)
     config = ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp / "chains.sqlite3")},
                                            "router": {"aggregated": True}})
-    core = RouterCore(config, K2Tokenizer.from_dir(resolve_model(config.model.source)), open_store(config.chain_store),
-                      Metrics(), StaticDirectory([GroupAddress("fake-0", "both", args.group)]))
+    try:  # this tree: RouterCore builds its tokenizer and store from the config
+        from k2serve.groups import GroupAddress
+
+        core = RouterCore(config, StaticDirectory([GroupAddress("fake-0", "both", args.group)]), Metrics())
+        own_store = None
+    except ImportError:  # the base tree (343d782): the caller passes them in
+        from k2serve.router.chains import open_store
+        from k2serve.router.schedule import GroupAddress  # type: ignore[attr-defined, no-redef]
+        from k2serve.worker.loader import resolve_model  # type: ignore[attr-defined]
+        from k2serve.worker.tokenizer import K2Tokenizer  # type: ignore[import-not-found]
+
+        own_store = open_store(config.chain_store)
+        core = RouterCore(config, K2Tokenizer.from_dir(resolve_model(config.model.source)), own_store,  # type: ignore
+                          Metrics(), StaticDirectory([GroupAddress("fake-0", "both", args.group)]))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     gaps: list[float] = []
 
@@ -71,7 +80,8 @@ async def child(args: argparse.Namespace) -> dict[str, float]:
         seconds = time.perf_counter() - t0
     finally:
         await core.aclose()
-        core.store.close()
+        if own_store is not None:
+            own_store.close()
     gaps.sort()
     return {"itl_mean_ms": 1e3 * statistics.fmean(gaps), "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
             "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)], "tok_per_s": tokens / seconds}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -21,10 +21,12 @@ import torch
 from k2serve.config import PoolConfig, ServingConfig
 from k2serve.sampling_params import finish_reason
 from k2serve.worker.engine.blocks import BlockManager
+from k2serve.worker.engine.capacity import available_bytes, plan_kv_blocks, prefill_bytes, prefill_chunk_tokens
 from k2serve.worker.engine.grammar import ConstraintGrammars, GrammarVocab, Grammars
 from k2serve.worker.engine.guide import Guide
 from k2serve.worker.engine.sampling import History, SamplingParams, resolve_seed, sample
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
+from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.k2 import K2Model
 
 DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks unset
@@ -32,21 +34,24 @@ DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks 
 
 @dataclass
 class EngineConfig:
-    num_blocks: int = DEFAULT_CPU_KV_BLOCKS
+    num_blocks: int = DEFAULT_CPU_KV_BLOCKS  # 0: as many as fit the memory free once the model is loaded (engine/capacity.py)
     block_size: int = 16
     max_batch_tokens: int = 2048  # chunked-prefill budget of one step
+    prefill_memory_bytes: int | None = None  # caps max_batch_tokens so a step's activations fit these bytes
     max_running: int = 256
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     deterministic: bool = False  # the default for requests that don't say
     lockstep: bool = False  # one forward per step whatever the requests ask (expert-parallel ranks)
+    dtype: str = "auto"  # the serving config's model.dtype: weights, activations and KV cache (model/dtypes.py)
 
     @classmethod
     def for_pool(cls, pool: PoolConfig, config: ServingConfig) -> "EngineConfig":
         """The engine of one rank (or in-process group) of `pool`: the one derivation from the serving config."""
         return cls(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
                    max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
-                   max_model_len=config.model.max_context, deterministic=config.deterministic)
+                   max_model_len=config.model.max_context, deterministic=config.deterministic,
+                   dtype=config.model.dtype)
 
 
 @dataclass
@@ -118,14 +123,25 @@ class EngineStats:
         return EngineStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
+def plan(config: EngineConfig, model: K2Config, dtype: torch.dtype, device: torch.device) -> EngineConfig:
+    """`config` with its memory-derived sizes resolved: the prefill chunk from `prefill_memory_bytes`, and with
+    num_blocks 0 the KV cache from the memory free besides that chunk's."""
+    chunk = config.max_batch_tokens
+    if config.prefill_memory_bytes is not None:
+        chunk = min(chunk, prefill_chunk_tokens(model, dtype, config.prefill_memory_bytes))
+    reserve = config.prefill_memory_bytes or prefill_bytes(model, dtype, chunk)
+    blocks = config.num_blocks or plan_kv_blocks(model, dtype, config.block_size, available_bytes(device), reserve)
+    return replace(config, max_batch_tokens=chunk, num_blocks=blocks)
+
+
 class Engine:
     def __init__(self, model: K2Model, config: EngineConfig, eos_token_ids: list[int] | None = None,
                  grammar_vocab: GrammarVocab | None = None) -> None:
         """`grammar_vocab`: the tokenizer's view for constrained decoding and reasoning budgets; without it such
         requests are refused."""
         self.model = model
-        self.cfg = config
         mc = model.config
+        self.cfg = config = plan(config, mc, model.dtype, model.device)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = LatentKVCache(mc, config.num_blocks, config.block_size, model.dtype, model.device)

@@ -19,6 +19,9 @@ from k2serve.k2format.model_config import K2Config
 # ~300 keys (fp32 latents of 80: a 2.6 MB gather per layer in one chunk): attention 5.9 -> 5.2 ms per step, and
 # the engine's closed loop at 32 concurrent +3-6% tokens/s in 3 alternating pairs.
 CPU_CHUNK_BYTES = 1 << 20
+# A decode whose own keys exceed this (GPU; CPU_CHUNK_BYTES on CPU) attends alone, in tiles (`attention_tiles`),
+# instead of gathering its whole context at once: at 128K of K2's bf16 latents a gather would be 147 MB per layer.
+LONG_DECODE_BYTES = 64 << 20
 
 
 @dataclass
@@ -56,13 +59,14 @@ class ForwardBatch:
         shortest context first, each chunk padded only to its own longest, and on CPU a chunk's gathered keys
         stay within `CPU_CHUNK_BYTES` so both products over them read from cache, not memory."""
         if self._decode is None:
-            decodes = sorted((i for i, s in enumerate(self.seqs) if s.num_new == 1),
-                             key=lambda i: self.seqs[i].context_len)
-            if len(decodes) < 2:
-                return None
             bs = kv.block_size
             budget = CPU_CHUNK_BYTES if kv.data.device.type == "cpu" else None
             key_bytes = kv.data.shape[-1] * kv.data.element_size()
+            longest = (budget or LONG_DECODE_BYTES) // key_bytes // bs * bs
+            decodes = sorted((i for i, s in enumerate(self.seqs) if s.num_new == 1 and s.context_len <= longest),
+                             key=lambda i: self.seqs[i].context_len)
+            if len(decodes) < 2:
+                return None
             contexts = [self.seqs[i].context_len for i in decodes]  # ascending
             ends: list[int] = []  # chunk j is decodes[ends[j-1]:ends[j]]
             for n, ctx in enumerate(contexts):  # the newest member of a chunk is its longest

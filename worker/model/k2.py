@@ -36,6 +36,8 @@ class K2Model:
         self.deterministic = deterministic
         self._dense = dense
         self._proj = proj = projections or Projections(dense)
+        # lm_head first: a tied embedding is then read through the projection's one copy
+        self.lm_head = proj.get("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
         embed = dense["model.embed_tokens.weight"]
         self.device, self.dtype = embed.device, embed.dtype
         # A twin in the other mode (`with_determinism`) prepares these shards in its own layout; a model given
@@ -45,7 +47,6 @@ class K2Model:
             experts = prepare_experts(experts, self.device, deterministic)
         self._experts = experts
         self.embed = embed  # [V, D]
-        self.lm_head = proj.get("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
         self.final_norm = dense["model.norm.weight"]
         if isinstance(experts, dict):
             experts = LocalExperts(experts, select_moe_backend(self.device), deterministic)

@@ -35,7 +35,9 @@ class Projection:
 
 class Projections:
     """Prepares each named weight once; a model and its twin in the other mode (`K2Model.with_determinism`)
-    share them, so CPU's transposed copies exist once."""
+    share them. A weight prepared without a cast replaces its entry in `weights` by a view of the prepared tensor,
+    so the checkpoint's original is freed and every weight lives once (a later `Projections` over the same dict
+    finds it already in layout and copies nothing)."""
 
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self._weights = weights
@@ -46,5 +48,8 @@ class Projections:
         key = (name, dtype)
         if key not in self._made:
             w = self._weights[name]
-            self._made[key] = Projection(w if dtype is None else w.to(dtype))
+            cast = w if dtype is None else w.to(dtype)
+            made = self._made[key] = Projection(cast)
+            if cast is w and made.transposed:
+                self._weights[name] = made.weight.t()  # [out, in] view of the one copy
         return self._made[key]

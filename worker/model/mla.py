@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from k2serve.worker.model.attention_tiles import (
+    TILE_BYTES,
+    KeyReader,
+    Tiles,
+    attend_absorbed,
+    attend_decompressed,
+)
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.linear import Projection, Projections
@@ -38,10 +45,14 @@ class MLAttention:
             self.q_b = proj.get(p + "q_b_proj.weight")
         self.kv_a = proj.get(p + "kv_a_proj_with_mqa.weight")  # [c + r, D]
         self.kv_a_norm = w[p + "kv_a_layernorm.weight"]
+        # Views of the checkpoint's kv_b (one copy of it): each head's slab is row-major, so the batched products
+        # take them (or their transposes) as they are.
         kv_b = w[p + "kv_b_proj.weight"].view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
-        self.w_uk = kv_b[:, : self.nope].contiguous()  # [H, nope, c]
-        self.w_uv = kv_b[:, self.nope :].contiguous()  # [H, v, c]
-        self.w_uv_t = self.w_uv.transpose(1, 2).contiguous()  # [H, c, v]: the batched product's right operand
+        self.w_uk = kv_b[:, : self.nope]  # [H, nope, c]
+        self.w_uv = kv_b[:, self.nope :]  # [H, v, c]
+        self.w_uv_t = self.w_uv.transpose(1, 2)  # [H, c, v]: the batched product's right operand
+        self.w_uk_t = self.w_uk.transpose(1, 2)  # [H, c, nope]: expands latents into keys
+        self.tiles = Tiles.for_heads(self.heads)
         self.o_proj = proj.get(p + "o_proj.weight")  # [D, H * v]
 
     def __call__(
@@ -68,6 +79,8 @@ class MLAttention:
         # Latent and rope parts in one product against the whole cached rows (no strided copies of either).
         q_all = None if self.det else torch.cat([q_lat, q_rope], dim=-1)  # [T, H, c + r]
         gather = None if self.det else batch.decode_gather(kv)
+        keys_width = kv.data.shape[-1]
+        direct: list[tuple[slice, torch.Tensor]] = []  # rows whose attention came out per head [n, H, v]
         if gather is not None and q_all is not None:
             for chunk in gather.chunks:
                 keys = kv.gather_blocks(self.layer, chunk.blocks)  # [b, L, c + r]
@@ -78,10 +91,21 @@ class MLAttention:
         for s in batch.seqs:
             if gather is not None and id(s) in gather.seq_ids:
                 continue
-            if q_all is not None:  # a prefill chunk (or a lone decode): all its queries in one product
+            if q_all is not None:  # a prefill chunk (or a lone decode)
                 rows = slice(s.row, s.row + s.num_new)
-                keys = kv.rows(self.layer, s.slots[: s.context_len])  # [ctx, c + r]
-                out[rows] = self._attend_causal(q_all[rows], keys, s.start_pos)
+                if s.context_len * max(s.num_new * self.heads, keys_width) * 4 <= TILE_BYTES:  # small: one product
+                    keys = kv.rows(self.layer, s.slots[: s.context_len])  # [ctx, c + r]
+                    out[rows] = self._attend_causal(q_all[rows], keys, s.start_pos)
+                    continue
+                read = self._reader(kv, s.slots)
+                if self._decompress_pays(s.num_new):
+                    out[rows] = 0
+                    o_rows = attend_decompressed(q_nope[rows], q_rope[rows], read, s.start_pos, self.kv_lora_rank,
+                                                 self.w_uk_t, self.w_uv_t, self.scale, self.tiles)  # [n, H, v]
+                    direct.append((rows, o_rows.to(x.dtype)))
+                else:
+                    out[rows] = attend_absorbed(q_all[rows], read, s.start_pos, self.kv_lora_rank, self.scale,
+                                                self.tiles).to(x.dtype)
                 continue
             c_all, r_all = kv.read(self.layer, s.slots[: s.context_len])  # [ctx, c], [ctx, r]
             for i in range(s.num_new):
@@ -89,6 +113,8 @@ class MLAttention:
                 out[s.row + i] = self._attend(q_lat[s.row + i : s.row + i + 1], q_rope[s.row + i : s.row + i + 1],
                                               c_all[:n], r_all[:n])[0]
         o = self._per_head("thc,hvc->thv", out, self.w_uv, self.w_uv_t)  # [T, H, v]
+        for rows, o_rows in direct:
+            o[rows] = o_rows
         o = o.reshape(T, self.heads * self.v_dim)
         return self.o_proj(o, self.det)
 
@@ -100,6 +126,19 @@ class MLAttention:
         if self.det and x.shape[0]:
             return torch.cat([torch.einsum(equation, x[t : t + 1], w) for t in range(x.shape[0])])
         return torch.bmm(x.transpose(0, 1), w if w_bmm is None else w_bmm).transpose(0, 1)
+
+    def _reader(self, kv: LatentKVCache, slots: torch.Tensor) -> KeyReader:
+        return lambda a, b: kv.rows(self.layer, slots[a:b])
+
+    def _decompress_pays(self, n: int) -> bool:
+        """Multi-head form for a chunk of n queries when it at least halves the products per query and key,
+        H·(nope + r + v) against the absorbed H·(2c + r) (K2: 320 vs 1088), and that saving outweighs expanding
+        each key once, H·(nope + v)·c (K2: from ~171 queries on). Where it saves less, the two forms' equal
+        softmax work dominates and the absorbed form's one shared-key product is faster (tiny-k2, 144 vs 80:
+        bench/RESULTS.md)."""
+        c, absorbed, expanded = self.kv_lora_rank, 2 * self.kv_lora_rank + self.rope_dim, \
+            self.nope + self.rope_dim + self.v_dim
+        return absorbed >= 2 * expanded and n * (absorbed - expanded) > (self.nope + self.v_dim) * c
 
     def _attend_causal(self, q: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
         """q [n, H, c + r] at positions start.., keys [ctx, c + r] -> attended latents [n, H, c], each query seeing

@@ -22,6 +22,7 @@ from k2serve.worker.engine.engine import Engine, EngineConfig, EngineStats, KVHa
 from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import load_weights, resolve_checkpoint
+from k2serve.worker.model.dtypes import resolve_dtype
 from k2serve.worker.model.ffn import LocalExperts, MoEExecutor
 from k2serve.worker.model.k2 import K2Model
 from k2serve.worker.parallel.ep import ExpertParallelMoE, expert_range
@@ -74,7 +75,7 @@ def build_rank_engine(model_dir: str, engine_config: EngineConfig, eos_ids: list
     `lockstep`: one forward every step, in one determinism mode (a rank stepping with peers)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = resolve_dtype(engine_config.dtype, device)
     if not cuda:  # this process steps the model on CPU: its step's tensors come from malloc
         keep_freed_memory()
     rng = expert_range(rank, world_size, K2Config.from_dir(model_dir).n_routed_experts)
