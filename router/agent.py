@@ -8,7 +8,6 @@ long-horizon runs manage context in the agent loop rather than in the model."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, TextIO
 
@@ -18,7 +17,7 @@ from k2serve.agent_loop import ExecutedCall, ModelTurn, run_agent
 from k2serve.agent_tools import Chain, DemoTools
 from k2serve.errors import UserError
 from k2serve.helptext import summary
-from k2serve.router.chat import request_failed, stream_chat
+from k2serve.router.chat import add_client_args, connected, stream_chat
 from k2serve.terminal import printable
 
 
@@ -33,12 +32,10 @@ def http_completer(client: httpx.Client, model: str, max_tokens: int, out: TextI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve agent", description=summary(__doc__))
     ap.add_argument("task", help="what the agent should do, e.g. \"What is 17 * 23?\"")
-    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
-    ap.add_argument("--model", help="model name (default: the first in /v1/models)")
+    add_client_args(ap)
     ap.add_argument("--max-tokens", type=int, default=200, help="per model turn")
     ap.add_argument("--max-turns", type=int, default=400, help="most model turns before giving up (400)")
     ap.add_argument("--chain", metavar="SEED:LINKS", help="set up the chain that `next` walks, e.g. demo:10")
-    ap.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"), help="bearer key ($K2SERVE_API_KEY)")
     args = ap.parse_args(argv)
     chain = None
     if args.chain:
@@ -47,18 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--chain wants SEED:LINKS with LINKS >= 1")
         chain = Chain(seed, int(links))
         print(f"[chain] starts at {chain.start}", flush=True)
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     def show(call: ExecutedCall) -> None:
         print(printable(f"[result {call.id}] {call.result}"), flush=True)
 
-    try:
-        with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(600, connect=5)) as client:
-            model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
-            run = run_agent(args.task, http_completer(client, model, args.max_tokens, sys.stdout), DemoTools(chain),
-                            args.max_turns, show)
-    except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
-        raise request_failed(args.url, e) from e
+    with connected(args) as (client, model):
+        run = run_agent(args.task, http_completer(client, model, args.max_tokens, sys.stdout), DemoTools(chain),
+                        args.max_turns, show)
     if run.answer is None:
         print(f"k2serve agent: no answer after {run.turns} turns", file=sys.stderr)
         return 1

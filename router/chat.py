@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -55,6 +57,24 @@ def stream_chat(client: httpx.Client, body: dict[str, Any], out: TextIO) -> dict
     return result
 
 
+def add_client_args(ap: argparse.ArgumentParser) -> None:
+    """The options every client command shares: where the stack is, which model, which key."""
+    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address (http://127.0.0.1:8000)")
+    ap.add_argument("--model", help="model name (default: the first in /v1/models)")
+    ap.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"), help="bearer key ($K2SERVE_API_KEY)")
+
+
+@contextmanager
+def connected(args: argparse.Namespace) -> Iterator[tuple[httpx.Client, str]]:
+    """A client of the stack at --url and the model to ask; any failure is one UserError naming the URL."""
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(600, connect=5)) as client:
+            yield client, args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+    except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
+        raise request_failed(args.url, e) from e
+
+
 def request_failed(url: str, e: Exception) -> UserError:
     """The one-line error for a request to a stack that failed; for no stack at all, how to start one."""
     if isinstance(e, httpx.ConnectError):
@@ -66,26 +86,20 @@ def request_failed(url: str, e: Exception) -> UserError:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="k2serve chat", description=summary(__doc__))
     ap.add_argument("message", help="the user message")
-    ap.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address (http://127.0.0.1:8000)")
-    ap.add_argument("--model", help="model name (default: the first in /v1/models)")
+    add_client_args(ap)
     ap.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate, thinking included (256)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0, as K2 Thinking "
                     "recommends; 0 is greedy)")
     ap.add_argument("--seed", type=int, help="sampling seed, for a reproducible answer")
-    ap.add_argument("--tools", type=Path, help="JSON file with an OpenAI `tools` list")
-    ap.add_argument("--api-key", default=os.environ.get("K2SERVE_API_KEY"), help="bearer key ($K2SERVE_API_KEY)")
+    ap.add_argument("--tools", type=Path, help="JSON file with an OpenAI `tools` list (the demo's: "
+                    "k2serve/demo_tools.json)")
     args = ap.parse_args(argv)
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(600, connect=5)) as client:
-            model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
-            body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": args.message}],
-                                    "max_tokens": args.max_tokens, "temperature": args.temperature}
-            if args.seed is not None:
-                body["seed"] = args.seed
-            if args.tools:
-                body["tools"] = json.loads(args.tools.read_text())
-            stream_chat(client, body, sys.stdout)
-    except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
-        raise request_failed(args.url, e) from e
+    with connected(args) as (client, model):
+        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": args.message}],
+                                "max_tokens": args.max_tokens, "temperature": args.temperature}
+        if args.seed is not None:
+            body["seed"] = args.seed
+        if args.tools:
+            body["tools"] = json.loads(args.tools.read_text())
+        stream_chat(client, body, sys.stdout)
     return 0

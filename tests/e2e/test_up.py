@@ -45,9 +45,10 @@ def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> N
         assert len(split) == (1 if len(allowed_cores()) >= 2 else 0), lines
         merged = next(m.group(1) for line in lines if (m := re.search(r"merged, at (http://\S+)", line)))
         with httpx.Client(base_url=url, timeout=60) as client:
-            assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-k2"
-            body = {"model": "tiny-k2", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 7,
-                    "temperature": 0}
+            # no --model and no config: what `make up` serves, the shipped agent model
+            assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-k2-agent"
+            body = {"model": "builtin:tiny-k2-agent", "messages": [{"role": "user", "content": "hello"}],
+                    "max_tokens": 7, "temperature": 0, "ignore_eos": True}
             reply = client.post("/v1/chat/completions", json=body).json()
             assert reply["usage"]["completion_tokens"] == 7
             metrics = client.get("/metrics").text
