@@ -77,11 +77,18 @@ class PoolSpec(PoolConfig):
 ROUTER_POD_FIELDS = frozenset({"host", "api_keys_file"})
 
 
+def _camel_cased(annotation: Any) -> Any:
+    """A nested serving-config model as the CR spells it (camelCase, like every other CR field); others as given."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return type(f"{annotation.__name__}Spec", (annotation,), {"model_config": _CAMEL, "__module__": __name__})
+    return annotation
+
+
 def _router_spec() -> type[_K8s]:
     """The CR's router section: every `RouterConfig` field (descriptions, bounds, defaults) but the pod-set ones,
     with fixed ports (a Service needs them), plus what exists only on Kubernetes."""
-    fields: dict[str, Any] = {name: (f.annotation, copy(f)) for name, f in RouterConfig.model_fields.items()
-                              if name not in ROUTER_POD_FIELDS}
+    fields: dict[str, Any] = {name: (_camel_cased(f.annotation), copy(f))
+                              for name, f in RouterConfig.model_fields.items() if name not in ROUTER_POD_FIELDS}
     fields |= {
         "replicas": (int, Field(2, ge=1, le=64, description="Router Deployment replicas.")),
         "image": (str | None, Field(None, description="Router pod image (e.g. the slim ghcr.io/k2serve/k2serve-router); "

@@ -9,7 +9,8 @@ from k2serve.operator.spec import ROUTER_POD_FIELDS, K2DeploymentSpec, RouterSpe
 
 # A value for every user-set field, each unlike its default.
 SET = {"httpPort": 8100, "grpcPort": 50100, "routingPolicy": "round_robin", "aggregated": True,
-       "servedModelName": "kimi", "requestTimeoutS": 90.0, "stallTimeoutS": 7.5}
+       "servedModelName": "kimi", "requestTimeoutS": 90.0, "stallTimeoutS": 7.5, "maxReasoningTokens": 512,
+       "limits": {"maxMessages": 16, "defaultMaxTokens": 100}}
 
 
 def test_every_router_config_field_is_in_the_crd_but_the_pod_set_ones() -> None:
@@ -25,4 +26,5 @@ def test_every_router_field_reaches_the_serving_config() -> None:
     assert {n for n in RouterConfig.model_fields if getattr(router, n) != getattr(defaults, n)} == \
         set(RouterConfig.model_fields)  # every field set, so none was dropped on the way
     assert router.stall_timeout_s == 7.5 and router.routing_policy == "round_robin" and router.grpc_port == 50100
+    assert router.limits.max_messages == 16 and router.limits.default_max_tokens == 100  # nested, camelCase in the CR
     assert router.host == "0.0.0.0" and router.api_keys_file == f"{pods.API_KEYS_DIR}/k"
