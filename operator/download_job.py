@@ -66,7 +66,8 @@ def _job(name: str, namespace: str, spec: K2DeploymentSpec, source: HubSource) -
                 "spec": {
                     "serviceAccountName": downloader_name(name),
                     "restartPolicy": "Never",
-                    "securityContext": pods.pod_security(),
+                    # the pods' identity, but with the API token: the Job writes its progress to a ConfigMap
+                    "securityContext": pods.pod_security()["securityContext"],
                     "containers": [container],
                     "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc}},
                                 {"name": "tmp", "emptyDir": {}}],

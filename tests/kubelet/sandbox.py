@@ -18,6 +18,8 @@ from pathlib import Path
 IMAGE_PATH = "/usr/local/bin:/usr/bin:/bin"
 IMAGE_HOME = "/home/k2serve"  # the image's $HOME: part of the (read-only) root
 IMAGE_TOOLS = {"python": "", "python3": "", "ray": "-m ray.scripts.scripts", "k2serve": "-m k2serve.cli"}
+# The "image" is this machine's interpreter environment and the project it imports (an editable install).
+IMAGE_TREES = (Path(sys.prefix), Path(__file__).resolve().parents[2])
 
 
 @dataclass
@@ -72,6 +74,11 @@ def script(run: ContainerRun) -> str:
         lines.append(f"mount --bind {q(m.source)} {q(target)}")
         if m.read_only:
             lines.append(f"mount -o remount,bind,ro {q(target)}")
+    for tree in IMAGE_TREES:  # a pod volume over a folder holding the image (an emptyDir /tmp over a checkout
+        # in /tmp, as CI's may be) must not hide it: in a real image those files are not under /tmp
+        if any(tree.is_relative_to(m.target) for m in run.mounts):
+            target = q(f"{root}{tree}")
+            lines += [f"mkdir -p {target}", f"mount --bind {q(str(tree))} {target}", f"mount -o remount,bind,ro {target}"]
     lines.append(f"mount --bind {q(run.hosts_file)} {root}/etc/hosts")
     lines.append(f"hostname {q(run.hostname)}")
     if run.read_only_root:
