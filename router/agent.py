@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     with connected(args) as (client, model):
         run = run_agent(args.task, http_completer(client, model, args.max_tokens, sys.stdout), DemoTools(chain),
                         args.max_turns, show)
-    if run.answer is None:
+    if not run.answer:  # none, or a turn that ended without text or calls (e.g. at max_tokens)
         print(f"k2serve agent: no answer after {run.turns} turns", file=sys.stderr)
         return 1
     print(printable(f"\n[answer after {len(run.calls)} calls] {run.answer}"))
