@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -48,8 +49,14 @@ WINDOW = "5m"  # $__rate_interval and friends: wide enough to cover the whole ru
 MAX_LABEL_VALUES = 384
 SYSTEM = "You are a careful agent. Think step by step, call tools when useful, and report back briefly. " * 2
 def _config(path: Path, store: Path, faults: list[dict[str, Any]]) -> Path:
+    """Both routers share the chain store and the cluster token (the groups refuse a router without it)."""
+    token = store.parent / "cluster-token"
+    if not token.exists():
+        token.write_text(secrets.token_urlsafe(32))
+        token.chmod(0o600)
     path.write_text(yaml.safe_dump({"router": {"http_port": 0}, "decode": {"groups": 2},
-                                    "chain_store": {"sqlite_path": str(store)}, "faults": faults}))
+                                    "chain_store": {"sqlite_path": str(store)}, "faults": faults,
+                                    "cluster_token_file": str(token)}))
     return path
 
 
