@@ -68,7 +68,9 @@ def script(run: ContainerRun) -> str:
              f"mount -t proc proc {root}/proc", f"mount --rbind /dev {root}/dev", f"mount --rbind /sys {root}/sys",
              *_image_layer(root)]
     for m in run.mounts:
-        target = f"{root}{m.target}"
+        # Resolved as the image resolves it: the root is an overlay of this machine's `/`, so its symlinks are the
+        # machine's (/var/run -> /run); a target through an absolute link would otherwise land outside the root.
+        target = f"{root}{os.path.realpath(m.target)}"
         lines.append(f"if [ -d {q(m.source)} ]; then mkdir -p {q(target)}; else mkdir -p $(dirname {q(target)}); "
                      f"touch {q(target)}; fi")
         lines.append(f"mount --bind {q(m.source)} {q(target)}")
