@@ -4,7 +4,8 @@
 One generation (a chain turn): validate → `begin_turn` in the chain store (sampling with its resolved seed,
 so a replay after any failure draws the same numbers) → dispatch (P/D: `Prefill` on a prefill group, then a
 `Decode` stream on a decode group that takes the KV handle; aggregated: one `Decode` stream) → stream
-tokens, checkpointing every `checkpoint_every` (all live turns in one commit: `BatchedCommit`) → `finish_turn`.
+tokens, checkpointing every `checkpoint_every` (all live turns in one commit: `BatchedCommit`) → `finish_turn`
+(the generating side is `router/turns.py`).
 When a group fails mid-stream (an RPC error, a stream that ends without a finish reason, or one that stalls)
 the rest is re-dispatched to a healthy group with the tokens so far as `output_prefix`; indices the client
 already has are skipped, so its stream has no gap or repeat.
@@ -24,18 +25,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from k2serve.config import ServingConfig
 from k2serve.metrics import Metrics
 from k2serve.router.api_keys import OPEN_TENANT
-from k2serve.router.chains import Chain, ChainCheckpointer, ChainNotFound, ChainStore, ToolCall, open_store
-from k2serve.router.chains.batched_commit import BatchedCommit
+from k2serve.router.chains import Chain, ChainNotFound, ToolCall, open_store
 from k2serve.faults import RouterFaults
-from k2serve.router.live import ChainLocks, LiveTurn
-from k2serve.router.dispatch import Dispatcher, GroupFailed
+from k2serve.router.live import ChainLocks, ChainToken, LiveTurn
+from k2serve.router.dispatch import Dispatcher
 from k2serve.router.schedule import GroupDirectory
+from k2serve.router.turns import TurnRunner
 from k2serve.sampling_params import SamplingParams, finish_reason, resolve_seed
 from k2serve.k2format.source import resolve_model
 from k2serve.k2format.model_config import K2Config
@@ -46,18 +46,6 @@ T = TypeVar("T")
 REFRESH_S = 0.5
 TAIL_POLL_S = 0.2  # store polling while following a chain another router generates
 PURGE_EVERY_S = 600.0
-
-
-@dataclass
-class ChainToken:
-    chain_id: str
-    turn: int
-    index: int  # among the turn's generated tokens
-    token: int
-    logprob: float | None  # None for tokens replayed from the store (only ids are durable)
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # "stop" | "length" on the last token, else None
-    prompt_tokens: int
 
 
 class RouterCore:
@@ -81,14 +69,12 @@ class RouterCore:
         self.dispatcher = Dispatcher(config, groups, metrics, self.faults,
                                      stall_timeout_s or config.router.stall_timeout_s)
         self.lease_ttl_s = config.chain_store.lease_ttl_s
-        self._live: dict[str, LiveTurn] = {}
         self._background: list[asyncio.Task[None]] = []
         self._starting = ChainLocks()  # per chain: claiming it and registering its live turn
         # Store calls block: they run on the store's own threads, as many as its backend writes in parallel
         # (SQLite: one writer — more threads only contend for its lock and the GIL).
         self._store_threads = concurrent.futures.ThreadPoolExecutor(self.store.io_threads, "k2serve-chain-store")
-        # The live turns' checkpoints, written together.
-        self._commits = BatchedCommit(self.store, self._io, metrics.chain_checkpoints.inc)
+        self.turns = TurnRunner(config, self.store, self._io, self.dispatcher, metrics, self.faults, self.router_id)
 
     def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`fn(*args)` (a blocking store call) on the store's threads."""
@@ -109,7 +95,7 @@ class RouterCore:
         for task in self._background:
             task.cancel()
         self._background = []
-        for live in list(self._live.values()):
+        for live in list(self.turns.live.values()):
             live.abandoned = True
             if live.task is not None:
                 live.task.cancel()
@@ -135,7 +121,7 @@ class RouterCore:
         another took the chain) abandons the turn here, so two routers never write one chain."""
         while True:
             await asyncio.sleep(self.lease_ttl_s / 4)
-            for live in list(self._live.values()):
+            for live in list(self.turns.live.values()):
                 try:
                     held = await self._io(self.store.claim, live.chain_id, self.router_id, self.lease_ttl_s)
                 except Exception:  # the store is away: the checkpoint writes wait for it too
@@ -173,15 +159,15 @@ class RouterCore:
         meta = request_meta or {}
         if chain_id is None:  # a new chain: nobody else knows its id, so no lease to wait for and no lock
             chain_id, turn = await self._io(self._begin_new_chain, meta, sampling_doc, prompt_ids, tenant)
-            live = self._launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
+            live = self.turns.launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
         else:
             await self.get_chain(chain_id, tenant)  # raises ChainNotFound
             await self._await_lease(chain_id)
             async with self._starting.hold(chain_id):
-                if chain_id in self._live:
+                if chain_id in self.turns.live:
                     raise ValueError(f"chain {chain_id} is generating a turn now; wait for it or cancel it")
                 turn = await self._io(self._claim_and_begin, chain_id, meta, sampling_doc, prompt_ids)
-                live = self._launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
+                live = self.turns.launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         async for tok in live.follow(0):
             yield tok
@@ -203,7 +189,7 @@ class RouterCore:
         from the store until it ends or its router's lease lapses (then claimed)."""
         if from_index < 0:
             raise ValueError(f"from_index must be >= 0, got {from_index}")
-        live = self._live.get(chain_id)
+        live = self.turns.live.get(chain_id)
         chain = await self.get_chain(chain_id, tenant)  # after the live check: a turn that ended is stored
         if live is not None:
             self.metrics.chain_resumes.labels(cause="client").inc()  # a reader reconnecting to a live turn
@@ -237,8 +223,8 @@ class RouterCore:
         """The chain's live turn here, after claiming a turn a dead router left running; None while another
         router holds the lease."""
         async with self._starting.hold(chain_id):
-            if chain_id in self._live:
-                return self._live[chain_id]
+            if chain_id in self.turns.live:
+                return self.turns.live[chain_id]
             if not await self._io(self.store.claim, chain_id, self.router_id, self.lease_ttl_s):
                 return None
             turn = (await self._io(self.store.get_chain, chain_id)).turns[-1]
@@ -256,21 +242,17 @@ class RouterCore:
             if turn.status != "running" or reason is not None:  # it ended (maybe between our read and the claim)
                 await self._io(self.store.release, chain_id, self.router_id)
                 live = LiveTurn(chain_id, turn.index, len(turn.prompt_tokens))
-                for i, t in enumerate(turn.generated):
-                    last = i == len(turn.generated) - 1
-                    live.publish(ChainToken(chain_id, turn.index, i, t, None, None,
-                                            reason if last else None, len(turn.prompt_tokens)))
-                live.reveal(len(turn.generated))  # read from the store
+                live.replay(turn.generated, reason)
                 live.end()
                 return live
             self.metrics.chain_resumes.labels(cause="router").inc()
             log.info("chain %s: resuming turn %d at token %d", chain_id, turn.index, len(turn.generated))
-            return self._launch(chain_id, turn.index, turn.prompt_tokens, params, det, turn.generated,
+            return self.turns.launch(chain_id, turn.index, turn.prompt_tokens, params, det, turn.generated,
                                 began_here=False)
 
     async def cancel(self, chain_id: str) -> bool:
         """Stops a turn generating on this router (it ends "cancelled"); False if none is."""
-        live = self._live.get(chain_id)
+        live = self.turns.live.get(chain_id)
         if live is None or live.done:
             return False
         live.cancelled = True
@@ -367,128 +349,3 @@ class RouterCore:
         new = [c for c in calls if c.id not in known]
         if new:
             self.store.record_tool_calls(chain_id, turn, new)
-
-    def _launch(self, chain_id: str, turn: int, prompt: list[int], params: SamplingParams, det: bool,
-                done: list[int], *, began_here: bool) -> LiveTurn:
-        """Registers the turn as live here (stored tokens replayed into it) and starts its generating task."""
-        live = LiveTurn(chain_id, turn, len(prompt))
-        for i, t in enumerate(done):
-            live.publish(ChainToken(chain_id, turn, i, t, None, None, None, len(prompt)))
-        live.reveal(len(done))  # read from the store
-        ckpt = ChainCheckpointer(self.store, chain_id, turn, self.config.chain_store.checkpoint_every,
-                                 durable=len(done), on_settled=live.reveal)
-        self._live[chain_id] = live
-        self._commits.join(ckpt)
-        live.task = asyncio.get_running_loop().create_task(
-            self._drive(live, prompt, params, det, ckpt, began_here), name=f"turn {chain_id}:{turn}")
-        return live
-
-    async def _drive(self, live: LiveTurn, prompt: list[int], params: SamplingParams, det: bool,
-                     ckpt: ChainCheckpointer, began_here: bool) -> None:
-        """Generates the rest of a live turn, re-dispatching after group failures; ends it in the store
-        before its last token is published, so a reader that stops at the last token sees a finished turn."""
-        chain_id = live.chain_id
-        tokens = [t.token for t in live.items]
-        n_done = len(tokens)
-        self.metrics.router_queue.inc()
-        t0 = last = time.monotonic()
-        failed_at: float | None = None
-        migrations = 0
-        exclude: set[str] = set()
-        error: BaseException | None = None
-        status, reason = "failed", "error"
-        try:
-            while True:
-                stream = self.dispatcher.dispatch(prompt, params, det, tokens, live, exclude)
-                try:
-                    async for ev in stream:
-                        if ev.index < len(tokens):
-                            continue  # already streamed before a re-dispatch
-                        if ev.index > len(tokens):
-                            raise RuntimeError(f"worker skipped from index {len(tokens)} to {ev.index}")
-                        tokens.append(ev.token)
-                        finish = ev.finish_reason or None
-                        now = time.monotonic()
-                        if failed_at is not None:
-                            self.metrics.failover_seconds.observe(now - failed_at)
-                            failed_at = None
-                        (self.metrics.ttft if ev.index == n_done else self.metrics.itl).observe(now - last)
-                        last = now
-                        self.metrics.generation_tokens.inc()
-                        tok = ChainToken(chain_id, live.turn, ev.index, ev.token, ev.logprob,
-                                         [(t.token, t.logprob) for t in ev.top_logprobs] or None, finish,
-                                         len(prompt))
-                        live.publish(tok)  # seen by readers once durable (live.reveal)
-                        ckpt.pending.append(ev.token)
-                        if finish is not None:
-                            status, reason = "finished", finish
-                            self.metrics.e2e.observe(now - t0)
-                            # Ended in the store and the lease released before the last token is out, so the
-                            # client's next turn on the chain finds it free.
-                            await self._close(ckpt, status, reason)
-                            status = ""
-                            self._unregister(live)  # also before the last token: a next turn may start at once
-                            live.reveal(ckpt.durable)
-                            return
-                        if len(ckpt.pending) >= ckpt.every:  # the store fell behind: wait for it
-                            await self._commits.flush(ckpt)
-                        else:  # durable with the next group write, then visible
-                            self._commits.kick(ckpt)
-                        self.faults.after_token(len(tokens), began_here)
-                    raise GroupFailed(live.group_id, "stream ended without a finish reason")
-                except GroupFailed as e:
-                    if live.cancelled:
-                        raise asyncio.CancelledError from e
-                    migrations += 1
-                    self.dispatcher.mark_failed(e.group_id)
-                    exclude.add(e.group_id)
-                    if migrations > self.config.chain_store.migration_limit:
-                        raise RuntimeError(f"chain {chain_id}: gave up after {migrations - 1} re-dispatches; "
-                                           f"last failure: {e}") from e
-                    log.warning("chain %s: %s; re-dispatching at token %d", chain_id, e, len(tokens))
-                    self.metrics.migrations.inc()
-                    self.metrics.chain_resumes.labels(cause="group").inc()
-                    failed_at = time.monotonic()
-                finally:
-                    await stream.aclose()
-        except asyncio.CancelledError:
-            status, reason = "cancelled", "cancelled"
-        except Exception as e:  # the readers get it; the turn ends "failed"
-            log.warning("chain %s: turn %d failed: %s", chain_id, live.turn, e)
-            error = e
-        finally:
-            self.metrics.router_queue.dec()
-            self._unregister(live)
-            if live.abandoned:  # make what we have durable and leave the turn "running" for another router
-                await asyncio.shield(self._close(ckpt))
-            elif status:  # else it ended with its last token
-                await asyncio.shield(self._close(ckpt, status, reason))
-            live.reveal(ckpt.durable)
-            live.end(error)
-
-    def _unregister(self, live: LiveTurn) -> None:
-        if self._live.get(live.chain_id) is live:
-            del self._live[live.chain_id]
-
-    async def _close(self, ckpt: ChainCheckpointer, status: str | None = None, reason: str | None = None) -> None:
-        """The turn's last writes (`_leave`), once no group write holds its tokens."""
-        await self._commits.leave(ckpt)
-        await self._io(self._leave, ckpt, status, reason)
-
-    def _leave(self, ckpt: ChainCheckpointer, status: str | None = None, reason: str | None = None) -> None:
-        """Makes the turn's tokens durable, ends it with `status` (none: it stays "running" for another router to
-        resume) and releases the chain: one thread hop and one commit. A store that is down loses only the tokens
-        since the last checkpoint: the turn stays "running" and a resume regenerates them."""
-        try:
-            with self.store.batch():
-                if status is None:
-                    ckpt.flush()
-                else:
-                    ckpt.finish(status, reason)  # type: ignore[arg-type]
-                self.store.release(ckpt.chain_id, self.router_id)
-            self.metrics.chain_checkpoints.inc()
-        except Exception:
-            log.exception("chain %s: could not %s turn %d", ckpt.chain_id, "end" if status else "checkpoint",
-                          ckpt.turn)
-            with contextlib.suppress(Exception):  # an unreleased lease lapses by itself
-                self.store.release(ckpt.chain_id, self.router_id)

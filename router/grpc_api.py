@@ -15,7 +15,8 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.router.api_keys import APIKeys
 from k2serve.router.chains import NotFoundError
-from k2serve.router.core import ChainToken, RouterCore
+from k2serve.router.core import RouterCore
+from k2serve.router.live import ChainToken
 from k2serve.proto.convert import sampling_from_proto
 
 

@@ -11,12 +11,20 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 
-class TokenRecord(Protocol):
-    index: int
-    finish_reason: str | None
+@dataclass
+class ChainToken:
+    """One generated token of a chain's turn, as the core yields it to its readers."""
+    chain_id: str
+    turn: int
+    index: int  # among the turn's generated tokens
+    token: int
+    logprob: float | None  # None for tokens replayed from the store (only ids are durable)
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # "stop" | "length" on the last token, else None
+    prompt_tokens: int
 
 
 @dataclass
@@ -24,7 +32,7 @@ class LiveTurn:
     chain_id: str
     turn: int
     prompt_tokens: int
-    items: list[Any] = field(default_factory=list)  # ChainToken, index i at position i
+    items: list[ChainToken] = field(default_factory=list)  # index i at position i
     done: bool = False
     error: BaseException | None = None
     cancelled: bool = False  # `cancel()` asked: the turn ends "cancelled"
@@ -35,11 +43,21 @@ class LiveTurn:
     durable: int = 0  # tokens the store holds: readers see items[:durable]
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def publish(self, item: TokenRecord) -> None:
+    def publish(self, item: ChainToken) -> None:
         """Adds the next token; readers see it once it is durable (`reveal`)."""
         if item.index != len(self.items):
             raise RuntimeError(f"chain {self.chain_id}: token {item.index} published after {len(self.items)}")
         self.items.append(item)
+
+    def replay(self, stored: list[int], last_finish: str | None = None) -> None:
+        """Publishes a turn's tokens read from the store (durable already, only ids kept); the last one carries
+        `last_finish`."""
+        start = len(self.items)
+        for j, token in enumerate(stored):
+            finish = last_finish if j == len(stored) - 1 else None
+            self.publish(ChainToken(self.chain_id, self.turn, start + j, token, None, None, finish,
+                                    self.prompt_tokens))
+        self.reveal(len(self.items))
 
     def reveal(self, durable: int) -> None:
         """The store holds the turn's first `durable` tokens."""
@@ -56,7 +74,7 @@ class LiveTurn:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def follow(self, start: int) -> AsyncIterator[Any]:
+    async def follow(self, start: int) -> AsyncIterator[ChainToken]:
         """Durable tokens from index `start` on until the turn ends (its last token carries the finish reason:
         the reader is done then, without waiting for the generating task's cleanup); the turn's error, if any,
         after its tokens. Tokens never made durable are never yielded."""

@@ -216,7 +216,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("group_id", "role", "running", "waiting", "kv_blocks_used", "kv_blocks_free", "prefill_tokens", "decode_tokens", "prefix_hit_tokens", "kv_handoffs_ok", "kv_handoffs_fallback", "expert_layers", "experts", "expert_tokens", "all_to_all_bytes", "cached_prefix_hashes")
+    __slots__ = ("group_id", "role", "running", "waiting", "kv_blocks_used", "kv_blocks_free", "prefill_tokens", "decode_tokens", "prefix_hit_tokens", "kv_handoffs_ok", "kv_handoffs_fallback", "cached_prefix_hashes")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -228,10 +228,6 @@ class StatsResponse(_message.Message):
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFFS_OK_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFFS_FALLBACK_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_LAYERS_FIELD_NUMBER: _ClassVar[int]
-    EXPERTS_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    ALL_TO_ALL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHED_PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     role: str
@@ -244,12 +240,8 @@ class StatsResponse(_message.Message):
     prefix_hit_tokens: int
     kv_handoffs_ok: int
     kv_handoffs_fallback: int
-    expert_layers: int
-    experts: int
-    expert_tokens: _containers.RepeatedScalarFieldContainer[int]
-    all_to_all_bytes: int
     cached_prefix_hashes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, group_id: _Optional[str] = ..., role: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., kv_handoffs_ok: _Optional[int] = ..., kv_handoffs_fallback: _Optional[int] = ..., expert_layers: _Optional[int] = ..., experts: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., all_to_all_bytes: _Optional[int] = ..., cached_prefix_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, group_id: _Optional[str] = ..., role: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., kv_handoffs_ok: _Optional[int] = ..., kv_handoffs_fallback: _Optional[int] = ..., cached_prefix_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("chain_id", "prompt_token_ids", "chat_json", "sampling", "deterministic", "model")

@@ -12,7 +12,7 @@ import pytest
 
 from k2serve.config import ServingConfig
 from k2serve.router.chains import ChainNotFound, open_store
-from k2serve.router.core import ChainToken
+from k2serve.router.live import ChainToken
 from k2serve.stack.inproc import LocalStack, start_local_stack
 from k2serve.groups import GroupAddress
 from k2serve.router.schedule import GroupState, NoGroupAvailable, Scheduler
