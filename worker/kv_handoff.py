@@ -108,6 +108,8 @@ class RegistryPeers:
     refresh_s: float = 2.0
     _known: set[str] = field(default_factory=set)
     _read_at: float = float("-inf")
+    # Leader handles by group id: `ray.get_actor` is a blocking GCS round trip, too slow for every handoff.
+    _leaders: dict[str, Any] = field(default_factory=dict)
 
     def _knows(self, group_id: str) -> bool:
         if group_id not in self._known and time.monotonic() - self._read_at > self.refresh_s:
@@ -116,15 +118,25 @@ class RegistryPeers:
             registry = ray.get_actor(self.registry_actor, namespace=self.namespace)
             self._known = {g["group_id"] for g in ray.get(registry.groups.remote(), timeout=5.0)}
             self._read_at = time.monotonic()
+            self._leaders = {g: h for g, h in self._leaders.items() if g in self._known}
         return group_id in self._known
+
+    def _leader(self, group_id: str) -> Any:
+        import ray
+
+        if group_id not in self._leaders:
+            self._leaders[group_id] = ray.get_actor(leader_actor_name(group_id), namespace=self.namespace)
+        return self._leaders[group_id]
 
     async def ref(self, group_id: str, hid: bytes) -> Any | None:
         import asyncio
 
-        import ray
-
         if not await asyncio.to_thread(self._knows, group_id):
             raise UnknownPeer(f"group {group_id!r} is not in the pool's registry")
-        leader = ray.get_actor(leader_actor_name(group_id), namespace=self.namespace)
-        refs = await leader.held_kv_ref.remote(hid)
+        leader = self._leaders.get(group_id) or await asyncio.to_thread(self._leader, group_id)
+        try:
+            refs = await leader.held_kv_ref.remote(hid)
+        except Exception:  # a dead or replaced leader: look it up again next time
+            self._leaders.pop(group_id, None)
+            raise
         return refs[0] if refs else None
