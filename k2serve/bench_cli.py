@@ -11,7 +11,8 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
+    """The benchmark scripts (`_name.py` files are modules the scripts share)."""
+    return sorted(p.stem for p in BENCH_DIR.glob("[!_]*.py")) if BENCH_DIR.is_dir() else []
 
 
 def main(argv: list[str]) -> int:
