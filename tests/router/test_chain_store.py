@@ -1,43 +1,29 @@
-"""Contract tests of the chain store, run against both backends (a real SQLite file, a real redis-server),
-plus durability (reopen, writer killed, redis-server killed mid-run) and the `k2serve chains` CLI."""
+"""Contract tests of the chain store, run against both backends (a real SQLite file, a real redis-server).
+Durability across failures is in test_chain_store_durability.py, the `k2serve chains` CLI in test_chains_cli.py."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 
-from k2serve.config import ChainStoreConfig
 from k2serve.router.chains import (
     ChainCheckpointer,
     ChainNotFound,
     ChainStore,
-    ChainStoreError,
-    ChainStoreUnavailable,
     ConflictError,
     TokenGap,
     TokenMismatch,
     ToolCallNotFound,
     TurnClosed,
     TurnNotFound,
-    open_store,
 )
-from k2serve.router.chains.cli import main as chains_cli
 from k2serve.router.chains.redis_store import RedisChainStore
 from k2serve.router.chains.sqlite_store import SqliteChainStore
-
-REQUEST = {"model": "tiny-k2", "max_tokens": 64, "tools": [{"type": "function", "function": {"name": "search"}}]}
-SAMPLING = {"temperature": 1.0, "top_p": 0.95, "seed": 1234}
+from helpers.chains import REQUEST, SAMPLING, new_turn
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -48,11 +34,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChainStore
         s = RedisChainStore(request.getfixturevalue("redis_server").url)
     yield s
     s.close()
-
-
-def new_turn(store: ChainStore, prompt: list[int] | None = None) -> tuple[str, int]:
-    chain = store.create_chain()
-    return chain, store.begin_turn(chain, REQUEST, SAMPLING, prompt or [1, 2, 3])
 
 
 def test_create_and_begin_round_trip(store: ChainStore) -> None:
@@ -288,150 +269,3 @@ def test_checkpointer_flushes_in_batches_and_at_boundaries(store: ChainStore) ->
     assert store.generated(chain, 1) == [1, 2, 3, 4, 5, 6, 7, 8]
     with pytest.raises(ValueError, match="every must be >= 1"):
         ChainCheckpointer(store, chain, 1, every=0)
-
-
-def test_open_store_from_config(tmp_path: Path, redis_server: Any) -> None:
-    with open_store(ChainStoreConfig(sqlite_path=str(tmp_path / "a" / "c.sqlite3"))) as s:
-        assert isinstance(s, SqliteChainStore) and s.create_chain("x") == "x"
-    with open_store(ChainStoreConfig(backend="redis", redis_url=redis_server.url)) as s:
-        assert isinstance(s, RedisChainStore) and s.create_chain("x") == "x"
-
-
-def test_sqlite_survives_reopen_and_a_killed_writer(tmp_path: Path) -> None:
-    path = tmp_path / "chains.sqlite3"
-    with SqliteChainStore(path) as s:
-        chain, turn = new_turn(s)
-        s.append_tokens(chain, turn, 0, [1, 2, 3])
-        s.record_tool_calls(chain, turn, [{"id": "c", "name": "f", "arguments": "{}"}])
-    with SqliteChainStore(path) as s:
-        assert s.generated(chain, turn) == [1, 2, 3]
-        assert s.get_chain(chain).tool_calls[0].id == "c"
-    # A writer process SIGKILLed mid-run loses no acknowledged append (it prints each acknowledged length).
-    writer = (
-        "import sys\nfrom k2serve.router.chains.sqlite_store import SqliteChainStore\n"
-        "s = SqliteChainStore(sys.argv[1])\n"
-        "for i in range(3, 100000):\n"
-        "    print(s.append_tokens(sys.argv[2], 0, i, [i + 1]), flush=True)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", writer, str(path), chain], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    acked = [int(proc.stdout.readline()) for _ in range(200)]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with SqliteChainStore(path) as s:
-        stored = s.generated(chain, turn)
-    assert len(stored) >= acked[-1] and stored == list(range(1, len(stored) + 1))
-
-
-def test_redis_restart_mid_run_loses_nothing(redis_server: Any) -> None:
-    store = RedisChainStore(redis_server.url, prefix=uuid.uuid4().hex)
-    chain, turn = new_turn(store)
-    acked: list[int] = []
-    slowest = [0.0]
-    errors: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            for start in range(0, 400, 4):
-                t0 = time.monotonic()
-                acked.append(store.append_tokens(chain, turn, start, list(range(start, start + 4))))
-                slowest[0] = max(slowest[0], time.monotonic() - t0)
-                time.sleep(0.002)
-        except BaseException as e:  # surfaced in the main thread
-            errors.append(e)
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    while len(acked) < 30:
-        time.sleep(0.005)
-    redis_server.kill()  # SIGKILL: only what the AOF fsynced survives
-    at_kill = acked[-1]
-    time.sleep(0.5)  # the writer is now retrying its pending append
-    redis_server.start()
-    writer.join(timeout=20)
-    assert not writer.is_alive() and not errors
-    assert slowest[0] >= 0.5  # one append spanned the outage and then succeeded
-    assert acked == list(range(4, 404, 4)) and at_kill >= 120
-    assert store.generated(chain, turn) == list(range(400))
-    assert store.get_chain(chain).turns[0].sampling == SAMPLING
-    store.close()
-
-
-def test_redis_store_refuses_a_server_without_fsync_always(redis_server: Any) -> None:
-    admin = redis.Redis.from_url(redis_server.url)
-    admin.config_set("appendfsync", "everysec")
-    with pytest.raises(ChainStoreError, match="appendonly=yes appendfsync=everysec; durable chains need"):
-        RedisChainStore(redis_server.url)
-    RedisChainStore(redis_server.url, require_fsync_always=False).close()
-    admin.close()
-
-
-def test_redis_store_gives_up_after_the_retry_timeout(redis_server: Any) -> None:
-    store = RedisChainStore(redis_server.url, retry_timeout_s=0.3)
-    chain = store.create_chain()
-    redis_server.kill()
-    t0 = time.monotonic()
-    with pytest.raises(ChainStoreUnavailable, match="unreachable for 0.3 s"):
-        store.begin_turn(chain, REQUEST, SAMPLING, [1])
-    assert time.monotonic() - t0 < 1.0
-    store.close()
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_cli_show_list_delete_purge(backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    request: pytest.FixtureRequest) -> None:  # fmt: skip
-    if backend == "sqlite":
-        where = ["--sqlite", str(tmp_path / "c.sqlite3")]
-        store: ChainStore = SqliteChainStore(where[1])
-    else:
-        url = request.getfixturevalue("redis_server").url
-        config = tmp_path / "serving.yaml"
-        config.write_text(f"chain_store:\n  backend: redis\n  redis_url: {url}\n")
-        where = ["--config", str(config)]
-        store = RedisChainStore(url)
-    chain = store.create_chain("agent-1")
-    for t in range(3):
-        store.begin_turn(chain, REQUEST, SAMPLING, [1, 2])
-        store.append_tokens(chain, t, 0, [5] * (t + 1))
-        store.record_tool_calls(chain, t, [{"id": f"call_{t}", "name": "search", "arguments": f'{{"q": {t}}}'}])
-        store.finish_turn(chain, t, "finished", "tool_calls")
-        if t < 2:
-            store.record_tool_result(chain, f"call_{t}", f"found {t}")
-    store.close()
-
-    assert chains_cli(["show", "agent-1", *where]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert lines[0].startswith("agent-1  finished   turns=3  tool_calls=3  updated ")
-    # Each turn, then the calls it made with the results sent back: the provenance of the chain, in order.
-    transcript = [line.split("  sampling=")[0] for line in lines[2:]]
-    assert transcript == [
-        "turn 0: finished (tool_calls)  prompt=2 generated=1 tokens",
-        '    [0.0] call_0 search({"q": 0}) -> found 0',
-        "turn 1: finished (tool_calls)  prompt=2 generated=2 tokens",
-        '    [1.0] call_1 search({"q": 1}) -> found 1',
-        "turn 2: finished (tool_calls)  prompt=2 generated=3 tokens",
-        '    [2.0] call_2 search({"q": 2}) (no result yet)',
-    ]
-    assert ' sampling={"seed": 1234, "temperature": 1.0, "top_p": 0.95}  started '  in lines[2]
-    assert chains_cli(["show", "agent-1", "--json", *where]) == 0
-    assert '"generated": [\n' in capsys.readouterr().out
-    assert chains_cli(["list", *where]) == 0
-    assert capsys.readouterr().out.startswith("agent-1  finished   turns=3  tool_calls=3")
-    assert chains_cli(["purge", *where]) == 0
-    assert capsys.readouterr().out == "purged 0 chains untouched for 604800 s\n"
-    assert chains_cli(["purge", "--ttl", "0", *where]) == 0
-    assert capsys.readouterr().out == "purged 1 chains untouched for 0 s\n"
-    assert chains_cli(["show", "agent-1", *where]) == 1
-    assert "no chain 'agent-1'" in capsys.readouterr().err
-    assert chains_cli(["delete", "agent-1", *where]) == 1
-
-
-def test_cli_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = str(tmp_path / "c.sqlite3")
-    with SqliteChainStore(path) as s:
-        s.create_chain("gone")
-    assert chains_cli(["delete", "gone", "--sqlite", path]) == 0
-    assert capsys.readouterr().out == "deleted gone\n"
-    assert chains_cli(["list", "--sqlite", path]) == 0
-    assert capsys.readouterr().out == ""
