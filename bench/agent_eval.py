@@ -1,29 +1,40 @@
 """Held-out tasks of every corpus family run through the agent loop on `builtin:tiny-k2-agent` and its bf16 and
 post-training-quantized variants: per family, valid tool calls, correct calls and correct final answers; chain
-following completed at several lengths (every link's argument must equal the previous tool result).
+following completed at several lengths (every link's argument must equal the previous tool result), with the
+share of prompt tokens served from the prefix cache.
 
-    nice -n 15 python -P bench/agent_eval.py [--tasks 10] [--links 1,10,100,300] [--chains 10]
+    nice -n 15 python -P bench/agent_eval.py [--tasks 10] [--links 1,10,100,300] [--chains 10] [--in-process]
         [--variant qat=k2serve/k2format/models/tiny-k2-agent --variant bf16=~/.cache/k2serve/agent-train/bf16 ...]
 
-The model runs in-process (k2serve's engine, temperature 0, prefix cache on); its text is parsed by the
-router's K2 parser with the request's tools, as the HTTP front does.
+By default each variant is served by the full stack — `k2serve up --model DIR` (Ray worker groups, prefill →
+KV handoff → decode, the router, the OpenAI HTTP front) — and every turn streams over HTTP as `k2serve agent`
+sends it (temperature 0); the prefix-cache share is read from the groups' Prometheus counters. `--in-process`
+runs k2serve's engine in this process instead (faster; the same prompt, parser and greedy decoding).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.agent_loop import ModelTurn, run_agent
 from k2serve.agent_tools import DemoTools
+from k2serve.router.agent import http_completer
 from k2serve.router.http.k2_parse import CALL_BEGIN, parse_k2_output
 from k2serve.worker.agent_model.corpus import FAMILIES, Episode, chain_episode, make_episode
 from k2serve.worker.engine.engine import Engine, EngineConfig
@@ -61,6 +72,70 @@ class LocalCompleter:
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
         return ModelTurn(parsed.reasoning_content or "", content, calls)
 
+    def prefix_tokens(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache, of those served from it), so far."""
+        return self.engine.blocks.prefix_queries_tokens, self.engine.blocks.prefix_hit_tokens
+
+    def close(self) -> None:
+        return None
+
+
+class StackCompleter:
+    """Chat turns through the whole stack: `k2serve up --model DIR` on free ports with its own state directory,
+    each turn streamed over the OpenAI API by the same code as `k2serve agent`."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.state = tempfile.TemporaryDirectory(prefix="k2serve-agent-eval-")
+        log_path = Path(self.state.name) / "up.log"
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "k2serve.cli", "up", "--port", "0", "--model",
+                                          str(model_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "K2SERVE_STATE_DIR": self.state.name})
+        url = self._wait(log_path, r"serving \S+ at (http://\S+)/v1")
+        merged = self._wait(log_path, r"metrics, merged, at http://(\S+)/metrics")
+        self.metrics_url = f"http://{merged}/metrics"
+        self.client = httpx.Client(base_url=url, timeout=600)
+        model = self.client.get("/v1/models").json()["data"][0]["id"]
+        self.devnull = open(os.devnull, "w")  # the streamed text: only the parsed turn counts here
+        self.complete = http_completer(self.client, model, MAX_TURN_TOKENS, self.devnull)
+        self.invalid_calls = 0
+
+    def _wait(self, log: Path, pattern: str, timeout_s: float = 300) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if m := re.search(pattern, log.read_text()):
+                return m.group(1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"k2serve up exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"k2serve up printed no {pattern!r} in {timeout_s} s")
+
+    def __call__(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelTurn:
+        turn = self.complete(messages, tools)
+        self.invalid_calls += turn.content.count(CALL_BEGIN)  # a call section the parser could not read
+        return turn
+
+    def prefix_tokens(self) -> tuple[int, int]:
+        """From the groups' counters (what Prometheus scrapes): prompt tokens computed plus those served from the
+        prefix cache, and the latter."""
+        totals = {"k2serve_prefill_tokens": 0.0, "k2serve_prefix_cache_hit_tokens": 0.0}
+        for family in text_string_to_metric_families(httpx.get(self.metrics_url, timeout=30).text):
+            if family.name in totals:
+                totals[family.name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        hit = int(totals["k2serve_prefix_cache_hit_tokens"])
+        return int(totals["k2serve_prefill_tokens"]) + hit, hit
+
+    def close(self) -> None:
+        self.client.close()
+        self.devnull.close()
+        self.proc.send_signal(signal.SIGINT)  # as a user stops `k2serve up`
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.state.cleanup()
+
 
 def _valid(name: str, arguments: str) -> bool:
     try:
@@ -85,7 +160,10 @@ class Tally:
                 f"{pct(self.correct_calls, self.tasks):>6} | {pct(self.answers, self.tasks):>6}")
 
 
-def run_episode(completer: LocalCompleter, episode: Episode, tally: Tally) -> bool:
+Completer = LocalCompleter | StackCompleter
+
+
+def run_episode(completer: Completer, episode: Episode, tally: Tally) -> bool:
     """Runs one task; True when its calls and its answer are both right."""
     before = completer.invalid_calls
     expected = [(c.name, c.arguments) for _, calls in episode.rounds for c in calls]
@@ -101,8 +179,17 @@ def run_episode(completer: LocalCompleter, episode: Episode, tally: Tally) -> bo
     return calls_ok and answer_ok
 
 
-def evaluate(name: str, model_dir: Path, tasks: int, links: list[int], chains: int, seed: int) -> None:
-    completer = LocalCompleter(model_dir)
+def evaluate(name: str, model_dir: Path, tasks: int, links: list[int], chains: int, seed: int,
+             in_process: bool) -> None:
+    completer: Completer = LocalCompleter(model_dir) if in_process else StackCompleter(model_dir)
+    try:
+        _evaluate(completer, name, model_dir, tasks, links, chains, seed)
+    finally:
+        completer.close()
+
+
+def _evaluate(completer: Completer, name: str, model_dir: Path, tasks: int, links: list[int], chains: int,
+              seed: int) -> None:
     rng = random.Random(seed)
     print(f"\n{name}: {model_dir}\nfamily     | tasks | valid calls       | correct calls | correct answers")
     for family in FAMILIES:
@@ -111,13 +198,11 @@ def evaluate(name: str, model_dir: Path, tasks: int, links: list[int], chains: i
         for _ in range(tasks):
             run_episode(completer, make_episode(family, rng, "eval"), tally)
         print(f"{family:10s} | {tally.row()}   ({time.monotonic() - start:.0f}s)", flush=True)
-    blocks = completer.engine.blocks
     for n in links:
         tally = Tally()
-        queried, hit = blocks.prefix_queries_tokens, blocks.prefix_hit_tokens
+        queried0, hit0 = completer.prefix_tokens()
         done = sum(run_episode(completer, chain_episode(f"eval-{seed}-{n}-{i}", n), tally) for i in range(chains))
-        queried, hit = blocks.prefix_queries_tokens - queried, blocks.prefix_hit_tokens - hit
-        # the same counters feed k2serve_prefix_cache_hit_tokens_total when served
+        queried, hit = (a - b for a, b in zip(completer.prefix_tokens(), (queried0, hit0)))
         print(f"chain {n:3d} links: {done}/{chains} completed with every argument right, valid calls "
               f"{tally.valid}/{tally.calls}, prompt tokens from the prefix cache {100 * hit / max(1, queried):.0f}%",
               flush=True)
@@ -129,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--links", default="1,10,100,300")
     ap.add_argument("--chains", type=int, default=10, help="chains per length")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--in-process", action="store_true", help="the engine in this process, not `k2serve up`")
     ap.add_argument("--variant", action="append", metavar="NAME=DIR",
                     help="default: qat (shipped), bf16 and ptq-int4 (from bench/train_agent.py's work folder)")
     args = ap.parse_args(argv)
@@ -138,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     links = [int(n) for n in args.links.split(",") if n]
     for spec in variants:
         name, _, folder = spec.partition("=")
-        evaluate(name, Path(folder).expanduser(), args.tasks, links, args.chains, args.seed)
+        evaluate(name, Path(folder).expanduser(), args.tasks, links, args.chains, args.seed, args.in_process)
     return 0
 
 

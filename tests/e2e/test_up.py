@@ -79,7 +79,7 @@ def test_bench_serve_smoke() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     sys.path.insert(0, str(root / "bench"))
     try:
-        from serve import workload
+        from _loadgen import workload
     finally:
         sys.path.remove(str(root / "bench"))
     lengths = [m for _, m in workload(4, (4, 24), (2, 6), 512, seed=4)]
@@ -93,3 +93,17 @@ def test_bench_serve_smoke() -> None:
     for mode in ("P/D", "aggregated"):
         cpu = done.stdout.split(f"CPU per process, k2serve {mode}, 4 concurrent", 1)[1].split("\n\n", 1)[0]
         assert "| router + clients (this process) |" in cpu and "| group leaders |" in cpu
+
+
+def test_bench_agent_eval_through_the_stack() -> None:
+    """The agent eval serves the model with `k2serve up` and drives every family and a chain over HTTP; the
+    prefix-cache share comes from the groups' Prometheus counters."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "bench" / "agent_eval.py"), "--tasks", "1", "--links", "2",
+                           "--chains", "1", "--variant", "qat=builtin:tiny-k2-agent"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for family in ("calculator", "weather", "two_step", "chain", "no_tool", "retry", "parallel"):
+        assert re.search(rf"^{family} +\| +1 \|", done.stdout, re.M), done.stdout
+    share = re.search(r"chain   2 links: \d/1 completed .* prefix cache (\d+)%", done.stdout)
+    assert share is not None and 0 < int(share.group(1)) <= 100, done.stdout
