@@ -33,7 +33,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_from_proto
 from k2serve.faults import GroupFaults
-from k2serve.worker.engine.engine import KVHandoff, KVHandoffLost, TokenEvent
+from k2serve.worker.engine.requests import KVHandoff, KVHandoffLost, TokenEvent
 from k2serve.worker.kv_handoff import HeldKV, KVPeers, LocalPeers, UnknownPeer, check_handle, make_handle
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams

@@ -13,7 +13,7 @@ import concurrent.futures
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from k2serve.worker.engine.engine import TokenEvent
+from k2serve.worker.engine.requests import TokenEvent
 
 T = TypeVar("T")
 
