@@ -13,7 +13,7 @@ import ray
 import torch
 from helpers.tiny import run_all, tiny_engine
 
-from k2serve.worker.engine.engine import EngineConfig
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.requests import KVHandoff, KVHandoffLost
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights, resolve_checkpoint

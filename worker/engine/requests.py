@@ -4,7 +4,7 @@ prompt's KV on its way between engines, and the engine's cumulative counters."""
 from __future__ import annotations
 
 import concurrent.futures
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -53,6 +53,7 @@ class Request:
     finish_reason: str | None = None
     guide: Guide | None = None  # constrained decoding / reasoning budget: set once its grammars are compiled
     compiling: concurrent.futures.Future[ConstraintGrammars] | None = None
+    forks: list[Request] = field(default_factory=list)  # its other choices, until its first sample (engine/forks.py)
 
     @property
     def tokens(self) -> list[int]:

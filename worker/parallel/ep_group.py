@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from k2serve.config import Placement
 from k2serve.k2format.block_hash import block_hashes
-from k2serve.worker.engine.engine import EngineConfig
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.requests import EngineStats, KVHandoffLost, TokenEvent
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import resolve_checkpoint
