@@ -13,10 +13,14 @@ import pytest
 from fastapi import FastAPI
 
 from k2serve.config import ChainStoreConfig, RouterConfig, ServingConfig
+from k2serve.metrics import Metrics
+from k2serve.router.core import RouterCore
 from k2serve.router.http.app import create_app
 from k2serve.router.http.uvicorn_runner import BackgroundServer
+from k2serve.router.schedule import StaticDirectory
 from k2serve.stack.inproc import LocalStack, start_local_stack
 from k2serve.worker.engine.engine import Engine
+from k2serve.worker.parallel.inproc_group import start_inprocess_groups
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 BASE: dict[str, Any] = {"model": "tiny-k2", "messages": MESSAGES, "temperature": 1.0, "max_tokens": 12, "seed": 10}
@@ -80,6 +84,32 @@ def test_four_choices_prefill_once_and_equal_their_seed_alone(served: tuple[open
     assert len({tuple(v) for v in got.values()}) > 1  # the seeds differ, so do (some of) the choices
     for i in range(4):
         assert tuple(got[i]) == alone(client, 10 + i, messages), f"choice {i}"
+
+
+def test_each_choice_resumes_after_its_group_dies(tmp_path: Path) -> None:
+    """The group that runs the forked choices is killed mid-answer and restarts: every choice re-dispatches on its
+    own, from its durable tokens with its seed, and still equals its seed alone (asked once the fault is spent)."""
+    # The fault counts the group's tokens, all choices together: it fires mid-answer.
+    config = ServingConfig(deterministic=True, chain_store=ChainStoreConfig(sqlite_path=str(tmp_path / "c.sqlite3")),
+                           router=RouterConfig(aggregated=True),
+                           faults=[{"kind": "kill_group", "pool": "prefill", "after_tokens": 10}])
+    metrics = Metrics()
+
+    async def build() -> tuple[FastAPI, Callable[[], Awaitable[None]]]:
+        groups = await start_inprocess_groups(config, metrics, restart_after_s=0.3)
+        core = RouterCore(config, StaticDirectory([g.group_address for g in groups]), metrics)
+        await core.start()
+        return create_app(core, config, metrics), LocalStack(core, groups).aclose
+
+    with BackgroundServer(build) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        kw = {**BASE, "max_tokens": 16, "seed": 20}
+        resp = client.chat.completions.create(**kw, n=3)
+        assert (metrics.registry.get_sample_value("k2serve_migrations_total") or 0) >= 1
+        for c in resp.choices:
+            one = client.chat.completions.create(**{**kw, "seed": 20 + c.index}).choices[0]
+            assert (c.message.content, c.finish_reason) == (one.message.content, one.finish_reason), c.index
+            assert getattr(c.message, "reasoning_content", None) == getattr(one.message, "reasoning_content", None)
 
 
 def test_n_bounds(served: tuple[openai.OpenAI, list[LocalStack]]) -> None:
