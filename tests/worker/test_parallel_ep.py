@@ -75,6 +75,24 @@ def test_expert_parallel_equals_single_process(ray_cluster: None, reference: dic
         group.shutdown()
 
 
+def test_forked_choices_on_a_rank_prefill_once(ray_cluster: None, one_torch_thread: None) -> None:
+    prompt = mixed_prompts(1, seed=9)[0]
+    sampled = SamplingParams(temperature=1.0, seed=30, max_tokens=6)
+    forks = [("c1", 31), ("c2", 32)]
+    engine = tiny_engine(deterministic=True, max_batch_tokens=512)
+    engine.add_request("c0", prompt, sampled, forks=forks)
+    reference = run_all(engine)
+    group = ExpertParallelGroup(group_spec(2))
+    try:
+        group.add_request("c0", prompt, sampled, forks=forks)
+        assert group.owner["c1"] == group.owner["c2"] == group.owner["c0"]
+        assert run_all(group) == reference  # type: ignore[arg-type]
+        assert group.stats.prefill_tokens == len(prompt)
+        assert not group.owner and not group.active
+    finally:
+        group.shutdown()
+
+
 def test_group_size_must_divide_expert_count() -> None:
     with pytest.raises(ValueError, match="expert_parallel 3 must divide the model's 16 routed experts"):
         ExpertParallelGroup(group_spec(3))
