@@ -37,7 +37,8 @@ from k2serve.agent_tools import DemoTools
 from k2serve.router.agent import http_completer
 from k2serve.router.http.k2_parse import CALL_BEGIN, parse_k2_output
 from k2serve.worker.agent_model.corpus import FAMILIES, Episode, chain_episode, make_episode
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.k2 import K2Model

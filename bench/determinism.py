@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.model.k2 import K2Model

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from k2serve.worker.engine.capacity import proc_status_kib
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.model.batch import LatentKVCache

@@ -31,7 +31,8 @@ BLOCK = 16
 
 def serve(model_dir: str, prompt: list[int], new: int, chunk: int) -> dict[str, object]:
     """k2serve's side, in this (child) process."""
-    from k2serve.worker.engine.engine import Engine, EngineConfig
+    from k2serve.worker.engine.engine import Engine
+    from k2serve.worker.engine.settings import EngineConfig
     from k2serve.worker.engine.sampling import SamplingParams
     from k2serve.worker.loader import load_weights
     from k2serve.worker.model.k2 import K2Model

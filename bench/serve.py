@@ -165,7 +165,8 @@ def bench_engine(levels: list[int], per_level: int, lens: tuple[int, int], outs:
     `concurrency` requests in flight: the ceiling the stack rows are measured against."""
     import torch
 
-    from k2serve.worker.engine.engine import Engine, EngineConfig
+    from k2serve.worker.engine.engine import Engine
+    from k2serve.worker.engine.settings import EngineConfig
     from k2serve.worker.engine.grammar import GrammarVocab
     from k2serve.worker.loader import load_weights, resolve_checkpoint
     from k2serve.worker.model.k2 import K2Model

@@ -103,6 +103,7 @@ class RequestLimits(_Strict):
     default_max_tokens: int = Field(4096, ge=1, description="Generated tokens of a request that sets no "
                                     "max_tokens (at most what fits in the context).")
     max_turns_per_chain: int = Field(1000, ge=1, description="Most turns one chain may hold.")
+    max_n: int = Field(8, ge=1, le=128, description="Most choices (`n`) in one request; each is its own chain.")
 
 
 class RouterConfig(_Strict):

@@ -34,6 +34,7 @@ from k2serve.router.chains import Chain, ChainNotFound, ToolCall, open_store
 from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, ChainToken, LiveTurn
 from k2serve.router.dispatch import Dispatcher
+from k2serve.router.forks import ForkedStart, ForkSlot
 from k2serve.router.schedule import GroupDirectory
 from k2serve.router.turns import TurnRunner
 from k2serve.sampling_params import SamplingParams, finish_reason, resolve_seed
@@ -171,6 +172,34 @@ class RouterCore:
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         async for tok in live.follow(0):
             yield tok
+
+    async def generate_choices(self, prompt_ids: list[int], sampling: SamplingParams, n: int, *,
+                               deterministic: bool = False, request_meta: dict[str, Any] | None = None,
+                               tenant: str = OPEN_TENANT) -> list[AsyncIterator[ChainToken]]:
+        """`n` choices for one prompt, each the turn of a new chain of `tenant`, streamed from token 0. Choice i
+        samples with seed `base + i` (`base`: the request's seed, or a fresh one), so the same request with n = 1
+        and that seed gives the same choice in deterministic mode; the choices share one prefill
+        (router/forks.py). Bad requests raise ValueError here."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self._validate(prompt_ids, sampling)
+        base = resolve_seed(sampling)
+        choices = [SamplingParams.model_validate({**sampling.model_dump(), "seed": base + i}) for i in range(n)]
+        start: ForkedStart[Any] = ForkedStart(list(prompt_ids), choices, deterministic or self.config.deterministic)
+        await self.start()
+        lives: list[LiveTurn] = []
+        for i, params in enumerate(choices):
+            sampling_doc = {**params.model_dump(mode="json"), "deterministic": start.request.deterministic}
+            chain_id, turn = await self._io(self._begin_new_chain, request_meta or {}, sampling_doc, prompt_ids,
+                                            tenant)
+            live = self.turns.launch(chain_id, turn, list(prompt_ids), params, start.request.deterministic, [],
+                                     began_here=True)
+            live.fork = ForkSlot(start, i)  # before its task first runs
+            assert live.task is not None
+            live.task.add_done_callback(lambda _, i=i: start.drop(i))
+            lives.append(live)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        return [live.follow(0) for live in lives]
 
     async def _await_lease(self, chain_id: str) -> None:
         """Claims the chain's lease, waiting out at most one lease TTL: a router that died right after finishing

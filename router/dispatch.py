@@ -26,7 +26,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_to_proto
 from k2serve.router.live import LiveTurn
-from k2serve.router.mux import DecodeMux, GroupFailed
+from k2serve.router.mux import DecodeMux, GroupFailed, MuxStream
 from k2serve.router.schedule import GroupDirectory, GroupState, NoGroupAvailable, Scheduler
 from k2serve.router.stall import StallWatch
 from k2serve.sampling_params import SamplingParams
@@ -123,25 +123,29 @@ class Dispatcher:
     async def dispatch(self, prompt: list[int], params: SamplingParams, det: bool, done: list[int],
                         live: LiveTurn, exclude: set[str]) -> AsyncIterator[pb.TokenEvent]:
         """The token events of one attempt, from index len(done) on; group failures raise GroupFailed."""
-        sampling = sampling_to_proto(params)
-        prefix = list(done)
-        kv_handle: pb.KVHandle | None = None
-        if not self.config.router.aggregated:
-            g = await self.pick("prefill", prompt + prefix, exclude)
-            resp = await self._call(g, live, g.stub.Prefill, pb.PrefillRequest(
-                request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling, deterministic=det,
-                output_prefix=prefix))
-            yield resp.first
-            if resp.first.finish_reason:
-                return
-            prefix.append(resp.first.token)
-            kv_handle = resp.kv_handle if resp.HasField("kv_handle") else None
-            g = await self.pick("decode", [], exclude)
+        slot, live.fork = live.fork, None
+        if slot is not None:  # the first attempt of one of n choices: they start together
+            g, call = await slot.start.take(slot.choice, lambda request: self._open_forked(request, exclude))
         else:
-            g = await self.pick("prefill", prompt + prefix, exclude)
-        request = pb.DecodeRequest(request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling,
-                                   deterministic=det, output_prefix=prefix, kv_handle=kv_handle)
-        call = g.mux.open(request)
+            sampling = sampling_to_proto(params)
+            prefix = list(done)
+            kv_handle: pb.KVHandle | None = None
+            if not self.config.router.aggregated:
+                g = await self.pick("prefill", prompt + prefix, exclude)
+                resp = await self._call(g, live, g.stub.Prefill, pb.PrefillRequest(
+                    request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling, deterministic=det,
+                    output_prefix=prefix))
+                yield resp.first
+                if resp.first.finish_reason:
+                    return
+                prefix.append(resp.first.token)
+                kv_handle = resp.kv_handle if resp.HasField("kv_handle") else None
+                g = await self.pick("decode", [], exclude)
+            else:
+                g = await self.pick("prefill", prompt + prefix, exclude)
+            request = pb.DecodeRequest(request_id=uuid.uuid4().hex, prompt=prompt, sampling=sampling,
+                                       deterministic=det, output_prefix=prefix, kv_handle=kv_handle)
+            call = g.mux.open(request)
         first = True
         events = aiter(call)
         watch = StallWatch()  # one timer per stream, not one per token (stall.py)
@@ -165,6 +169,12 @@ class Dispatcher:
                     yield ev
         finally:
             watch.close()
+
+    async def _open_forked(self, request: pb.DecodeRequest, exclude: set[str]) -> tuple[GroupClient, list[MuxStream]]:
+        """n choices on one group, which prefills the prompt once for all (in P/D a decode group: no KV handoff to
+        share among them)."""
+        g = await self.pick("prefill" if self.config.router.aggregated else "decode", list(request.prompt), exclude)
+        return g, g.mux.open_forked(request)
 
     async def _next_event(self, g: GroupClient, events: AsyncIterator[pb.TokenEvent], first: bool) -> pb.TokenEvent:
         ev = await anext(events)

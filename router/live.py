@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from k2serve.router.forks import ForkSlot
 
 
 @dataclass
@@ -41,6 +44,7 @@ class LiveTurn:
     group_id: str = ""  # the group of the latest call
     task: asyncio.Task[None] | None = None
     durable: int = 0  # tokens the store holds: readers see items[:durable]
+    fork: ForkSlot | None = None  # one of n choices: its first dispatch attempt starts with the others (forks.py)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def publish(self, item: ChainToken) -> None:

@@ -38,14 +38,22 @@ class DecodeMux:
         self._reader: asyncio.Task[None] | None = None
 
     def open(self, request: pb.DecodeRequest) -> MuxStream:
-        if request.request_id in self._inboxes:
-            raise ValueError(f"request {request.request_id!r} is already streaming from {self.group_id}")
+        return self.open_forked(request)[0]
+
+    def open_forked(self, request: pb.DecodeRequest) -> list[MuxStream]:
+        """The streams of the request and of its forks (its other choices), in that order."""
+        ids = [request.request_id, *(f.request_id for f in request.forks)]
+        if taken := [r for r in ids if r in self._inboxes]:
+            raise ValueError(f"request {taken[0]!r} is already streaming from {self.group_id}")
         if self._call is None:
             self._start()
-        inbox: asyncio.Queue[Item] = asyncio.Queue()
-        self._inboxes[request.request_id] = inbox
+        streams = []
+        for rid in ids:
+            inbox: asyncio.Queue[Item] = asyncio.Queue()
+            self._inboxes[rid] = inbox
+            streams.append(MuxStream(self, rid, inbox))
         self._outbox.put_nowait(pb.DecodeManyRequest(decode=request))
-        return MuxStream(self, request.request_id, inbox)
+        return streams
 
     def close_stream(self, request_id: str, *, cancel: bool) -> None:
         """Stops delivering `request_id`'s events; with `cancel`, tells the group to stop computing it."""

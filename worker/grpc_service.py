@@ -33,7 +33,7 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_from_proto
 from k2serve.faults import GroupFaults
-from k2serve.worker.engine.engine import KVHandoff, KVHandoffLost, TokenEvent
+from k2serve.worker.engine.requests import KVHandoff, KVHandoffLost, TokenEvent
 from k2serve.worker.kv_handoff import HeldKV, KVPeers, LocalPeers, UnknownPeer, check_handle, make_handle
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
@@ -151,6 +151,8 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         params = await self._params(request.sampling, context)
         rid = request.request_id or uuid.uuid4().hex
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        if request.forks:  # this stream carries one request's events
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "forks (n > 1) need DecodeMany")
         try:
             seed, outcome = await self._attach(rid, request, params, queue)
         except ValueError as e:
@@ -180,19 +182,22 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
             try:
                 seed, outcome = await self._attach(rid, request, sampling_from_proto(request.sampling), sink)
             except Exception as e:  # refused (a bad request), or the engine loop is gone: this request only
-                live.discard(rid)
                 code = "INVALID_ARGUMENT" if isinstance(e, ValueError) else "UNAVAILABLE"
-                sink.put_nowait(pb.RequestError(request_id=rid, code=code, detail=str(e)))
+                for r in (rid, *(f.request_id for f in request.forks)):
+                    live.discard(r)
+                    sink.put_nowait(pb.RequestError(request_id=r, code=code, detail=str(e)))
                 return
-            if rid in live:
-                firsts[rid] = (seed, outcome)  # its first event comes from a later step
-            else:  # cancelled while it was being added
-                await self.loop.cancel(rid)
+            for r, s in ((rid, seed), *((f.request_id, f.seed) for f in request.forks)):
+                if r in live:
+                    firsts[r] = (s, outcome)  # its first event comes from a later step
+                else:  # cancelled while it was being added
+                    await self.loop.cancel(r)
 
         async def read() -> None:
             async for msg in request_iterator:
                 if msg.WhichOneof("op") == "decode":
-                    live.add(msg.decode.request_id)  # now: its cancel may arrive before `start` runs
+                    live.update([msg.decode.request_id, *(f.request_id for f in msg.decode.forks)])  # now: a cancel
+                    # may arrive before `start` runs
                     task = asyncio.get_running_loop().create_task(start(msg.decode))
                     starts.add(task)
                     task.add_done_callback(starts.discard)
@@ -277,6 +282,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         returns (seed, handoff outcome: "" without a handle, else "ok" or "fallback" = re-prefilled)."""
         kwargs: dict[str, Any] = {"output_prefix": list(request.output_prefix), "deterministic": request.deterministic}
         has_handle = request.HasField("kv_handle")
+        if request.forks:  # the engine refuses them with an output_prefix; a KV handle is not for them either
+            if has_handle:
+                raise ValueError(f"request {rid!r}: forks (n > 1) with a kv_handle")
+            kwargs["forks"] = [(f.request_id, f.seed) for f in request.forks]
         kv = await self._fetch(request.kv_handle, request) if has_handle else None
         if kv is not None:
             try:

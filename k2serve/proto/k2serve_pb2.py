@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bk2serve/proto/k2serve.proto\x12\nk2serve.v1\"\x80\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12\r\n\x05min_p\x18\n \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).k2serve.v1.SamplingParams.LogitBiasEntry\x12*\n\nconstraint\x18\x0f \x01(\x0b\x32\x16.k2serve.v1.Constraint\x12!\n\x14max_reasoning_tokens\x18\x10 \x01(\x05H\x01\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x17\n\x15_max_reasoning_tokens\".\n\nToolSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x01(\t\"\xa4\x01\n\nConstraint\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x88\x01\x01\x12%\n\x05tools\x18\x03 \x03(\x0b\x32\x16.k2serve.v1.ToolSchema\x12\x10\n\x08parallel\x18\x04 \x01(\x08\x12\x13\n\x0b\x61\x66ter_think\x18\x05 \x01(\x08\x12\x10\n\x08optional\x18\x06 \x01(\x08\x42\x0e\n\x0c_json_schema\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb6\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.k2serve.v1.TopLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x12\n\nkv_handoff\x18\x08 \x01(\t\"\x90\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x12\x15\n\routput_prefix\x18\x05 \x03(\x05\"\\\n\x08KVHandle\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0c\"t\n\x0fPrefillResponse\x12%\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x16.k2serve.v1.TokenEvent\x12\'\n\tkv_handle\x18\x02 \x01(\x0b\x32\x14.k2serve.v1.KVHandle\x12\x11\n\tkv_tokens\x18\x03 \x01(\x05\"\xb8\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x12\x15\n\routput_prefix\x18\x05 \x03(\x05\x12\'\n\tkv_handle\x18\x06 \x01(\x0b\x32\x14.k2serve.v1.KVHandle\"X\n\x11\x44\x65\x63odeManyRequest\x12+\n\x06\x64\x65\x63ode\x18\x01 \x01(\x0b\x32\x19.k2serve.v1.DecodeRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x04\n\x02op\"@\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"_\n\x0bTokenEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.k2serve.v1.TokenEvent\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.k2serve.v1.RequestError\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"k\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x18\n\x10lost_request_ids\x18\x05 \x03(\t\"\x0e\n\x0cStatsRequest\"\xde\x02\n\rStatsResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\x05\x12\x16\n\x0eprefill_tokens\x18\x07 \x01(\x03\x12\x15\n\rdecode_tokens\x18\x08 \x01(\x03\x12\x19\n\x11prefix_hit_tokens\x18\t \x01(\x03\x12\x16\n\x0ekv_handoffs_ok\x18\n \x01(\x03\x12\x1c\n\x14kv_handoffs_fallback\x18\x0b \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prefix_hashes\x18\x10 \x03(\tJ\x04\x08\x0c\x10\x10R\rexpert_layersR\x07\x65xpertsR\rexpert_tokensR\x10\x61ll_to_all_bytes\"\xa4\x01\n\x0fGenerateRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x11\n\tchat_json\x18\x03 \x01(\t\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x15\n\rdeterministic\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"\x9a\x01\n\rGenerateChunk\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0c\n\x04turn\x18\x02 \x01(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0f\n\x07logprob\x18\x06 \x01(\x02\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x05\":\n\x12ResumeChainRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\x05\"&\n\x12\x43\x61ncelChainRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\"#\n\x0fGetChainRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\"/\n\rChainDocument\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t2\x9a\x03\n\x0bWorkerGroup\x12\x42\n\x07Prefill\x12\x1a.k2serve.v1.PrefillRequest\x1a\x1b.k2serve.v1.PrefillResponse\x12=\n\x06\x44\x65\x63ode\x12\x19.k2serve.v1.DecodeRequest\x1a\x16.k2serve.v1.TokenEvent0\x01\x12H\n\nDecodeMany\x12\x1d.k2serve.v1.DecodeManyRequest\x1a\x17.k2serve.v1.TokenEvents(\x01\x30\x01\x12?\n\x06\x43\x61ncel\x12\x19.k2serve.v1.CancelRequest\x1a\x1a.k2serve.v1.CancelResponse\x12?\n\x06Health\x12\x19.k2serve.v1.HealthRequest\x1a\x1a.k2serve.v1.HealthResponse\x12<\n\x05Stats\x12\x18.k2serve.v1.StatsRequest\x1a\x19.k2serve.v1.StatsResponse2\xa4\x02\n\x06Router\x12\x44\n\x08Generate\x12\x1b.k2serve.v1.GenerateRequest\x1a\x19.k2serve.v1.GenerateChunk0\x01\x12J\n\x0bResumeChain\x12\x1e.k2serve.v1.ResumeChainRequest\x1a\x19.k2serve.v1.GenerateChunk0\x01\x12\x44\n\x06\x43\x61ncel\x12\x1e.k2serve.v1.CancelChainRequest\x1a\x1a.k2serve.v1.CancelResponse\x12\x42\n\x08GetChain\x12\x1b.k2serve.v1.GetChainRequest\x1a\x19.k2serve.v1.ChainDocumentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bk2serve/proto/k2serve.proto\x12\nk2serve.v1\"\x80\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12\r\n\x05min_p\x18\n \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).k2serve.v1.SamplingParams.LogitBiasEntry\x12*\n\nconstraint\x18\x0f \x01(\x0b\x32\x16.k2serve.v1.Constraint\x12!\n\x14max_reasoning_tokens\x18\x10 \x01(\x05H\x01\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x17\n\x15_max_reasoning_tokens\".\n\nToolSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x01(\t\"\xa4\x01\n\nConstraint\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x88\x01\x01\x12%\n\x05tools\x18\x03 \x03(\x0b\x32\x16.k2serve.v1.ToolSchema\x12\x10\n\x08parallel\x18\x04 \x01(\x08\x12\x13\n\x0b\x61\x66ter_think\x18\x05 \x01(\x08\x12\x10\n\x08optional\x18\x06 \x01(\x08\x42\x0e\n\x0c_json_schema\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb6\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.k2serve.v1.TopLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x12\n\nkv_handoff\x18\x08 \x01(\t\"\x90\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x12\x15\n\routput_prefix\x18\x05 \x03(\x05\"\\\n\x08KVHandle\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0c\"t\n\x0fPrefillResponse\x12%\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x16.k2serve.v1.TokenEvent\x12\'\n\tkv_handle\x18\x02 \x01(\x0b\x32\x14.k2serve.v1.KVHandle\x12\x11\n\tkv_tokens\x18\x03 \x01(\x05\"\xd9\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x12\x15\n\routput_prefix\x18\x05 \x03(\x05\x12\'\n\tkv_handle\x18\x06 \x01(\x0b\x32\x14.k2serve.v1.KVHandle\x12\x1f\n\x05\x66orks\x18\x07 \x03(\x0b\x32\x10.k2serve.v1.Fork\"(\n\x04\x46ork\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"X\n\x11\x44\x65\x63odeManyRequest\x12+\n\x06\x64\x65\x63ode\x18\x01 \x01(\x0b\x32\x19.k2serve.v1.DecodeRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x04\n\x02op\"@\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"_\n\x0bTokenEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.k2serve.v1.TokenEvent\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.k2serve.v1.RequestError\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"k\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x18\n\x10lost_request_ids\x18\x05 \x03(\t\"\x0e\n\x0cStatsRequest\"\xde\x02\n\rStatsResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\x05\x12\x16\n\x0eprefill_tokens\x18\x07 \x01(\x03\x12\x15\n\rdecode_tokens\x18\x08 \x01(\x03\x12\x19\n\x11prefix_hit_tokens\x18\t \x01(\x03\x12\x16\n\x0ekv_handoffs_ok\x18\n \x01(\x03\x12\x1c\n\x14kv_handoffs_fallback\x18\x0b \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prefix_hashes\x18\x10 \x03(\tJ\x04\x08\x0c\x10\x10R\rexpert_layersR\x07\x65xpertsR\rexpert_tokensR\x10\x61ll_to_all_bytes\"\xa4\x01\n\x0fGenerateRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x11\n\tchat_json\x18\x03 \x01(\t\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12\x15\n\rdeterministic\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"\x9a\x01\n\rGenerateChunk\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0c\n\x04turn\x18\x02 \x01(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0f\n\x07logprob\x18\x06 \x01(\x02\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x05\":\n\x12ResumeChainRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\x05\"&\n\x12\x43\x61ncelChainRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\"#\n\x0fGetChainRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\"/\n\rChainDocument\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t2\x9a\x03\n\x0bWorkerGroup\x12\x42\n\x07Prefill\x12\x1a.k2serve.v1.PrefillRequest\x1a\x1b.k2serve.v1.PrefillResponse\x12=\n\x06\x44\x65\x63ode\x12\x19.k2serve.v1.DecodeRequest\x1a\x16.k2serve.v1.TokenEvent0\x01\x12H\n\nDecodeMany\x12\x1d.k2serve.v1.DecodeManyRequest\x1a\x17.k2serve.v1.TokenEvents(\x01\x30\x01\x12?\n\x06\x43\x61ncel\x12\x19.k2serve.v1.CancelRequest\x1a\x1a.k2serve.v1.CancelResponse\x12?\n\x06Health\x12\x19.k2serve.v1.HealthRequest\x1a\x1a.k2serve.v1.HealthResponse\x12<\n\x05Stats\x12\x18.k2serve.v1.StatsRequest\x1a\x19.k2serve.v1.StatsResponse2\xa4\x02\n\x06Router\x12\x44\n\x08Generate\x12\x1b.k2serve.v1.GenerateRequest\x1a\x19.k2serve.v1.GenerateChunk0\x01\x12J\n\x0bResumeChain\x12\x1e.k2serve.v1.ResumeChainRequest\x1a\x19.k2serve.v1.GenerateChunk0\x01\x12\x44\n\x06\x43\x61ncel\x12\x1e.k2serve.v1.CancelChainRequest\x1a\x1a.k2serve.v1.CancelResponse\x12\x42\n\x08GetChain\x12\x1b.k2serve.v1.GetChainRequest\x1a\x19.k2serve.v1.ChainDocumentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,39 +52,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=1245
   _globals['_PREFILLRESPONSE']._serialized_end=1361
   _globals['_DECODEREQUEST']._serialized_start=1364
-  _globals['_DECODEREQUEST']._serialized_end=1548
-  _globals['_DECODEMANYREQUEST']._serialized_start=1550
-  _globals['_DECODEMANYREQUEST']._serialized_end=1638
-  _globals['_REQUESTERROR']._serialized_start=1640
-  _globals['_REQUESTERROR']._serialized_end=1704
-  _globals['_TOKENEVENTS']._serialized_start=1706
-  _globals['_TOKENEVENTS']._serialized_end=1801
-  _globals['_CANCELREQUEST']._serialized_start=1803
-  _globals['_CANCELREQUEST']._serialized_end=1838
-  _globals['_CANCELRESPONSE']._serialized_start=1840
-  _globals['_CANCELRESPONSE']._serialized_end=1875
-  _globals['_HEALTHREQUEST']._serialized_start=1877
-  _globals['_HEALTHREQUEST']._serialized_end=1892
-  _globals['_HEALTHRESPONSE']._serialized_start=1894
-  _globals['_HEALTHRESPONSE']._serialized_end=2001
-  _globals['_STATSREQUEST']._serialized_start=2003
-  _globals['_STATSREQUEST']._serialized_end=2017
-  _globals['_STATSRESPONSE']._serialized_start=2020
-  _globals['_STATSRESPONSE']._serialized_end=2370
-  _globals['_GENERATEREQUEST']._serialized_start=2373
-  _globals['_GENERATEREQUEST']._serialized_end=2537
-  _globals['_GENERATECHUNK']._serialized_start=2540
-  _globals['_GENERATECHUNK']._serialized_end=2694
-  _globals['_RESUMECHAINREQUEST']._serialized_start=2696
-  _globals['_RESUMECHAINREQUEST']._serialized_end=2754
-  _globals['_CANCELCHAINREQUEST']._serialized_start=2756
-  _globals['_CANCELCHAINREQUEST']._serialized_end=2794
-  _globals['_GETCHAINREQUEST']._serialized_start=2796
-  _globals['_GETCHAINREQUEST']._serialized_end=2831
-  _globals['_CHAINDOCUMENT']._serialized_start=2833
-  _globals['_CHAINDOCUMENT']._serialized_end=2880
-  _globals['_WORKERGROUP']._serialized_start=2883
-  _globals['_WORKERGROUP']._serialized_end=3293
-  _globals['_ROUTER']._serialized_start=3296
-  _globals['_ROUTER']._serialized_end=3588
+  _globals['_DECODEREQUEST']._serialized_end=1581
+  _globals['_FORK']._serialized_start=1583
+  _globals['_FORK']._serialized_end=1623
+  _globals['_DECODEMANYREQUEST']._serialized_start=1625
+  _globals['_DECODEMANYREQUEST']._serialized_end=1713
+  _globals['_REQUESTERROR']._serialized_start=1715
+  _globals['_REQUESTERROR']._serialized_end=1779
+  _globals['_TOKENEVENTS']._serialized_start=1781
+  _globals['_TOKENEVENTS']._serialized_end=1876
+  _globals['_CANCELREQUEST']._serialized_start=1878
+  _globals['_CANCELREQUEST']._serialized_end=1913
+  _globals['_CANCELRESPONSE']._serialized_start=1915
+  _globals['_CANCELRESPONSE']._serialized_end=1950
+  _globals['_HEALTHREQUEST']._serialized_start=1952
+  _globals['_HEALTHREQUEST']._serialized_end=1967
+  _globals['_HEALTHRESPONSE']._serialized_start=1969
+  _globals['_HEALTHRESPONSE']._serialized_end=2076
+  _globals['_STATSREQUEST']._serialized_start=2078
+  _globals['_STATSREQUEST']._serialized_end=2092
+  _globals['_STATSRESPONSE']._serialized_start=2095
+  _globals['_STATSRESPONSE']._serialized_end=2445
+  _globals['_GENERATEREQUEST']._serialized_start=2448
+  _globals['_GENERATEREQUEST']._serialized_end=2612
+  _globals['_GENERATECHUNK']._serialized_start=2615
+  _globals['_GENERATECHUNK']._serialized_end=2769
+  _globals['_RESUMECHAINREQUEST']._serialized_start=2771
+  _globals['_RESUMECHAINREQUEST']._serialized_end=2829
+  _globals['_CANCELCHAINREQUEST']._serialized_start=2831
+  _globals['_CANCELCHAINREQUEST']._serialized_end=2869
+  _globals['_GETCHAINREQUEST']._serialized_start=2871
+  _globals['_GETCHAINREQUEST']._serialized_end=2906
+  _globals['_CHAINDOCUMENT']._serialized_start=2908
+  _globals['_CHAINDOCUMENT']._serialized_end=2955
+  _globals['_WORKERGROUP']._serialized_start=2958
+  _globals['_WORKERGROUP']._serialized_end=3368
+  _globals['_ROUTER']._serialized_start=3371
+  _globals['_ROUTER']._serialized_end=3663
 # @@protoc_insertion_point(module_scope)

@@ -140,20 +140,30 @@ class PrefillResponse(_message.Message):
     def __init__(self, first: _Optional[_Union[TokenEvent, _Mapping]] = ..., kv_handle: _Optional[_Union[KVHandle, _Mapping]] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "sampling", "deterministic", "output_prefix", "kv_handle")
+    __slots__ = ("request_id", "prompt", "sampling", "deterministic", "output_prefix", "kv_handle", "forks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    FORKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     deterministic: bool
     output_prefix: _containers.RepeatedScalarFieldContainer[int]
     kv_handle: KVHandle
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deterministic: _Optional[bool] = ..., output_prefix: _Optional[_Iterable[int]] = ..., kv_handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
+    forks: _containers.RepeatedCompositeFieldContainer[Fork]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deterministic: _Optional[bool] = ..., output_prefix: _Optional[_Iterable[int]] = ..., kv_handle: _Optional[_Union[KVHandle, _Mapping]] = ..., forks: _Optional[_Iterable[_Union[Fork, _Mapping]]] = ...) -> None: ...
+
+class Fork(_message.Message):
+    __slots__ = ("request_id", "seed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DecodeManyRequest(_message.Message):
     __slots__ = ("decode", "cancel")

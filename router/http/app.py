@@ -29,7 +29,7 @@ from k2serve.router.http.limits import BodyLimits, check_request
 from k2serve.router.http.observe import Generation, RequestMetrics
 from k2serve.router.http.prompts import chat_prompt, check_model, completion_prompt, sampling_params
 from k2serve.router.http.stream import (ChunkWriter, TokenStep, TurnAssembler, chat_logprobs, chat_message,
-                                        completion_logprobs, event_id, parse_event_id, sse_event, usage)
+                                        completion_logprobs, event_id, merged, parse_event_id, sse_event, usage)
 
 if TYPE_CHECKING:
     from k2serve.router.core import RouterCore
@@ -90,17 +90,31 @@ class _Api:
         if header_chain and body.chain_id and header_chain != body.chain_id:
             raise APIError(400, f"chain_id {body.chain_id!r} differs from header {CHAIN_HEADER} {header_chain!r}",
                            param="chain_id")
+        chain_id = header_chain or body.chain_id
+        cap = self.config.router.limits.max_n
+        if body.n > cap:
+            raise APIError(400, f"n={body.n}; the limit is {cap} (router.limits.max_n)", param="n", code="max_n")
+        if body.n > 1 and chain_id:
+            raise APIError(400, "n > 1 starts a new chain per choice; it cannot continue a chain", param="n")
         params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top,
                                  default_max_tokens=self.config.router.limits.default_max_tokens,
                                  reasoning_budget=self.config.router.max_reasoning_tokens)
         deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
-        tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
-                                    deterministic=deterministic, request_meta=meta, tenant=request_tenant(request))
-        gen = await Generation.start(tokens, core=self.core, state=request.scope["state"])
-        if history:
-            await self._record_transcript(gen, history, request)
-        return await self._respond(request, body, gen, chat=chat, top=top, created=int(time.time()), resume_at=0)
+        tenant = request_tenant(request)
+        if body.n == 1:
+            streams = [self.core.generate(prompt, params, chain_id=chain_id, deterministic=deterministic,
+                                          request_meta=meta, tenant=tenant)]
+        else:
+            try:
+                streams = await self.core.generate_choices(prompt, params, body.n, deterministic=deterministic,
+                                                           request_meta=meta, tenant=tenant)
+            except ValueError as e:
+                raise APIError(400, str(e)) from e
+        gens = [await Generation.start(tokens, core=self.core, state=request.scope["state"]) for tokens in streams]
+        for gen in gens if history else ():
+            await self._record_transcript(gen, history or [], request)
+        return await self._respond(request, body, gens, chat=chat, top=top, created=int(time.time()), resume_at=0)
 
     async def _replay(self, request: Request, body: om.SamplingRequest, last_event_id: str, *, chat: bool,
                       top: int | None) -> Response:
@@ -111,7 +125,7 @@ class _Api:
             raise APIError(400, str(e), param="Last-Event-ID") from e
         turn = await self._latest_turn(chain_id, request)
         gen = await self._resumed(request, chain_id)
-        return await self._respond(request, body, gen, chat=chat, top=top, created=int(turn.created_at),
+        return await self._respond(request, body, [gen], chat=chat, top=top, created=int(turn.created_at),
                                    resume_at=last + 1)
 
     async def chain_stream(self, chain_id: str, request: Request,
@@ -160,35 +174,51 @@ class _Api:
             raise APIError(409, f"chain {chain_id!r} has no turn to stream", code="chain_idle")
         return chain.turns[-1]
 
-    async def _respond(self, request: Request, body: om.SamplingRequest, gen: Generation, *, chat: bool,
+    async def _respond(self, request: Request, body: om.SamplingRequest, gens: list[Generation], *, chat: bool,
                        top: int | None, created: int, resume_at: int) -> Response:
+        """The response for a request's choices (`gens`, in choice order)."""
         tokenizer = self.core.tokenizer
         tools = body.template_tools() if isinstance(body, om.ChatCompletionRequest) else None
-        asm = TurnAssembler(tokenizer, stop_token_ids=set(tokenizer.eos_ids), stop_strings=body.stop_strings,
-                            chat=chat, top_logprobs=top, tools=tools)
-        completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{gen.chain_id}-{gen.turn}"
+        asms = [TurnAssembler(tokenizer, stop_token_ids=set(tokenizer.eos_ids), stop_strings=body.stop_strings,
+                              chat=chat, top_logprobs=top, tools=tools) for _ in gens]
+        completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{gens[0].chain_id}-{gens[0].turn}"
         model = self.core.model_name
-        headers = {CHAIN_HEADER: gen.chain_id}
+        headers = {CHAIN_HEADER: gens[0].chain_id}
         if body.stream:
-            writer = ChunkWriter(completion_id, created, model, chat=chat, logprobs=top is not None)
-            events = self._sse(gen, asm, writer, resume_at=resume_at, include_usage=body.include_usage)
+            writers = [ChunkWriter(completion_id, created, model, chat=chat, logprobs=top is not None, index=i)
+                       for i in range(len(gens))]
+            events = self._sse(gens, asms, writers, resume_at=resume_at, include_usage=body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers | _SSE_HEADERS)
-        steps = await self._collect(request, gen, asm)
-        if steps is None:
+        collected = await self._collect(request, gens, asms)
+        if collected is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        finish = steps[-1].finish_reason if steps else None
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        if chat:
-            choice |= {"message": chat_message(steps), "logprobs": chat_logprobs(steps) if top is not None else None}
-        else:
-            choice |= {"text": "".join(s.text for s in steps),
-                       "logprobs": completion_logprobs(steps) if top is not None else None}
+        choices = []
+        for i, (gen, steps) in enumerate(zip(gens, collected)):
+            choice: dict[str, Any] = {"index": i, "finish_reason": steps[-1].finish_reason if steps else None}
+            if chat:
+                choice |= {"message": chat_message(steps),
+                           "logprobs": chat_logprobs(steps) if top is not None else None}
+            else:
+                choice |= {"text": "".join(s.text for s in steps),
+                           "logprobs": completion_logprobs(steps) if top is not None else None}
+            if len(gens) > 1:
+                choice["chain_id"] = gen.chain_id  # k2serve: each choice is its own chain
+            choices.append(choice)
         return JSONResponse({"id": completion_id, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": model, "choices": [choice],
-                             "usage": usage(gen.prompt_tokens, asm.generated)}, headers=headers)
+                             "created": created, "model": model, "choices": choices,
+                             "usage": usage(gens[0].prompt_tokens, sum(a.generated for a in asms))}, headers=headers)
 
-    async def _sse(self, gen: Generation, asm: TurnAssembler, writer: ChunkWriter, *, resume_at: int,
-                   include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, gens: list[Generation], asms: list[TurnAssembler], writers: list[ChunkWriter], *,
+                   resume_at: int, include_usage: bool) -> AsyncIterator[bytes]:
+        """The choices' events as they come (each event names its choice), then usage and [DONE]."""
+        async for event in merged([self._choice_sse(*c, resume_at=resume_at) for c in zip(gens, asms, writers)]):
+            yield event
+        if include_usage:
+            yield sse_event(writers[0].usage_chunk(gens[0].prompt_tokens, sum(a.generated for a in asms)))
+        yield sse_event("[DONE]")
+
+    async def _choice_sse(self, gen: Generation, asm: TurnAssembler, writer: ChunkWriter, *,
+                          resume_at: int) -> AsyncIterator[bytes]:
         outcome = "cancelled"
         try:
             async for tok in gen:
@@ -199,50 +229,49 @@ class _Api:
                 if asm.done:
                     break
             await self._record_tool_calls(gen, asm)
-            if include_usage:
-                yield sse_event(writer.usage_chunk(gen.prompt_tokens, asm.generated))
             outcome = "ok" if asm.done else "server_error"
-            yield sse_event("[DONE]")
         except Exception as e:  # the response has started: the error becomes an event, as vLLM sends it
             outcome = "server_error"
             yield sse_event(error_body(500, f"generation failed: {type(e).__name__}: {e}"))
-            yield sse_event("[DONE]")
         finally:
             await gen.close(outcome, stop=asm.done)  # a stop string ends the turn; a gone client does not
 
-    async def _collect(self, request: Request, gen: Generation, asm: TurnAssembler) -> list[TokenStep] | None:
-        """The whole turn, or None if the client disconnected first (the turn generates on: the client may
-        read it later from the chain)."""
+    async def _collect(self, request: Request, gens: list[Generation],
+                       asms: list[TurnAssembler]) -> list[list[TokenStep]] | None:
+        """Every choice's whole turn, or None if the client disconnected first (the turns generate on: the client
+        may read them later from their chains)."""
 
-        async def collect() -> list[TokenStep]:
+        async def collect(gen: Generation, asm: TurnAssembler) -> list[TokenStep]:
             steps: list[TokenStep] = []
             async for tok in gen:
                 steps.append(asm.push(tok))
                 if asm.done:
                     break
+            await self._record_tool_calls(gen, asm)
             return steps
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        work, watch = asyncio.create_task(collect()), asyncio.create_task(disconnected())
+        work = asyncio.ensure_future(asyncio.gather(*(collect(g, a) for g, a in zip(gens, asms))))
+        watch = asyncio.create_task(disconnected())
         outcome = "server_error"
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
                 outcome = "cancelled"
                 return None
-            steps = work.result()
-            outcome = "ok" if asm.done else "server_error"
-            await self._record_tool_calls(gen, asm)
-            return steps
+            collected = work.result()
+            outcome = "ok" if all(a.done for a in asms) else "server_error"
+            return collected
         finally:
             for task in (work, watch):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await gen.close(outcome, stop=asm.done)
+            for gen, asm in zip(gens, asms):
+                await gen.close(outcome, stop=asm.done)
 
     async def _record_tool_calls(self, gen: Generation, asm: TurnAssembler) -> None:
         """A finished turn's tool calls into the chain's transcript (idempotent, so replays may repeat it)."""

@@ -66,7 +66,8 @@ class SamplingRequest(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 means off.")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=128, description="Choices; at most router.limits.max_n. Each choice is a new chain "
+                   "and samples with seed `seed + index` (the same request with n=1 and that seed gives it).")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="vLLM extension; 1 means off.")
@@ -206,7 +207,7 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     prompt: _Text | _Ids | Annotated[list[_Text], Field(min_length=1, max_length=1)] | Annotated[
         list[_Ids], Field(min_length=1, max_length=1)] = Field(
-        description="Text or token ids; a list of one prompt is accepted, several are not (n=1)."
+        description="Text or token ids; a list of one prompt is accepted, several are not."
     )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -266,6 +267,7 @@ class ChatChoice(BaseModel):
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    chain_id: str | None = Field(None, description="k2serve, with n > 1: the choice's own chain.")
 
 
 class ChatCompletion(BaseModel):
@@ -289,6 +291,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    chain_id: str | None = Field(None, description="k2serve, with n > 1: the choice's own chain.")
 
 
 class Completion(BaseModel):

@@ -8,12 +8,17 @@ same steps at the same indices, which is what lets a client resume at a token in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from k2serve.router.http.k2_parse import K2StreamParser, ParsedToolCall, StreamDelta, _held_tail, merge_deltas
 from k2serve.k2format.tokenizer import K2Tokenizer
+
+T = TypeVar("T")
 
 
 class TokenLike(Protocol):
@@ -187,6 +192,7 @@ class ChunkWriter:
     model: str
     chat: bool
     logprobs: bool
+    index: int = 0  # the choice's
     _text_offset: int = 0
     _sent_role: bool = field(default=False)
 
@@ -194,7 +200,7 @@ class ChunkWriter:
         """The chunk for one token, or None when it released nothing a client would see."""
         if not (step.text or step.deltas or step.logprob or step.finish_reason):
             return None
-        choice: dict[str, Any] = {"index": 0, "finish_reason": step.finish_reason}
+        choice: dict[str, Any] = {"index": self.index, "finish_reason": step.finish_reason}
         if self.chat:
             delta = chat_delta(step.deltas)
             if not self._sent_role:
@@ -232,3 +238,32 @@ def parse_event_id(value: str) -> tuple[str, int]:
     if not sep or not chain_id or not index.isdigit():
         raise ValueError(f"Last-Event-ID: expected '<chain_id>:<token index>', got {value!r}")
     return chain_id, int(index)
+
+
+async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """The items of every stream as they come; one stream is read directly (no task per item). A stream left
+    unfinished (the consumer stopped) is closed."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue[tuple[bool, T | None]] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(stream) as it:  # type: ignore[type-var]
+                async for item in it:
+                    queue.put_nowait((False, item))
+        finally:
+            queue.put_nowait((True, None))
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        for _ in tasks:
+            while not (item := await queue.get())[0]:
+                yield item[1]  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

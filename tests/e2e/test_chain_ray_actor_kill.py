@@ -17,7 +17,8 @@ from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_to_proto
 from k2serve.sampling_params import SamplingParams
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.model.k2 import K2Model
 
 PROMPTS = [[(7 * i + 3 * j) % 256 for j in range(40 + 9 * i)] for i in range(4)]

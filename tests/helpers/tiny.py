@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.k2format.source import resolve_model
 from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_checkpoint

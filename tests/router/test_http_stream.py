@@ -165,7 +165,7 @@ def test_requests_to_sampling() -> None:
         check_model("gpt-4", "tiny-k2")
     assert err.value.status == 404 and err.value.code == "model_not_found"
     check_model(None, "tiny-k2")
-    for bad, field in [({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"top_logprobs": 2}, "top_logprobs"),
+    for bad, field in [({"n": 129}, "n"), ({"n": 0}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"top_logprobs": 2}, "top_logprobs"),
                        ({"tool_choice": "required"}, "tool_choice"), ({"stop": [""]}, "stop"),
                        ({"temperature": 3}, "temperature"), ({"messages": []}, "messages")]:
         with pytest.raises(ValidationError, match=field):

@@ -134,7 +134,7 @@ def test_client_errors(client: openai.OpenAI, url: str) -> None:
     assert started_as.model == MODEL
     cases: list[tuple[dict[str, Any], str]] = [
         ({"max_tokens": 0}, "max_tokens"),
-        ({"max_tokens": 4, "n": 2}, "n: Input should be less than or equal to 1"),
+        ({"max_tokens": 4, "n": 9}, "the limit is 8 (router.limits.max_n)"),
         ({"max_tokens": 10**6}, "maximum context length"),
         ({"max_tokens": 4, "temperature": -1}, "temperature"),
         ({"max_tokens": 4, "tools": [{"type": "function", "function": {"name": "bad name!", "parameters": {}}}]},

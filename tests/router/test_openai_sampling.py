@@ -112,7 +112,7 @@ def test_penalties_bias_and_stop_tokens(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize(("extra", "named"), [
     ({"guided_regex": "a+"}, "guided_regex"), ({"functions": [{"name": "f"}]}, "functions"),
-    ({"n": 2}, "n"), ({"logit_bias": {"x": 1}}, "logit_bias"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"n": 9}, "max_n"), ({"logit_bias": {"x": 1}}, "logit_bias"), ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 5e-324}, "repetition_penalty"), ({"logit_bias": {"99999": 1}}, "logit_bias"),  # dividing by it would overflow the logits
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),

@@ -16,7 +16,7 @@ from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.stack.inproc import start_local_stack
-from k2serve.worker.engine.engine import KVHandoffLost
+from k2serve.worker.engine.requests import KVHandoffLost
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.proto.convert import sampling_to_proto
 

@@ -13,7 +13,8 @@ from k2serve.agent_tools import DEMO_TOOLS
 from k2serve.k2format.model_config import K2Config
 from k2serve.k2format.source import BUILTIN_AGENT, resolve_model
 from k2serve.k2format.tokenizer import K2Tokenizer
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.k2 import K2Model

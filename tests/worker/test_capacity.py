@@ -16,7 +16,8 @@ from k2serve.worker.engine.capacity import (
     prefill_bytes_per_token,
     prefill_chunk_tokens,
 )
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.model.batch import LatentKVCache
 from k2serve.worker.model.k2 import K2Model

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from k2serve.worker.engine.engine import TokenEvent
+from k2serve.worker.engine.requests import TokenEvent
 from k2serve.worker.engine.loop import EngineLoop, SplitStepping
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from helpers.tiny import run_all, tiny_engine
 
 from k2serve.metrics import Metrics
-from k2serve.worker.engine.engine import EngineStats
+from k2serve.worker.engine.requests import EngineStats
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.grpc_service import WorkerService

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers.hf_reference import load_hf_fp32, random_hf_model, save_bf16, tiny_hf_config
 
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice

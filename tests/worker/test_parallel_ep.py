@@ -13,7 +13,8 @@ import ray
 import torch
 from helpers.tiny import run_all, tiny_engine
 
-from k2serve.worker.engine.engine import EngineConfig, KVHandoff, KVHandoffLost
+from k2serve.worker.engine.settings import EngineConfig
+from k2serve.worker.engine.requests import KVHandoff, KVHandoffLost
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import load_weights, resolve_checkpoint
 from k2serve.worker.parallel.ep_group import ExpertParallelGroup, GroupSpec
@@ -70,6 +71,24 @@ def test_expert_parallel_equals_single_process(ray_cluster: None, reference: dic
         c = weights.config
         assert load is not None and int(load.sum()) == tokens * c.num_experts_per_tok * len(c.moe_layers)
         assert (group.all_to_all_bytes > 0) == (world_size > 1)  # only bytes to other ranks count
+    finally:
+        group.shutdown()
+
+
+def test_forked_choices_on_a_rank_prefill_once(ray_cluster: None, one_torch_thread: None) -> None:
+    prompt = mixed_prompts(1, seed=9)[0]
+    sampled = SamplingParams(temperature=1.0, seed=30, max_tokens=6)
+    forks = [("c1", 31), ("c2", 32)]
+    engine = tiny_engine(deterministic=True, max_batch_tokens=512)
+    engine.add_request("c0", prompt, sampled, forks=forks)
+    reference = run_all(engine)
+    group = ExpertParallelGroup(group_spec(2))
+    try:
+        group.add_request("c0", prompt, sampled, forks=forks)
+        assert group.owner["c1"] == group.owner["c2"] == group.owner["c0"]
+        assert run_all(group) == reference  # type: ignore[arg-type]
+        assert group.stats.prefill_tokens == len(prompt)
+        assert not group.owner and not group.active
     finally:
         group.shutdown()
 

@@ -13,125 +13,21 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from k2serve.config import PoolConfig, ServingConfig
 from k2serve.sampling_params import finish_reason
 from k2serve.worker.engine.blocks import BlockManager
-from k2serve.worker.engine.capacity import available_bytes, plan_kv_blocks, prefill_bytes, prefill_chunk_tokens
-from k2serve.worker.engine.grammar import ConstraintGrammars, GrammarVocab, Grammars
+from k2serve.worker.engine.forks import fork_children, share_prompt_kv
+from k2serve.worker.engine.grammar import GrammarVocab, Grammars
 from k2serve.worker.engine.guide import Guide
+from k2serve.worker.engine.requests import EngineStats, KVHandoff, Request, TokenEvent
 from k2serve.worker.engine.sampling import History, SamplingParams, resolve_seed, sample
+from k2serve.worker.engine.settings import EngineConfig, plan
 from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
-from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.k2 import K2Model
-
-DEFAULT_CPU_KV_BLOCKS = 2048  # per rank, when the pool config leaves kv_blocks unset
-
-
-@dataclass
-class EngineConfig:
-    num_blocks: int = DEFAULT_CPU_KV_BLOCKS  # 0: as many as fit the memory free once the model is loaded (engine/capacity.py)
-    block_size: int = 16
-    max_batch_tokens: int = 2048  # chunked-prefill budget of one step
-    prefill_memory_bytes: int | None = None  # caps max_batch_tokens so a step's activations fit these bytes
-    max_running: int = 256
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    deterministic: bool = False  # the default for requests that don't say
-    lockstep: bool = False  # one forward per step whatever the requests ask (expert-parallel ranks)
-    dtype: str = "auto"  # the serving config's model.dtype: weights, activations and KV cache (model/dtypes.py)
-
-    @classmethod
-    def for_pool(cls, pool: PoolConfig, config: ServingConfig) -> "EngineConfig":
-        """The engine of one rank (or in-process group) of `pool`: the one derivation from the serving config."""
-        return cls(num_blocks=pool.kv_blocks or DEFAULT_CPU_KV_BLOCKS, block_size=pool.block_size,
-                   max_batch_tokens=pool.max_batch_tokens, max_running=pool.max_running,
-                   max_model_len=config.model.max_context, deterministic=config.deterministic,
-                   dtype=config.model.dtype)
-
-
-@dataclass
-class KVHandoff:
-    """A prompt's computed latent KV, moved from a prefill engine to a decode engine."""
-
-    tokens: list[int]  # the tokens whose KV `data` holds
-    block_size: int
-    data: torch.Tensor  # [layers, blocks, block_size, kv_dim]
-
-
-class KVHandoffLost(RuntimeError):
-    """A handed-off KV could not be read where it was to be imported (its object is gone or its owner died)."""
-
-
-@dataclass
-class TokenEvent:
-    request_id: str
-    index: int  # position among the generated tokens (output_prefix included)
-    token: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # "stop" | "length" | None while running
-
-
-@dataclass(eq=False)  # identity: the scheduler's `in` / `remove` on lists must not compare token lists
-class Request:
-    """A request in the engine: waiting, running, or finished and holding its KV for export."""
-
-    request_id: str
-    prompt: list[int]
-    output: list[int]
-    params: SamplingParams
-    seed: int
-    deterministic: bool
-    hold_kv: bool
-    kv: KVHandoff | None = None
-    num_computed: int = 0
-    admitted: int = -1
-    finish_reason: str | None = None
-    guide: Guide | None = None  # constrained decoding / reasoning budget: set once its grammars are compiled
-    compiling: concurrent.futures.Future[ConstraintGrammars] | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    @property
-    def num_tokens(self) -> int:
-        """len(tokens), without building the list (a step asks for every running sequence)."""
-        return len(self.prompt) + len(self.output)
-
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt)
-        return self.prompt[i] if i < n else self.output[i - n]
-
-
-@dataclass
-class EngineStats:
-    """The engine's counters (cumulative): the one snapshot that reaches /metrics. A field added here is exported
-    once `Metrics.engine_counters` names its counter (tests/worker/test_engine_stats.py checks both agree)."""
-
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    steps: int = 0
-    preemptions: int = 0
-
-    def __add__(self, other: EngineStats) -> EngineStats:
-        return EngineStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-
-def plan(config: EngineConfig, model: K2Config, dtype: torch.dtype, device: torch.device) -> EngineConfig:
-    """`config` with its memory-derived sizes resolved: the prefill chunk from `prefill_memory_bytes`, and with
-    num_blocks 0 the KV cache from the memory free besides that chunk's."""
-    chunk = config.max_batch_tokens
-    if config.prefill_memory_bytes is not None:
-        chunk = min(chunk, prefill_chunk_tokens(model, dtype, config.prefill_memory_bytes))
-    reserve = config.prefill_memory_bytes or prefill_bytes(model, dtype, chunk)
-    blocks = config.num_blocks or plan_kv_blocks(model, dtype, config.block_size, available_bytes(device), reserve)
-    return replace(config, max_batch_tokens=chunk, num_blocks=blocks)
 
 
 class Engine:
@@ -174,8 +70,10 @@ class Engine:
         deterministic: bool | None = None,
         kv: KVHandoff | None = None,
         hold_kv: bool = False,
+        forks: Sequence[tuple[str, int]] = (),
     ) -> Request:
-        """A checked request for `enqueue`. It reads only the engine's configuration, so another thread may
+        """A checked request for `enqueue`. `forks`: (request id, seed) of its other choices, which share its
+        prefill (engine/forks.py). It reads only the engine's configuration, so another thread may
         call it while this one steps (a rank checks new requests beside its step)."""
         if not prompt:
             raise ValueError(f"request {request_id!r}: empty prompt")
@@ -195,8 +93,9 @@ class Engine:
             raise ValueError(f"request {request_id!r}: logit_bias token ids must lie in [0, {vocab})")
         det = self.cfg.deterministic if deterministic is None or self.cfg.lockstep else deterministic
         seq = Request(request_id, list(prompt), prefix, params, resolve_seed(params), det, hold_kv, kv)
-        if params.guided:
-            self._guide(seq)
+        seq.forks = fork_children(seq, forks)
+        for s in (seq, *seq.forks) if params.guided else ():
+            self._guide(s)
         return seq
 
     def _guide(self, seq: Request) -> None:
@@ -231,23 +130,36 @@ class Engine:
         return True
 
     def enqueue(self, seq: Request) -> None:
-        if self.has_request(seq.request_id):
-            raise ValueError(f"request {seq.request_id!r} is already in this engine")
+        for s in (seq, *seq.forks):
+            if self.has_request(s.request_id):
+                raise ValueError(f"request {s.request_id!r} is already in this engine")
         self.waiting.append(seq)
 
     def has_request(self, request_id: str) -> bool:
-        return any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)) or (
-            request_id in self.held)
+        return any(s.request_id == request_id for s in self._unfinished()) or request_id in self.held
+
+    def _unfinished(self) -> Iterator[Request]:
+        """Every waiting and running request, and the children still waiting for their parent's first sample."""
+        for s in itertools.chain(self.waiting, self.running):
+            yield s
+            yield from s.forks
 
     def cancel(self, request_id: str) -> bool:
+        for s in itertools.chain(self.waiting, self.running):
+            child = next((c for c in s.forks if c.request_id == request_id), None)
+            if child is not None:
+                s.forks.remove(child)
+                return True
         for s in list(self.waiting):
             if s.request_id == request_id:
                 self.waiting.remove(s)
+                self.waiting.extend(s.forks)  # its other choices go on, each computing the prompt itself
                 return True
         for s in self.running:
             if s.request_id == request_id:
                 self.running.remove(s)
                 self.blocks.free(request_id)
+                self.waiting.extend(s.forks)
                 return True
         return self.release(request_id)
 
@@ -256,7 +168,7 @@ class Engine:
 
     @property
     def request_ids(self) -> list[str]:
-        return [s.request_id for s in itertools.chain(self.running, self.waiting)]
+        return [s.request_id for s in self._unfinished()]
 
     # ---- KV handoff -----------------------------------------------------------------------------------
     def export_kv(self, request_id: str) -> KVHandoff:
@@ -370,6 +282,9 @@ class Engine:
         sampled = [seq for seq, _ in items if seq.num_computed == seq.num_tokens]
         if not sampled:
             return events
+        rows = self._fork(sampled)
+        if len(rows) > len(logits):
+            logits = logits[rows]  # [B + forked, V]: a child samples from its parent's row
         positions = [s.num_tokens for s in sampled]
         masked = [i for i, s in enumerate(sampled) if s.guide is not None and s.guide.masks]
         bitmask = None
@@ -398,6 +313,26 @@ class Engine:
                 else:
                     self.blocks.free(seq.request_id)
         return events
+
+    def _fork(self, sampled: list[Request]) -> list[int]:
+        """Adds to `sampled` the children of the parents about to sample their first token; returns each
+        sampled sequence's logits row. A child that finds no room goes to the queue and computes its own prompt."""
+        rows = list(range(len(sampled)))
+        for i, parent in enumerate(list(sampled)):
+            children, parent.forks = parent.forks, []
+            for child in children:
+                if len(self.running) >= self.cfg.max_running or not share_prompt_kv(self.blocks, self.kv, parent,
+                                                                                    child):
+                    self.waiting.append(child)
+                    continue
+                if child.compiling is not None:  # the parent's grammar, compiled: the cache has it
+                    concurrent.futures.wait([child.compiling])
+                    self._compiled(child)
+                child.admitted = next(self._admissions)
+                self.running.append(child)
+                sampled.append(child)
+                rows.append(i)
+        return rows
 
     def _forward(self, items: list[tuple[Request, int]], det: bool) -> torch.Tensor:
         """Runs the model on `n` pending tokens of each sequence; returns logits of the sequences that are

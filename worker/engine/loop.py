@@ -13,7 +13,7 @@ import concurrent.futures
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from k2serve.worker.engine.engine import TokenEvent
+from k2serve.worker.engine.requests import TokenEvent
 
 T = TypeVar("T")
 
@@ -84,11 +84,14 @@ class EngineLoop:
         """Queues a request whose events go to `sink`, which several requests may share (their events carry
         the request id); returns its seed. The sink also gets the engine's failure, and the CancelledError of a
         `cancel`. A bad request raises here, before anything is queued."""
-        self._streams[request_id] = sink
+        ids = [request_id, *(rid for rid, _ in kwargs.get("forks", ()))]  # a request's other choices share its sink
+        for rid in ids:
+            self._streams[rid] = sink
         try:
             seed = await self.call(self.engine.add_request, request_id, prompt, params, **kwargs)
         except BaseException:
-            self._streams.pop(request_id, None)
+            for rid in ids:
+                self._streams.pop(rid, None)
             raise
         self._wake.set()
         return seed

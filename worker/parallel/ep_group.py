@@ -26,7 +26,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from k2serve.config import Placement
 from k2serve.k2format.block_hash import block_hashes
-from k2serve.worker.engine.engine import EngineConfig, EngineStats, KVHandoffLost, TokenEvent
+from k2serve.worker.engine.settings import EngineConfig
+from k2serve.worker.engine.requests import EngineStats, KVHandoffLost, TokenEvent
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import resolve_checkpoint
 from k2serve.worker.parallel.ep import expert_range
@@ -159,8 +160,9 @@ class ExpertParallelGroup:
     # ---- the stepping-engine surface ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: Any, **kwargs: Any) -> int:
         self._check()
-        if request_id in self.owner:
-            raise ValueError(f"request {request_id!r} is already in this group")
+        ids = [request_id, *(rid for rid, _ in kwargs.get("forks", ()))]  # its other choices run on its rank
+        if taken := [rid for rid in ids if rid in self.owner]:
+            raise ValueError(f"request {taken[0]!r} is already in this group")
         load = [0] * len(self.ranks)
         for rid in self.active:
             load[self.owner[rid]] += 1
@@ -187,8 +189,9 @@ class ExpertParallelGroup:
             self._affinity.move_to_end(k)
         while len(self._affinity) > AFFINITY_KEYS:
             self._affinity.popitem(last=False)
-        self.owner[request_id] = rank
-        self.active.add(request_id)
+        for rid in ids:
+            self.owner[rid] = rank
+            self.active.add(rid)
         if kwargs.get("hold_kv"):
             self.holding[request_id] = len(prompt) + len(kwargs.get("output_prefix") or ())
         return seed

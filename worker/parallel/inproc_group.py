@@ -20,7 +20,8 @@ from k2serve.faults import GroupFaults
 from k2serve.groups import GroupAddress, Role
 from k2serve.signals import stop_on_signals
 from k2serve.worker.allocator import keep_freed_memory
-from k2serve.worker.engine.engine import Engine, EngineConfig
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
 from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import ModelWeights, load_weights, resolve_checkpoint

@@ -25,7 +25,8 @@ from k2serve.cluster_auth import cluster_token
 from k2serve.config import GROUP_REGISTRY_ACTOR, RAY_NAMESPACE, FaultSpec, PoolConfig, ServingConfig
 from k2serve.cpu_binding import GroupCores, bind_process
 from k2serve.metrics import Metrics
-from k2serve.worker.engine.engine import EngineConfig, TokenEvent
+from k2serve.worker.engine.settings import EngineConfig
+from k2serve.worker.engine.requests import TokenEvent
 from k2serve.worker.engine.loop import EngineLoop
 from k2serve.worker.loader import resolve_checkpoint
 from k2serve.worker.parallel.ep_group import ExpertParallelGroup, RankFailure, GroupSpec

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from k2serve.cpu_binding import bind_own
 from k2serve.worker.allocator import keep_freed_memory
-from k2serve.worker.engine.engine import Engine, EngineConfig, EngineStats, KVHandoff, Request, TokenEvent
+from k2serve.worker.engine.engine import Engine
+from k2serve.worker.engine.settings import EngineConfig
+from k2serve.worker.engine.requests import EngineStats, KVHandoff, Request, TokenEvent
 from k2serve.worker.engine.grammar import GrammarVocab
 from k2serve.k2format.model_config import K2Config
 from k2serve.worker.loader import load_weights, resolve_checkpoint
