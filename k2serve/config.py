@@ -103,6 +103,20 @@ class RequestLimits(_Strict):
     default_max_tokens: int = Field(4096, ge=1, description="Generated tokens of a request that sets no "
                                     "max_tokens (at most what fits in the context).")
     max_turns_per_chain: int = Field(1000, ge=1, description="Most turns one chain may hold.")
+    max_chain_id_chars: int = Field(128, ge=16, le=1024, description="Longest chain id a request may name.")
+    max_concurrent_per_key: int | None = Field(
+        32, ge=1, description="Turns one API key may have generating on one router at once (429 past it); a key's "
+        "`max_concurrent=N` in the keys file wins. None: unlimited. Applies only with `api_keys_file` set.")
+    tokens_per_minute_per_key: int | None = Field(
+        None, ge=1, description="Token bucket of one API key on one router: a turn reserves its prompt plus "
+        "max_tokens tokens at admission and gets back what it did not generate; the bucket refills at this rate "
+        "and holds at most a minute's worth (429 with Retry-After while it is short). A key's "
+        "`tokens_per_minute=N` in the keys file wins. None: unlimited. Applies only with `api_keys_file` set.")
+    detached_max_tokens: int = Field(
+        4096, ge=1, description="Tokens a turn whose last reader left (client gone) still generates; then it stops "
+        "and stays resumable (a later resume generates on).")
+    detached_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a turn without readers keeps generating; then it stops, resumable.")
 
 
 class RouterConfig(_Strict):

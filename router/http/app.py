@@ -23,7 +23,7 @@ from k2serve.metrics import Metrics
 from k2serve.router.chains import ToolCall
 from k2serve.router.http import openai_models as om
 from k2serve.router.api_keys import APIKeys
-from k2serve.router.http.auth import bearer_guard, request_tenant
+from k2serve.router.http.auth import bearer_guard, request_key_limits, request_tenant
 from k2serve.router.http.errors import APIError, error_body, install_error_handlers
 from k2serve.router.http.limits import BodyLimits, check_request
 from k2serve.router.http.observe import Generation, RequestMetrics
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 CHAIN_HEADER = "X-K2-Chain-Id"
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": om.ErrorResponse} for code in (400, 401, 404, 409)
+    code: {"model": om.ErrorResponse} for code in (400, 401, 404, 409, 429)
 }
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -96,7 +96,8 @@ class _Api:
         deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
         tokens = self.core.generate(prompt, params, chain_id=header_chain or body.chain_id,
-                                    deterministic=deterministic, request_meta=meta, tenant=request_tenant(request))
+                                    deterministic=deterministic, request_meta=meta, tenant=request_tenant(request),
+                                    limits=request_key_limits(request))
         gen = await Generation.start(tokens, core=self.core, state=request.scope["state"])
         if history:
             await self._record_transcript(gen, history, request)
@@ -326,7 +327,7 @@ def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> Fas
     app.add_api_route("/metrics", api.prometheus, methods=["GET"], tags=["probes"],
                       response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_guard(keys))], responses=_ERRORS)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_guard(keys, config.router.limits))], responses=_ERRORS)
     stream_doc = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
     v1.add_api_route("/chat/completions", api.chat, methods=["POST"], response_model=om.ChatCompletion,
                      responses=stream_doc)
