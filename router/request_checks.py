@@ -20,8 +20,9 @@ def check_request(limits: RequestLimits, *, stop: list[str], messages: list[dict
                   tools: list[dict[str, Any]] | None = None, prompt: Any = None) -> None:
     """LimitExceeded naming the limit for a parsed request past one, or for text that is not Unicode (a lone
     surrogate from a JSON escape) — before any turn starts, not when the text is tokenized or stored."""
-    try:
-        json.dumps([stop, messages, tools, prompt], ensure_ascii=False).encode()
+    try:  # piece by piece: a big conversation's check yields the GIL between messages
+        for part in (stop, tools, prompt, *(messages or ())):
+            json.dumps(part, ensure_ascii=False).encode()
     except UnicodeEncodeError as e:
         raise LimitExceeded(f"the request holds text that is not valid Unicode: {e.reason}",
                             code="invalid_unicode") from None

@@ -4,6 +4,7 @@ sizes inside a parsed request. Each refusal names its limit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -16,6 +17,7 @@ from k2serve.router.http.errors import APIError, error_body
 
 # Structure outside strings: a string (escapes included) is one match, so brackets inside one never count.
 _STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', re.DOTALL)
+OFFLOAD_BYTES = 64 << 10
 
 
 def json_depth(body: bytes) -> int:
@@ -64,7 +66,8 @@ class BodyLimits:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        depth = json_depth(body)
+        # A big body's scan on a worker thread: its Python loop yields the GIL, so streams go on meanwhile.
+        depth = json_depth(body) if size <= OFFLOAD_BYTES else await asyncio.to_thread(json_depth, body)
         if depth > self.limits.max_json_depth:
             await _refuse(send, 400, f"request body nests {depth} levels deep; the limit is "
                           f"{self.limits.max_json_depth} (router.limits.max_json_depth)", "max_json_depth")
