@@ -177,6 +177,18 @@ class FaultSpec(_Strict):
     times: int = Field(1, ge=1, description="How many times the fault fires.")
 
 
+class TLSConfig(_Strict):
+    """TLS on the internal gRPC planes (worker groups and the router's gRPC), from PEM files read at start."""
+
+    cert_file: str = Field(description="This process's certificate chain: served by its gRPC servers and presented "
+                           "as the client certificate on internal calls.")
+    key_file: str = Field(description="The certificate's private key.")
+    ca_file: str = Field(description="The CA that signs the deployment's certificates: clients verify servers "
+                         "with it, servers verify client certificates with it.")
+    client_auth: bool = Field(True, description="Servers refuse clients without a certificate signed by ca_file "
+                              "(mutual TLS).")
+
+
 class ServingConfig(_Strict):
     model: ModelSource = Field(default_factory=ModelSource, description="The model served.")
     prefill: PoolConfig = Field(default_factory=PoolConfig, description="The prefill pool (in aggregated mode: the "
@@ -194,6 +206,8 @@ class ServingConfig(_Strict):
         "sends `authorization: Bearer <token>` and worker groups refuse (UNAUTHENTICATED) calls without it. Re-read "
         "when it changes. Unset: internal gRPC is open (`k2serve up` sets a fresh one).",
     )
+    tls: TLSConfig | None = Field(None, description="TLS on internal gRPC (router → worker groups) and the router's "
+                                  "gRPC API; unset: plaintext (on a trusted network, with the cluster token).")
     cpu_binding: Literal["auto", "none"] = Field(
         "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "
         "of its own, and with cores to spare the router, leaders and Ray on those (k2serve/cpu_binding.py); none: "

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from k2serve import grpc_tls
 from k2serve.cluster_auth import BearerInterceptor, bearer
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
@@ -149,7 +150,7 @@ async def start_router_server(core: RouterCore, host: str, port: int) -> tuple[g
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", core.config.router.limits.max_body_bytes)])
     pb_grpc.add_RouterServicer_to_server(RouterService(core, keys), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = grpc_tls.bind(server, f"{host}:{port}", core.config.tls)
     if bound == 0:
         raise RuntimeError(f"router: cannot bind gRPC on {host}:{port}")
     await server.start()
