@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from k2serve import grpc_tls
+from k2serve.config import TLSConfig
 from k2serve.watched_file import WatchedFile
 
 AUTH_HEADER = "authorization"
@@ -125,9 +127,10 @@ class _StreamStream(_SendsToken, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-def internal_channel(address: str, token: ClusterToken | None,
-                     options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """A channel to an internal service that sends the cluster token on every call (when there is one)."""
+def internal_channel(address: str, token: ClusterToken | None, options: Sequence[tuple[str, Any]] = (),
+                     tls: TLSConfig | None = None) -> grpc.aio.Channel:
+    """A channel to an internal service that sends the cluster token on every call (when there is one), over TLS
+    when `tls` is set (k2serve/grpc_tls.py)."""
     interceptors = ([kind(token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
                     if token is not None else None)
-    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+    return grpc_tls.channel(address, tls, options, interceptors)

@@ -104,6 +104,20 @@ class RequestLimits(_Strict):
                                     "max_tokens (at most what fits in the context).")
     max_turns_per_chain: int = Field(1000, ge=1, description="Most turns one chain may hold.")
     max_n: int = Field(8, ge=1, le=128, description="Most choices (`n`) in one request; each is its own chain.")
+    max_chain_id_chars: int = Field(128, ge=16, le=1024, description="Longest chain id a request may name.")
+    max_concurrent_per_key: int | None = Field(
+        32, ge=1, description="Turns one API key may have generating on one router at once (429 past it); a key's "
+        "`max_concurrent=N` in the keys file wins. None: unlimited. Applies only with `api_keys_file` set.")
+    tokens_per_minute_per_key: int | None = Field(
+        None, ge=1, description="Token bucket of one API key on one router: a turn reserves its prompt plus "
+        "max_tokens tokens at admission and gets back what it did not generate; the bucket refills at this rate "
+        "and holds at most a minute's worth (429 with Retry-After while it is short). A key's "
+        "`tokens_per_minute=N` in the keys file wins. None: unlimited. Applies only with `api_keys_file` set.")
+    detached_max_tokens: int = Field(
+        4096, ge=1, description="Tokens a turn whose last reader left (client gone) still generates; then it stops "
+        "and stays resumable (a later resume generates on).")
+    detached_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a turn without readers keeps generating; then it stops, resumable.")
 
 
 class RouterConfig(_Strict):
@@ -164,6 +178,18 @@ class FaultSpec(_Strict):
     times: int = Field(1, ge=1, description="How many times the fault fires.")
 
 
+class TLSConfig(_Strict):
+    """TLS on the internal gRPC planes (worker groups and the router's gRPC), from PEM files read at start."""
+
+    cert_file: str = Field(description="This process's certificate chain: served by its gRPC servers and presented "
+                           "as the client certificate on internal calls.")
+    key_file: str = Field(description="The certificate's private key.")
+    ca_file: str = Field(description="The CA that signs the deployment's certificates: clients verify servers "
+                         "with it, servers verify client certificates with it.")
+    client_auth: bool = Field(True, description="Servers refuse clients without a certificate signed by ca_file "
+                              "(mutual TLS).")
+
+
 class ServingConfig(_Strict):
     model: ModelSource = Field(default_factory=ModelSource, description="The model served.")
     prefill: PoolConfig = Field(default_factory=PoolConfig, description="The prefill pool (in aggregated mode: the "
@@ -181,6 +207,8 @@ class ServingConfig(_Strict):
         "sends `authorization: Bearer <token>` and worker groups refuse (UNAUTHENTICATED) calls without it. Re-read "
         "when it changes. Unset: internal gRPC is open (`k2serve up` sets a fresh one).",
     )
+    tls: TLSConfig | None = Field(None, description="TLS on internal gRPC (router → worker groups) and the router's "
+                                  "gRPC API; unset: plaintext (on a trusted network, with the cluster token).")
     cpu_binding: Literal["auto", "none"] = Field(
         "auto", description="auto: when the Ray cluster is one node with a core per rank, each rank runs on cores "
         "of its own, and with cores to spare the router, leaders and Ray on those (k2serve/cpu_binding.py); none: "

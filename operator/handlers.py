@@ -17,6 +17,8 @@ from k2serve.metrics import Metrics
 from k2serve.operator import kube as k
 from k2serve.operator import pods
 from k2serve.operator.capacity_gate import check_capacity
+from k2serve.operator.image_policy import CONDITION as IMAGE_CONDITION
+from k2serve.operator.image_policy import check_images
 from k2serve.operator.download_job import (ModelVerdict, hub_source, job_name, model_verdict, progress_name,
                                            render_download)
 from k2serve.operator.render import render_children, render_cluster_token
@@ -77,7 +79,9 @@ def _observe(kube: k.Kube, name: str, namespace: str, kuberay: bool) -> Observed
     return Observed(kuberay_installed=kuberay, raycluster=raycluster, worker_pods=worker_pods, router=router)
 
 
-def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any) -> K2DeploymentStatus:
+def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any,
+              allowed_images: tuple[str, ...] = ()) -> K2DeploymentStatus:
+    """`allowed_images`: prefixes every pod image must start with (none: any image)."""
     name, namespace = body.metadata.name, body.metadata.namespace
     generation = int(body.metadata.get("generation") or 0)
     previous = K2DeploymentStatus.model_validate(
@@ -91,6 +95,16 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
         if previous.phase != "Invalid" or previous.observed_generation != generation:
             kopf.warn(body, reason="InvalidSpec", message=message)
         logger.warning("invalid spec: %s", message)
+        patch.status.update(status.model_dump(by_alias=True, mode="json"))
+        return status
+
+    images = check_images(spec, allowed_images)
+    if images.allowed is False:  # refused before any child (so any pod) exists
+        status = blocked_status(images.reason, images.message, generation, previous,
+                                [(IMAGE_CONDITION, False, images.reason, images.message)])
+        if _reason(previous, IMAGE_CONDITION) != images.reason or previous.observed_generation != generation:
+            kopf.warn(body, reason=images.reason, message=images.message)
+        logger.warning("image not allowed: %s", images.message)
         patch.status.update(status.model_dump(by_alias=True, mode="json"))
         return status
 
@@ -126,8 +140,10 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
         kopf.warn(body, reason="KubeRayMissing", message="RayCluster CRD (ray.io/v1) not installed; install KubeRay")
 
     status = compute_status(name, namespace, spec, generation, _observe(kube, name, namespace, kuberay), previous)
-    status = with_conditions(status, previous, [("ModelReady", model.ready, model.reason, model.message), schedulable],
-                             generation, model=model.status)
+    checks: list[Wanted] = [("ModelReady", model.ready, model.reason, model.message), schedulable]
+    if images.allowed is not None:
+        checks.append((IMAGE_CONDITION, True, images.reason, images.message))
+    status = with_conditions(status, previous, checks, generation, model=model.status)
     if model.ready and _reason(previous, "ModelReady") == "Downloading":
         kopf.info(body, reason="ModelReady", message=model.message)
     if status.phase != previous.phase:
@@ -176,15 +192,17 @@ def observed_reconcile(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, logg
     start = time.perf_counter()
     outcome = "error"
     try:
-        status = reconcile(memo.kube, body, patch, logger)
+        status = reconcile(memo.kube, body, patch, logger, memo.allowed_images)
         outcome = "invalid" if status.phase == "Invalid" else "ok"
     finally:
         metrics.reconciles.labels(outcome=outcome).inc()
         metrics.reconcile_seconds.observe(time.perf_counter() - start)
 
 
-def build_registry(resync_seconds: float = 30.0) -> kopf.OperatorRegistry:
-    """A fresh registry (not kopf's global one), so tests and `k2serve operator` build theirs independently."""
+def build_registry(resync_seconds: float = 30.0, *, scan: bool = True) -> kopf.OperatorRegistry:
+    """A fresh registry (not kopf's global one), so tests and `k2serve operator` build theirs independently.
+    `scan=False` (a fixed list of namespaces): kopf neither lists nor watches namespaces and CRDs cluster-wide,
+    so a namespace-scoped operator needs no cluster-wide read rights."""
     registry = kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
 
@@ -198,6 +216,7 @@ def build_registry(resync_seconds: float = 30.0) -> kopf.OperatorRegistry:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.posting.level = logging.INFO
+        settings.scanning.disabled = not scan
 
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, registry=registry)

@@ -26,6 +26,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     scope.add_argument("-n", "--namespace", action="append", default=[],
                        help="watch only this namespace (repeatable; glob patterns allowed)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    parser.add_argument("--allowed-image-prefix", action="append", default=[], metavar="PREFIX",
+                        help="refuse K2Deployments whose pods would run an image not starting with one of these "
+                        "(repeatable, e.g. ghcr.io/k2serve/; default: any image)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="liveness endpoint URL served by kopf")
     parser.add_argument("--peering", default=PEERING_NAME, help="kopf peering object name")
@@ -49,8 +52,11 @@ async def operate(args: argparse.Namespace, stop: threading.Event | None = None,
     if args.metrics_port is not None:
         metrics.serve(args.metrics_port, host="0.0.0.0")
     await kopf.operator(
-        registry=build_registry(args.resync_seconds),
-        memo=kopf.Memo(kube=Kube.from_environment(args.kubeconfig), metrics=metrics, managed=set()),
+        # Exact namespaces need no namespace scanning (patterns do: they match namespaces as they appear).
+        registry=build_registry(args.resync_seconds,
+                                scan=not args.namespace or any(set(ns) & set("*?[!") for ns in args.namespace)),
+        memo=kopf.Memo(kube=Kube.from_environment(args.kubeconfig), metrics=metrics, managed=set(),
+                       allowed_images=tuple(args.allowed_image_prefix)),
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         # kopf makes peering mandatory once a name is given, so a standalone run must not pass one.

@@ -211,7 +211,7 @@ RULES: tuple[Rule, ...] = (
 
 
 class Condition(_K8s):
-    type: Literal["Ready", "Progressing", "Degraded", "ModelReady", "Schedulable"]
+    type: Literal["Ready", "Progressing", "Degraded", "ModelReady", "Schedulable", "ImageAllowed"]
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
     message: str = ""

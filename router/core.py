@@ -35,6 +35,7 @@ from k2serve.faults import RouterFaults
 from k2serve.router.live import ChainLocks, ChainToken, LiveTurn
 from k2serve.router.dispatch import Dispatcher
 from k2serve.router.forks import ForkedStart, ForkSlot
+from k2serve.router.quotas import Admission, KeyLimits, TenantQuotas
 from k2serve.router.schedule import GroupDirectory
 from k2serve.router.turns import TurnRunner
 from k2serve.sampling_params import SamplingParams, finish_reason, resolve_seed
@@ -75,6 +76,7 @@ class RouterCore:
         # Store calls block: they run on the store's own threads, as many as its backend writes in parallel
         # (SQLite: one writer — more threads only contend for its lock and the GIL).
         self._store_threads = concurrent.futures.ThreadPoolExecutor(self.store.io_threads, "k2serve-chain-store")
+        self.quotas = TenantQuotas()
         self.turns = TurnRunner(config, self.store, self._io, self.dispatcher, metrics, self.faults, self.router_id)
 
     def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -147,13 +149,30 @@ class RouterCore:
     # ---- generation -----------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams, *, chain_id: str | None = None,
                        deterministic: bool = False, request_meta: dict[str, Any] | None = None,
-                       tenant: str = OPEN_TENANT) -> AsyncIterator[ChainToken]:
+                       tenant: str = OPEN_TENANT, limits: KeyLimits | None = None) -> AsyncIterator[ChainToken]:
         """Starts one turn and streams it from token 0. The turn runs in a task of this router, not in the
-        reader: a reader that goes away leaves it generating (`cancel` stops it). Bad requests raise ValueError
-        before the first token; an unknown `chain_id`, or another tenant's, raises `ChainNotFound` (a KeyError).
-        A new chain belongs to `tenant`."""
+        reader: a reader that goes away leaves it generating within the detached budget (`cancel` stops it).
+        Bad requests raise ValueError before the first token; an unknown `chain_id`, or another tenant's, raises
+        `ChainNotFound` (a KeyError); a tenant past its `limits` raises `RateLimited`. A new chain belongs to
+        `tenant`."""
         self._validate(prompt_ids, sampling)
         await self.start()
+        admission = self.quotas.admit(tenant, limits, len(prompt_ids), sampling.max_tokens)
+        try:
+            live = await self._begin(prompt_ids, sampling, chain_id, deterministic, request_meta, tenant)
+        except BaseException:
+            admission.release(0, sampling.max_tokens)
+            raise
+        assert live.task is not None
+        live.task.add_done_callback(lambda _: admission.release(len(live.items), sampling.max_tokens))
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        async with contextlib.aclosing(live.follow(0)) as tokens:  # closed with us: the turn sees its reader go
+            async for tok in tokens:
+                yield tok
+
+    async def _begin(self, prompt_ids: list[int], sampling: SamplingParams, chain_id: str | None,
+                     deterministic: bool, request_meta: dict[str, Any] | None, tenant: str) -> LiveTurn:
+        """The new turn, begun in the store and launched here."""
         params = sampling.model_copy(update={"seed": resolve_seed(sampling)})
         det = deterministic or self.config.deterministic
         sampling_doc = {**params.model_dump(mode="json"), "deterministic": det}
@@ -169,13 +188,12 @@ class RouterCore:
                     raise ValueError(f"chain {chain_id} is generating a turn now; wait for it or cancel it")
                 turn = await self._io(self._claim_and_begin, chain_id, meta, sampling_doc, prompt_ids)
                 live = self.turns.launch(chain_id, turn, list(prompt_ids), params, det, [], began_here=True)
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
-        async for tok in live.follow(0):
-            yield tok
+        return live
 
     async def generate_choices(self, prompt_ids: list[int], sampling: SamplingParams, n: int, *,
                                deterministic: bool = False, request_meta: dict[str, Any] | None = None,
-                               tenant: str = OPEN_TENANT) -> list[AsyncIterator[ChainToken]]:
+                               tenant: str = OPEN_TENANT,
+                               limits: KeyLimits | None = None) -> list[AsyncIterator[ChainToken]]:
         """`n` choices for one prompt, each the turn of a new chain of `tenant`, streamed from token 0. Choice i
         samples with seed `base + i` (`base`: the request's seed, or a fresh one), so the same request with n = 1
         and that seed gives the same choice in deterministic mode; the choices share one prefill
@@ -187,16 +205,32 @@ class RouterCore:
         choices = [SamplingParams.model_validate({**sampling.model_dump(), "seed": base + i}) for i in range(n)]
         start: ForkedStart[Any] = ForkedStart(list(prompt_ids), choices, deterministic or self.config.deterministic)
         await self.start()
+        admissions: list[Admission] = []  # one quota slot per choice; the shared prompt counted once
+        try:
+            for i in range(n):
+                admissions.append(self.quotas.admit(tenant, limits, len(prompt_ids) if i == 0 else 0,
+                                                    sampling.max_tokens))
+        except BaseException:
+            for admission in admissions:
+                admission.release(0, sampling.max_tokens)
+            raise
         lives: list[LiveTurn] = []
         for i, params in enumerate(choices):
             sampling_doc = {**params.model_dump(mode="json"), "deterministic": start.request.deterministic}
-            chain_id, turn = await self._io(self._begin_new_chain, request_meta or {}, sampling_doc, prompt_ids,
-                                            tenant)
+            try:
+                chain_id, turn = await self._io(self._begin_new_chain, request_meta or {}, sampling_doc,
+                                                prompt_ids, tenant)
+            except BaseException:  # the choices launched release theirs when they end
+                for admission in admissions[i:]:
+                    admission.release(0, sampling.max_tokens)
+                raise
             live = self.turns.launch(chain_id, turn, list(prompt_ids), params, start.request.deterministic, [],
                                      began_here=True)
             live.fork = ForkSlot(start, i)  # before its task first runs
             assert live.task is not None
             live.task.add_done_callback(lambda _, i=i: start.drop(i))
+            live.task.add_done_callback(lambda _, live=live, a=admissions[i]: a.release(len(live.items),
+                                                                                        sampling.max_tokens))
             lives.append(live)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return [live.follow(0) for live in lives]
@@ -245,8 +279,9 @@ class RouterCore:
             sent = max(sent, len(turn.generated))
             await asyncio.sleep(TAIL_POLL_S)
             turn = (await self._io(self.store.get_chain, chain_id)).turns[turn.index]
-        async for tok in live.follow(sent):
-            yield tok
+        async with contextlib.aclosing(live.follow(sent)) as tokens:
+            async for tok in tokens:
+                yield tok
 
     async def _take_over(self, chain_id: str) -> LiveTurn | None:
         """The chain's live turn here, after claiming a turn a dead router left running; None while another

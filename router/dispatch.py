@@ -83,7 +83,8 @@ class Dispatcher:
                     # Short reconnect backoff: a restarted group is usable again within ~0.1 s, not gRPC's 1 s+.
                     channel = internal_channel(addr.address, self.token, options=[
                         ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
-                        ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
+                        ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)],
+                        tls=self.config.tls)
                     stub = pb_grpc.WorkerGroupStub(channel)
                     self._groups[gid] = GroupClient(GroupState(addr), channel, stub, DecodeMux(stub, gid))
         await asyncio.gather(*(self._poll(g) for g in list(self._groups.values())))

@@ -1,6 +1,9 @@
 """The router's gRPC service (`k2serve.v1.Router`): a thin adapter from protos to `RouterCore`. Clients
 authenticate as over HTTP (router/api_keys.py): with keys set, a call without a valid `authorization: Bearer <key>`
-is refused UNAUTHENTICATED before its request is read, and a chain of another key's tenant is NOT_FOUND."""
+is refused UNAUTHENTICATED before its request is read, and a chain of another key's tenant is NOT_FOUND. The same
+request limits hold as over HTTP (`router.limits`, router/request_checks.py): a message over `max_body_bytes` is
+RESOURCE_EXHAUSTED unread, a request past another limit INVALID_ARGUMENT naming it, a key past its quota
+RESOURCE_EXHAUSTED with `retry-after` (seconds) in the trailing metadata."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from k2serve import grpc_tls
 from k2serve.cluster_auth import BearerInterceptor, bearer
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
@@ -17,7 +21,12 @@ from k2serve.router.api_keys import APIKeys
 from k2serve.router.chains import NotFoundError
 from k2serve.router.core import RouterCore
 from k2serve.router.live import ChainToken
+from k2serve.router.quotas import KeyLimits, RateLimited
+from k2serve.router.request_checks import check_chain_id, check_request
 from k2serve.proto.convert import sampling_from_proto
+from k2serve.sampling_params import SamplingParams
+
+RETRY_AFTER_KEY = "retry-after"
 
 
 class RouterService(pb_grpc.RouterServicer):
@@ -33,25 +42,47 @@ class RouterService(pb_grpc.RouterServicer):
             raise AssertionError("abort raises")
         return tenant
 
+    async def _chain_id(self, chain_id: str, context: grpc.aio.ServicerContext) -> str:
+        try:
+            check_chain_id(self.core.config.router.limits, chain_id)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return chain_id
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
         if request.model and request.model not in self.core.model_aliases:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; this router serves "
                                 f"{self.core.model_name!r}")
+        chain_id = await self._chain_id(request.chain_id, context)
         try:
             prompt = await asyncio.to_thread(self._prompt, request)  # templating + tokenizing: off the event loop
-            params = sampling_from_proto(request.sampling)
+            params = self._sampling(request.sampling, len(prompt))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        stream = self.core.generate(prompt, params, chain_id=request.chain_id or None,
+        limits: KeyLimits | None = self.keys.limits(bearer(context.invocation_metadata()),
+                                                    self.core.config.router.limits)
+        stream = self.core.generate(prompt, params, chain_id=chain_id or None,
                                     deterministic=request.deterministic, request_meta={"api": "grpc"},
-                                    tenant=await self._tenant(context))
+                                    tenant=await self._tenant(context), limits=limits)
         async for chunk in self._answer(stream, context):
             yield chunk
 
+    def _sampling(self, wire: pb.SamplingParams, prompt_len: int) -> SamplingParams:
+        """The request's sampling; an unset max_tokens (0) is `router.limits.default_max_tokens`, at most what fits
+        in the context (as over HTTP)."""
+        if wire.max_tokens:
+            return sampling_from_proto(wire)
+        filled = pb.SamplingParams()
+        filled.CopyFrom(wire)
+        room = self.core.max_context - prompt_len
+        filled.max_tokens = max(1, min(room, self.core.config.router.limits.default_max_tokens))
+        return sampling_from_proto(filled)
+
     async def ResumeChain(self, request: pb.ResumeChainRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[pb.GenerateChunk]:
-        stream = self.core.resume(request.chain_id, request.from_index, await self._tenant(context))
+        chain_id = await self._chain_id(request.chain_id, context)
+        stream = self.core.resume(chain_id, request.from_index, await self._tenant(context))
         async for chunk in self._answer(stream, context):
             yield chunk
 
@@ -65,17 +96,21 @@ class RouterService(pb_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RateLimited as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                                trailing_metadata=((RETRY_AFTER_KEY, str(e.retry_after_s)),))
 
     async def Cancel(self, request: pb.CancelChainRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         try:
-            await self.core.get_chain(request.chain_id, await self._tenant(context))
+            await self.core.get_chain(await self._chain_id(request.chain_id, context), await self._tenant(context))
         except NotFoundError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return pb.CancelResponse(cancelled=await self.core.cancel(request.chain_id))
 
     async def GetChain(self, request: pb.GetChainRequest, context: grpc.aio.ServicerContext) -> pb.ChainDocument:
         try:
-            chain = await self.core.get_chain(request.chain_id, await self._tenant(context))
+            chain = await self.core.get_chain(await self._chain_id(request.chain_id, context),
+                                              await self._tenant(context))
         except NotFoundError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return pb.ChainDocument(chain_id=chain.chain_id, json=chain.model_dump_json())
@@ -89,8 +124,10 @@ class RouterService(pb_grpc.RouterServicer):
             doc = json.loads(request.chat_json or "null")
         except json.JSONDecodeError as e:
             raise ValueError(f"chat_json is not valid JSON: {e}") from e
-        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
-            raise ValueError('chat_json must be an object with a "messages" list (and optionally "tools")')
+        if (not isinstance(doc, dict) or not isinstance(doc.get("messages"), list)
+                or not isinstance(doc.get("tools") or [], list)):
+            raise ValueError('chat_json must be an object with a "messages" list (and optionally a "tools" list)')
+        check_request(self.core.config.router.limits, stop=[], messages=doc["messages"], tools=doc.get("tools"))
         return self.core.tokenizer.encode_chat(doc["messages"], tools=doc.get("tools"))
 
     async def _chunks(self, stream: AsyncIterator[ChainToken]) -> AsyncIterator[pb.GenerateChunk]:
@@ -109,9 +146,11 @@ async def start_router_server(core: RouterCore, host: str, port: int) -> tuple[g
     interceptors = [] if keys.open else [BearerInterceptor(
         lambda given: keys.tenant(given) is not None,
         "incorrect or missing API key: send metadata `authorization: Bearer <key>`")]
-    server = grpc.aio.server(interceptors=interceptors)
+    # A message past the body limit is refused (RESOURCE_EXHAUSTED) before it is parsed.
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", core.config.router.limits.max_body_bytes)])
     pb_grpc.add_RouterServicer_to_server(RouterService(core, keys), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = grpc_tls.bind(server, f"{host}:{port}", core.config.tls)
     if bound == 0:
         raise RuntimeError(f"router: cannot bind gRPC on {host}:{port}")
     await server.start()

@@ -45,6 +45,8 @@ class LiveTurn:
     task: asyncio.Task[None] | None = None
     durable: int = 0  # tokens the store holds: readers see items[:durable]
     fork: ForkSlot | None = None  # one of n choices: its first dispatch attempt starts with the others (forks.py)
+    readers: int = 0  # `follow` iterations open now
+    detached_at: tuple[float, int] | None = None  # (monotonic time, tokens generated) when the last reader left
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def publish(self, item: ChainToken) -> None:
@@ -83,20 +85,24 @@ class LiveTurn:
         the reader is done then, without waiting for the generating task's cleanup); the turn's error, if any,
         after its tokens. Tokens never made durable are never yielded."""
         i = start
-        while True:
-            changed = self._changed
-            while i < min(self.durable, len(self.items)):
-                item = self.items[i]
-                yield item
-                if item.finish_reason is not None:
+        self.readers += 1
+        try:
+            while True:
+                changed = self._changed
+                while i < min(self.durable, len(self.items)):
+                    item = self.items[i]
+                    yield item
+                    if item.finish_reason is not None:
+                        return
+                    i += 1
+                if self.done:
+                    if self.error is not None:
+                        raise self.error
                     return
-                i += 1
-            if self.done:
-                if self.error is not None:
-                    raise self.error
-                return
-            if changed is self._changed:
-                await changed.wait()
+                if changed is self._changed:
+                    await changed.wait()
+        finally:
+            self.readers -= 1
 
 
 class ChainLocks:

@@ -1,6 +1,10 @@
 """Generating a chain's turn on this router: the task that streams it from the groups (re-dispatching after a
 group failure with the tokens so far as `output_prefix`), publishes each token to the turn's readers once the
-chain store holds it, and ends the turn in the store. `RouterCore` decides which turn to run; this runs it."""
+chain store holds it, and ends the turn in the store. `RouterCore` decides which turn to run; this runs it.
+
+A turn nobody reads (its client left) generates on only within `router.limits.detached_max_tokens` and
+`detached_timeout_s`; then it stops as if its router shut down: its tokens durable, the turn "running" in the store
+and the chain released, so a later resume (here or on another router) claims it and generates on."""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ from k2serve.router.live import ChainToken, LiveTurn
 from k2serve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+class _DetachedBudgetSpent(Exception):
+    """The turn's readers left and its detached budget is spent."""
 
 
 class TurnRunner:
@@ -98,6 +106,8 @@ class TurnRunner:
                             self._unregister(live)  # also before the last token: a next turn may start at once
                             live.reveal(ckpt.durable)
                             return
+                        if self._detached_spent(live, len(tokens) - n_done, now):
+                            raise _DetachedBudgetSpent
                         if len(ckpt.pending) >= ckpt.every:  # the store fell behind: wait for it
                             await self._commits.flush(ckpt)
                         else:  # durable with the next group write, then visible
@@ -121,6 +131,10 @@ class TurnRunner:
                     await stream.aclose()
         except asyncio.CancelledError:
             status, reason = "cancelled", "cancelled"
+        except _DetachedBudgetSpent:
+            log.info("chain %s: turn %d has no reader and spent its detached budget; stopped, resumable at token %d",
+                     chain_id, live.turn, len(tokens))
+            live.abandoned = True
         except Exception as e:  # the readers get it; the turn ends "failed"
             log.warning("chain %s: turn %d failed: %s", chain_id, live.turn, e)
             error = e
@@ -133,6 +147,18 @@ class TurnRunner:
                 await asyncio.shield(self._close(ckpt, status, reason))
             live.reveal(ckpt.durable)
             live.end(error)
+
+    def _detached_spent(self, live: LiveTurn, generated: int, now: float) -> bool:
+        """Whether a turn without readers has generated `detached_max_tokens` or run `detached_timeout_s` since
+        its last reader left (a reader coming back resets the budget)."""
+        if live.readers:
+            live.detached_at = None
+            return False
+        if live.detached_at is None:  # the token just generated is the first nobody waited for
+            live.detached_at = (now, generated - 1)
+        since, at = live.detached_at
+        limits = self.config.router.limits
+        return generated - at >= limits.detached_max_tokens or now - since >= limits.detached_timeout_s
 
     def _unregister(self, live: LiveTurn) -> None:
         if self.live.get(live.chain_id) is live:

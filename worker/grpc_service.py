@@ -26,7 +26,9 @@ from typing import Any
 import grpc
 from prometheus_client import Counter
 
+from k2serve import grpc_tls
 from k2serve.cluster_auth import ClusterToken, server_interceptors
+from k2serve.config import TLSConfig
 from k2serve.groups import Role
 from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
@@ -61,9 +63,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
 
     def __init__(self, loop: EngineLoop, *, group_id: str, role: Role, block_size: int,
                  metrics: Metrics | None = None, kv_ttl_s: float = 60.0, faults: GroupFaults | None = None,
-                 peers: KVPeers | None = None, token: ClusterToken | None = None) -> None:
+                 peers: KVPeers | None = None, token: ClusterToken | None = None,
+                 tls: TLSConfig | None = None) -> None:
         """`peers`: where handed-off KV is fetched from (default: none, every handle is refused); `token`: the
-        cluster token every call must carry (None: open)."""
+        cluster token every call must carry (None: open); `tls`: serve TLS (None: plaintext)."""
         self.loop = loop
         self.faults = faults
         self.dead = asyncio.Event()  # set once a fault killed this group (its host may start a new one)
@@ -75,6 +78,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         self.held = HeldKV(kv_ttl_s)  # KV this group exported, by handle id
         self.peers: KVPeers = peers if peers is not None else LocalPeers()
         self.token = token
+        self.tls = tls
         self._reported: dict[Counter, int] = {}  # cumulative values already exported, per counter
         self._server: grpc.aio.Server | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -90,7 +94,7 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
                                                 ("grpc.max_receive_message_length", 64 << 20)],
                                        interceptors=server_interceptors(self.token))
         pb_grpc.add_WorkerGroupServicer_to_server(self, self._server)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = grpc_tls.bind(self._server, f"{host}:{port}", self.tls)
         if bound == 0:
             raise RuntimeError(f"worker group {self.group_id}: cannot bind gRPC on {host}:{port}")
         await self._server.start()

@@ -23,7 +23,8 @@ from k2serve.metrics import Metrics
 from k2serve.router.chains import ToolCall
 from k2serve.router.http import openai_models as om
 from k2serve.router.api_keys import APIKeys
-from k2serve.router.http.auth import bearer_guard, request_tenant
+from k2serve.router.http.body import body_doc, documented_bodies, threaded_body
+from k2serve.router.http.auth import bearer_guard, request_key_limits, request_tenant
 from k2serve.router.http.errors import APIError, error_body, install_error_handlers
 from k2serve.router.http.limits import BodyLimits, check_request
 from k2serve.router.http.observe import Generation, RequestMetrics
@@ -36,12 +37,15 @@ if TYPE_CHECKING:
 
 CHAIN_HEADER = "X-K2-Chain-Id"
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": om.ErrorResponse} for code in (400, 401, 404, 409)
+    code: {"model": om.ErrorResponse} for code in (400, 401, 404, 409, 429)
 }
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 ChainHeader = Annotated[str | None, Header(alias=CHAIN_HEADER, min_length=1, max_length=128,
                                           description="Continue this chain.")]
+# Parsed off the event loop (router/http/body.py).
+ChatBody = Annotated[om.ChatCompletionRequest, Depends(threaded_body(om.ChatCompletionRequest))]
+CompletionBody = Annotated[om.CompletionRequest, Depends(threaded_body(om.CompletionRequest))]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", pattern=r"^.+:[0-9]+$",
                                            description="Resume a stream after this event: `<chain>:<index>`.")]
 
@@ -55,7 +59,7 @@ class _Api:
 
     # ---- generation endpoints
 
-    async def chat(self, body: om.ChatCompletionRequest, request: Request, chain: ChainHeader = None,
+    async def chat(self, body: ChatBody, request: Request, chain: ChainHeader = None,
                    last_event_id: LastEventId = None) -> Response:
         check_model(body.model, self.core.model_name, self.core.model_aliases)
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -67,7 +71,7 @@ class _Api:
         return await self._generate(request, body, prompt, chain, chat=True, top=top,
                                     history=body.template_messages())
 
-    async def completions(self, body: om.CompletionRequest, request: Request, chain: ChainHeader = None,
+    async def completions(self, body: CompletionBody, request: Request, chain: ChainHeader = None,
                           last_event_id: LastEventId = None) -> Response:
         check_model(body.model, self.core.model_name, self.core.model_aliases)
         top = body.logprobs
@@ -104,11 +108,12 @@ class _Api:
         tenant = request_tenant(request)
         if body.n == 1:
             streams = [self.core.generate(prompt, params, chain_id=chain_id, deterministic=deterministic,
-                                          request_meta=meta, tenant=tenant)]
+                                          request_meta=meta, tenant=tenant, limits=request_key_limits(request))]
         else:
             try:
                 streams = await self.core.generate_choices(prompt, params, body.n, deterministic=deterministic,
-                                                           request_meta=meta, tenant=tenant)
+                                                           request_meta=meta, tenant=tenant,
+                                                           limits=request_key_limits(request))
             except ValueError as e:
                 raise APIError(400, str(e)) from e
         gens = [await Generation.start(tokens, core=self.core, state=request.scope["state"]) for tokens in streams]
@@ -355,12 +360,12 @@ def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> Fas
     app.add_api_route("/metrics", api.prometheus, methods=["GET"], tags=["probes"],
                       response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_guard(keys))], responses=_ERRORS)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_guard(keys, config.router.limits))], responses=_ERRORS)
     stream_doc = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
     v1.add_api_route("/chat/completions", api.chat, methods=["POST"], response_model=om.ChatCompletion,
-                     responses=stream_doc)
+                     responses=stream_doc, openapi_extra=body_doc(om.ChatCompletionRequest))
     v1.add_api_route("/completions", api.completions, methods=["POST"], response_model=om.Completion,
-                     responses=stream_doc)
+                     responses=stream_doc, openapi_extra=body_doc(om.CompletionRequest))
     v1.add_api_route("/models", api.models, methods=["GET"], response_model=om.ModelList)
     v1.add_api_route("/chains/{chain_id}", api.get_chain, methods=["GET"])
     v1.add_api_route("/chains/{chain_id}", api.delete_chain, methods=["DELETE"])
@@ -368,5 +373,6 @@ def create_app(core: RouterCore, config: ServingConfig, metrics: Metrics) -> Fas
     v1.add_api_route("/chains/{chain_id}/stream", api.chain_stream, methods=["GET"],
                      response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     app.include_router(v1)
+    documented_bodies(app, [om.ChatCompletionRequest, om.CompletionRequest])
     metrics.init_requests(sorted({getattr(route, "path", "other") for route in app.routes}))  # as RequestMetrics labels
     return app

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           405: "invalid_request_error", 409: "invalid_request_error", 422: "invalid_request_error",
-          503: "service_unavailable"}
+          429: "rate_limit_exceeded", 503: "service_unavailable"}
 
 
 class APIError(Exception):

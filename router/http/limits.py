@@ -4,6 +4,7 @@ sizes inside a parsed request. Each refusal names its limit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -11,10 +12,12 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from k2serve.config import RequestLimits
+from k2serve.router import request_checks
 from k2serve.router.http.errors import APIError, error_body
 
 # Structure outside strings: a string (escapes included) is one match, so brackets inside one never count.
 _STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', re.DOTALL)
+OFFLOAD_BYTES = 64 << 10
 
 
 def json_depth(body: bytes) -> int:
@@ -63,7 +66,8 @@ class BodyLimits:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        depth = json_depth(body)
+        # A big body's scan on a worker thread: its Python loop yields the GIL, so streams go on meanwhile.
+        depth = json_depth(body) if size <= OFFLOAD_BYTES else await asyncio.to_thread(json_depth, body)
         if depth > self.limits.max_json_depth:
             await _refuse(send, 400, f"request body nests {depth} levels deep; the limit is "
                           f"{self.limits.max_json_depth} (router.limits.max_json_depth)", "max_json_depth")
@@ -90,29 +94,8 @@ async def _refuse(send: Send, status: int, message: str, code: str) -> None:
 
 def check_request(limits: RequestLimits, *, stop: list[str], messages: list[dict[str, Any]] | None = None,
                   tools: list[dict[str, Any]] | None = None, prompt: Any = None) -> None:
-    """400 naming the limit for a parsed request past one, or for text that is not Unicode (a lone surrogate
-    from a JSON escape) — before any turn starts, not when the text is tokenized or stored."""
+    """400 naming the limit for a parsed request past one (router/request_checks.py)."""
     try:
-        json.dumps([stop, messages, tools, prompt], ensure_ascii=False).encode()
-    except UnicodeEncodeError as e:
-        raise APIError(400, f"the request holds text that is not valid Unicode: {e.reason}",
-                       code="invalid_unicode") from None
-    if len(stop) > limits.max_stop_strings:
-        raise APIError(400, f"{len(stop)} stop strings; the limit is {limits.max_stop_strings} "
-                       "(router.limits.max_stop_strings)", param="stop", code="max_stop_strings")
-    longest = max((len(s) for s in stop), default=0)
-    if longest > limits.max_stop_chars:
-        raise APIError(400, f"a stop string of {longest} characters; the limit is {limits.max_stop_chars} "
-                       "(router.limits.max_stop_chars)", param="stop", code="max_stop_chars")
-    if messages is not None and len(messages) > limits.max_messages:
-        raise APIError(400, f"{len(messages)} messages; the limit is {limits.max_messages} "
-                       "(router.limits.max_messages)", param="messages", code="max_messages")
-    if tools is not None:
-        if len(tools) > limits.max_tools:
-            raise APIError(400, f"{len(tools)} tools; the limit is {limits.max_tools} (router.limits.max_tools)",
-                           param="tools", code="max_tools")
-        for i, tool in enumerate(tools):
-            size = len(json.dumps(tool, ensure_ascii=False).encode())
-            if size > limits.max_tool_schema_bytes:
-                raise APIError(400, f"tools[{i}] is {size} bytes of JSON; the limit is {limits.max_tool_schema_bytes}"
-                               " (router.limits.max_tool_schema_bytes)", param="tools", code="max_tool_schema_bytes")
+        request_checks.check_request(limits, stop=stop, messages=messages, tools=tools, prompt=prompt)
+    except request_checks.LimitExceeded as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from k2serve.metrics import Metrics
 from k2serve.router.http.errors import APIError
 from k2serve.router.http.stream import TokenLike
+from k2serve.router.quotas import RateLimited
 
 OUTCOME_KEY = "k2serve_outcome"  # in the request's ASGI state: a generation's own verdict on how it ended
 
@@ -80,6 +81,8 @@ class Generation:
             raise APIError(409, "the chain has no tokens to stream from there", param="from") from None
         except ValueError as e:
             raise APIError(400, str(e)) from e
+        except RateLimited as e:
+            raise APIError(429, str(e), code=e.limit, headers={"Retry-After": str(e.retry_after_s)}) from e
         except KeyError as e:
             raise APIError(404, f"no such chain: {e.args[0] if e.args else e}", code="chain_not_found") from e
         return cls(tokens, first, core=core, state=state)

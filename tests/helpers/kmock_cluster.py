@@ -161,24 +161,31 @@ def running_emulator(workdir: Path) -> Iterator[tuple[Cluster, Path, dict[str, A
 
 
 @contextmanager
-def running_cluster(kuberay: bool, workdir: Path) -> Iterator[Cluster]:
-    """An emulator (with or without KubeRay's CRD) and the operator (`--metrics-port`) against it until the
-    block exits."""
+def running_cluster(kuberay: bool, workdir: Path, namespaces: tuple[str, ...] = (),
+                    operator_args: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """An emulator (with or without KubeRay's CRD) and the operator (`--metrics-port`, plus `operator_args`)
+    against it until the block exits; with `namespaces`, the operator watches only those (`--namespace`)."""
     with running_emulator(workdir) as (cluster, config, box):
         cluster.apply_crd(yaml.safe_load(K2_CRD.read_text()))
         for crd in yaml.safe_load_all(KOPF_PEERING_CRDS.read_text()):
             cluster.apply_crd(crd)
         if kuberay:
             cluster.apply_crd(RAYCLUSTER_CRD)
-        # The chart creates this peering object; kopf pauses until it exists.
-        cluster.kube._call("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", body={
-            "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": run.PEERING_NAME}})
+        # The chart creates these peering objects; kopf pauses until they exist.
+        if not namespaces:
+            cluster.kube._call("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", body={
+                "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": run.PEERING_NAME}})
+        for ns in namespaces:
+            cluster.kube._call("POST", f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings", body={
+                "apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                "metadata": {"name": run.PEERING_NAME, "namespace": ns}})
 
         with pytest.MonkeyPatch.context() as monkeypatch:
             # kopf's login reads $KUBECONFIG whenever it (re-)authenticates.
             monkeypatch.setenv("KUBECONFIG", str(config))
             args = run.parse(["--kubeconfig", str(config), "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
-                              "--resync-seconds", "0.5", "--metrics-port", str(cluster.metrics_port)])
+                              "--resync-seconds", "0.5", "--metrics-port", str(cluster.metrics_port),
+                              *(a for ns in namespaces for a in ("--namespace", ns)), *operator_args])
             ready, stop = threading.Event(), threading.Event()
             operator = threading.Thread(target=lambda: asyncio.run(run.operate(args, stop=stop, ready=ready)),
                                         daemon=True)

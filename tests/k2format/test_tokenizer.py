@@ -63,6 +63,21 @@ def test_encode_decode_with_and_without_specials(tiny: K2Tokenizer) -> None:
         tiny.decode([512])
 
 
+def test_encoding_between_specials_gives_tiktokens_ids(tiny: K2Tokenizer) -> None:
+    """`encode` cuts the text at special tokens (so the GIL is free between the calls); the ids are those of one
+    tiktoken call over the whole text, on fresh random text with specials, their prefixes and neighbours."""
+    import random
+
+    rng = random.Random()
+    specials = list(tiny.special_tokens)
+    alphabet = ["a", " ", "\n", "é", "世", "<", "|", ">", "im", "<|", "|>", "<|im_"]
+    for _ in range(200):
+        parts = [rng.choice(specials) if rng.random() < 0.3 else "".join(rng.choices(alphabet, k=rng.randint(0, 9)))
+                 for _ in range(rng.randint(0, 12))]
+        text = "".join(parts)
+        assert tiny.encode(text) == tiny.encoding.encode(text, allowed_special="all"), text
+
+
 def test_incremental_decoder_never_splits_a_character(tiny: K2Tokenizer) -> None:
     text = "a€😀<think>中文</think>z"
     ids = tiny.encode(text)

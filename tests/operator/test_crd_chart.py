@@ -76,11 +76,13 @@ def _render(values: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("values", [{}, {"replicas": 3, "resyncSeconds": 10, "nodeSelector": {"pool": "cpu"},
                                          "priorityClassName": "system-cluster-critical",
-                                         "image": {"repository": "registry.local/k2serve", "tag": "dev"}}])
+                                         "image": {"repository": "registry.local/k2serve", "tag": "dev"}},
+                                    {"rbac": {"scope": "namespace"}, "watchNamespaces": ["team-a", "team-b"],
+                                     "allowedImagePrefixes": ["ghcr.io/k2serve/"]}])
 def test_chart_renders_valid_hardened_objects(values: dict[str, Any]) -> None:
     docs = _render(values)
     for doc in docs:
-        if doc["kind"] != "ClusterKopfPeering":
+        if doc["kind"] not in ("ClusterKopfPeering", "KopfPeering"):
             kubernetes_validate.validate(doc, "1.33.0", strict=True)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -92,9 +94,35 @@ def test_chart_renders_valid_hardened_objects(values: dict[str, Any]) -> None:
     assert deployment["spec"]["replicas"] == values.get("replicas", 2)
 
 
+def test_namespace_scope_grants_a_role_per_watched_namespace_and_nothing_cluster_wide() -> None:
+    docs = _render({"rbac": {"scope": "namespace"}, "watchNamespaces": ["team-a", "team-b"],
+                    "allowedImagePrefixes": ["ghcr.io/k2serve/", "registry.local/"]})
+    kinds = {(d["kind"], d["metadata"].get("namespace")) for d in docs}
+    for ns in ("team-a", "team-b"):
+        assert {("Role", ns), ("RoleBinding", ns), ("KopfPeering", ns)} <= kinds
+    assert not {kind for kind, _ in kinds} & {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    cluster_role = next(d for d in _render({}) if d["kind"] == "ClusterRole")
+    role = next(d for d in docs if d["kind"] == "Role")
+    # The same rights, less cluster-wide discovery, with the namespaced peering object.
+    assert [r for r in role["rules"] if r["resources"] != ["kopfpeerings"]] == \
+        [r for r in cluster_role["rules"] if r["resources"] not in (["customresourcedefinitions"],
+                                                                     ["clusterkopfpeerings"])]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"][0]["namespace"] == crd.INSTALL_NAMESPACE
+    command = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--all-namespaces" not in command
+    assert [command[i + 1] for i, a in enumerate(command) if a == "--namespace"] == ["team-a", "team-b"]
+    assert [command[i + 1] for i, a in enumerate(command) if a == "--allowed-image-prefix"] == \
+        ["ghcr.io/k2serve/", "registry.local/"]
+    assert "--all-namespaces" in next(d for d in _render({}) if d["kind"] == "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]["command"]
+
+
 @pytest.mark.parametrize("values", [{"replicas": 0}, {"replicas": "two"}, {"resyncSeconds": -1},
                                     {"image": {"repository": "", "tag": "x"}}, {"unknownKey": True},
-                                    {"peeringName": "Not_A_Name"}])
+                                    {"peeringName": "Not_A_Name"}, {"rbac": {"scope": "namespace"}},
+                                    {"rbac": {"scope": "tenant"}}, {"watchNamespaces": ["Not_A_Namespace"]},
+                                    {"allowedImagePrefixes": [""]}])
 def test_chart_refuses_bad_values(values: dict[str, Any]) -> None:
     with pytest.raises(Exception, match="(?i)schema|values"):
         _render(values)

@@ -121,7 +121,9 @@ def test_router_sends_the_cluster_token(tmp_path: Path) -> None:
     async def go() -> int:
         stack = await start_local_stack(config)
         try:
-            return len([t async for t in stack.core.generate([1, 2, 3], SamplingParams(max_tokens=4))])
+            # ignore_eos: a sampled end-of-text would end the turn early
+            params = SamplingParams(max_tokens=4, ignore_eos=True)
+            return len([t async for t in stack.core.generate([1, 2, 3], params)])
         finally:
             await stack.aclose()
 

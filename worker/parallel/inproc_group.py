@@ -70,7 +70,8 @@ class InProcessGroup:
         def build() -> WorkerService:
             engine = build_engine(model_dir, pool, config, eos_ids)
             service = WorkerService(EngineLoop(engine), group_id=group_id, role=role, block_size=pool.block_size,
-                                    metrics=metrics, faults=faults, peers=peers, token=token)
+                                    metrics=metrics, faults=faults, peers=peers, token=token,
+                                    tls=config.tls)
             peers.tables[group_id] = service.held
             return service
 

@@ -114,7 +114,7 @@ class GroupLeader:
         peers = RegistryPeers(self.namespace, GROUP_REGISTRY_ACTOR)
         self._service = WorkerService(self._loop(self._group), group_id=self.group_id, role=self.role,
                                       block_size=self.spec.engine.block_size, metrics=self.metrics, peers=peers,
-                                      token=cluster_token(self.config.cluster_token_file))
+                                      token=cluster_token(self.config.cluster_token_file), tls=self.config.tls)
         self.address = await self._service.start(host, 0)
         self.metrics.init_experts(self._group.moe_layers, K2Config.from_dir(resolve_checkpoint(self.spec.model_source)).n_routed_experts)
         self.metrics_port = self.metrics.serve(0, host)
