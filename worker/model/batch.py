@@ -51,6 +51,7 @@ class ForwardBatch:
     # [T] int64: the cache slot each new token's latent is written to (gathered from the slots if not given)
     token_slots: torch.Tensor | None = None
     _decode: "DecodeGather | None" = field(default=None, repr=False)
+    _paged: "PagedPlan | None" = field(default=None, repr=False)
 
     def decode_gather(self, kv: "LatentKVCache") -> "DecodeGather | None":
         """The one-token sequences of the step, in chunks that each attend at once (computed once per step,
@@ -93,6 +94,18 @@ class ForwardBatch:
             start = end
         return DecodeGather(chunks, {id(self.seqs[i]) for i in decodes})
 
+    def paged_plan(self, page: int, block_q: int, device: torch.device) -> "PagedPlan":
+        """The work of a paged-attention kernel launch over every sequence of the step, `block_q` queries of one
+        sequence per program (computed once per step, shared by the layers)."""
+        if self._paged is None or self._paged.block_q != block_q:
+            tables = self._tables(page)  # [S, nb]
+            work = [(i, q0) for i, s in enumerate(self.seqs) for q0 in range(0, s.num_new, block_q)]
+            info = [(s.row, s.start_pos, s.num_new) for s in self.seqs]
+            self._paged = PagedPlan(tables.to(device=device, dtype=torch.int32),
+                                    torch.tensor(work, dtype=torch.int32).view(-1, 2).to(device),
+                                    torch.tensor(info, dtype=torch.int32).view(-1, 3).to(device), page, block_q)
+        return self._paged
+
     def _tables(self, block_size: int) -> torch.Tensor:
         if self.block_tables is None:
             self.block_tables = pad_sequence([s.slots[: s.context_len : block_size] // block_size for s in self.seqs],
@@ -110,6 +123,17 @@ class ForwardBatch:
             self.token_slots = torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs]) if self.seqs \
                 else torch.empty(0, dtype=torch.int64)
         return self.token_slots
+
+
+@dataclass
+class PagedPlan:
+    """One launch of a paged-attention kernel: each program takes `block_q` queries of one sequence."""
+
+    tables: torch.Tensor  # [S, nb] int32 block table of each sequence (padded with block 0)
+    work: torch.Tensor  # [P, 2] int32 (sequence, first of its new tokens) of each program
+    seqs: torch.Tensor  # [S, 3] int32 (first row in the flattened batch, position of the first new token, new tokens)
+    page: int  # cache block size
+    block_q: int
 
 
 @dataclass

@@ -25,6 +25,11 @@ from k2serve.worker.model.norm import rms_norm
 from k2serve.worker.model.rope import Rotary, softmax_scale
 
 
+def use_paged_kernel(device: torch.device) -> bool:
+    """CUDA tensors attend through the Triton kernel; the CPU keeps the torch tiles."""
+    return device.type == "cuda"
+
+
 class MLAttention:
     def __init__(self, config: K2Config, layer: int, w: dict[str, torch.Tensor], proj: Projections,
                  deterministic: bool) -> None:
@@ -75,6 +80,32 @@ class MLAttention:
         k_rope = rotary.apply(ckv[:, self.kv_lora_rank :], cos, sin)  # [T, r]
         kv.write(self.layer, batch.write_slots, latent, k_rope)
 
+        if use_paged_kernel(x.device):
+            out, direct = self._attend_paged(q_lat, q_rope, batch, kv), []
+        else:
+            out, direct = self._attend_tiles(x, q_lat, q_nope, q_rope, batch, kv)
+        o = self._per_head("thc,hvc->thv", out, self.w_uv, self.w_uv_t)  # [T, H, v]
+        for rows, o_rows in direct:
+            o[rows] = o_rows
+        o = o.reshape(T, self.heads * self.v_dim)
+        return self.o_proj(o, self.det)
+
+    def _attend_paged(self, q_lat: torch.Tensor, q_rope: torch.Tensor, batch: ForwardBatch, kv: LatentKVCache
+                      ) -> torch.Tensor:
+        """The Triton kernel over every sequence of the step in one launch, absorbed form (decode and prefill
+        chunks alike; batch-invariant, so deterministic mode takes it too) -> attended latents [T, H, c]."""
+        from k2serve.worker.kernels.triton_mla import MLATiles, paged_mla_absorbed  # triton only where it runs
+
+        tiles = MLATiles.for_shape(self.heads, self.kv_lora_rank)
+        plan = batch.paged_plan(kv.block_size, tiles.block_q, q_lat.device)
+        return paged_mla_absorbed(q_lat, q_rope, kv.data[self.layer], plan, self.scale, tiles)
+
+    def _attend_tiles(self, x: torch.Tensor, q_lat: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
+                      batch: ForwardBatch, kv: LatentKVCache) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]]]:
+        """The torch path (CPU): decodes gathered in chunks, prefill chunks in one product or in tiles, or query
+        by query in deterministic mode -> attended latents [T, H, c], and the rows whose attention came out per
+        head [n, H, v] (the decompressed form) with their slices."""
+        T = x.shape[0]
         out = x.new_empty(T, self.heads, self.kv_lora_rank)  # [T, H, c]
         # Latent and rope parts in one product against the whole cached rows (no strided copies of either).
         q_all = None if self.det else torch.cat([q_lat, q_rope], dim=-1)  # [T, H, c + r]
@@ -112,11 +143,7 @@ class MLAttention:
                 n = s.start_pos + i + 1  # the keys this query sees, exactly: prefill and decode alike
                 out[s.row + i] = self._attend(q_lat[s.row + i : s.row + i + 1], q_rope[s.row + i : s.row + i + 1],
                                               c_all[:n], r_all[:n])[0]
-        o = self._per_head("thc,hvc->thv", out, self.w_uv, self.w_uv_t)  # [T, H, v]
-        for rows, o_rows in direct:
-            o[rows] = o_rows
-        o = o.reshape(T, self.heads * self.v_dim)
-        return self.o_proj(o, self.det)
+        return out, direct
 
     def _per_head(self, equation: str, x: torch.Tensor, w: torch.Tensor, w_bmm: torch.Tensor | None = None
                   ) -> torch.Tensor:

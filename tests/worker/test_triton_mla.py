@@ -1,0 +1,219 @@
+"""The Triton paged MLA attention kernel under TRITON_INTERPRET=1 against the torch references.
+
+The interpreter must be chosen before triton is first imported, so the kernel runs in a child process (this file
+run as a script) that reports its measurements as JSON; the tests below judge them. The error measure is
+max|out - ref| / max|ref| over one sequence's rows, against a float64 softmax over its whole context and against
+`attend_absorbed` (the torch tiles the CPU runs). Every output buffer is NaN-poisoned first. Sizes are tiny-k2's
+(4 heads, c 64, r 16) plus one odd shape (3 heads, c 48) that exercises the kernel's masks. The interpreter has no
+bf16 (numpy has none); bf16 runs on a GPU (test_triton_mla_gpu.py).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import pytest
+
+# (start, new tokens) per sequence of one launch: an odd prompt, a decode mid-block, a prefix-cache hit mid-block,
+# a chunk starting and ending on block boundaries, a first token, a long chunk over many key tiles.
+SEQS = [(0, 37), (33, 1), (21, 50), (32, 16), (0, 1), (130, 23)]
+# name -> (heads, c, r, page, tiles: None for `MLATiles.for_shape`, else (block_q, block_h, block_n))
+SHAPES: dict[str, tuple[int, int, int, int, tuple[int, int, int] | None]] = {
+    "tiny_default": (4, 64, 16, 16, None),  # key tiles of 64 span 4 pages
+    "tiny_page_spans_tiles": (4, 64, 16, 64, (2, 8, 16)),  # one page spans 4 key tiles; half the heads masked
+    "odd_dims": (3, 48, 16, 16, (4, 2, 32)),  # c not a power of two, heads not a multiple of block_h
+}
+DTYPES = {"float32": 1e-5, "float16": 2e-3}  # max relative error against the float64 reference
+SCALE = 0.15
+
+
+def _launch_case(shape: str, dtype_name: str) -> dict[str, Any]:
+    import torch
+
+    from k2serve.worker.kernels.triton_mla import MLATiles, paged_mla_absorbed
+    from k2serve.worker.model.attention_tiles import Tiles, attend_absorbed
+    from k2serve.worker.model.batch import ForwardBatch, SeqSlice
+
+    heads, c, r, page, custom = SHAPES[shape]
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}|{dtype_name}".encode()))
+    blocks_needed = [-(-(start + n) // page) for start, n in SEQS]
+    num_blocks = sum(blocks_needed) + 5
+    cache = torch.randn(num_blocks * page, c + r, generator=gen).to(dtype)  # [slots, c + r]
+    order = torch.randperm(num_blocks, generator=gen)  # every sequence's blocks scattered, none in order
+    seqs, row, used = [], 0, 0
+    for (start, n), nb in zip(SEQS, blocks_needed):
+        table = order[used : used + nb]
+        used += nb
+        seqs.append(SeqSlice(row, n, start, (table[:, None] * page + torch.arange(page)).flatten()))
+        row += n
+    q = torch.randn(row, heads, c + r, generator=gen).to(dtype)  # [T, H, c + r]
+    tiles = MLATiles.for_shape(heads, c) if custom is None else MLATiles(*custom)
+
+    def launch(batch_seqs: list[SeqSlice]) -> torch.Tensor:
+        batch = ForwardBatch(torch.zeros(row, dtype=torch.int64), torch.zeros(row, dtype=torch.int64), batch_seqs,
+                             torch.zeros(1, dtype=torch.int64))
+        plan = batch.paged_plan(page, tiles.block_q, q.device)
+        out = torch.full((row, heads, c), float("nan"), dtype=dtype)
+        return paged_mla_absorbed(q[..., :c], q[..., c:], cache, plan, SCALE, tiles, out)
+
+    together = launch(seqs)
+    report: dict[str, Any] = {"tiles": list(vars(tiles).values()), "nan": bool(together.isnan().any()), "seqs": []}
+    for s in seqs:
+        rows = slice(s.row, s.row + s.num_new)
+        keys = cache[s.slots[: s.context_len]].double()  # [ctx, c + r]
+        qd = q[rows].double()
+        scores = torch.einsum("nhd,kd->nhk", qd, keys) * SCALE  # [n, H, ctx]
+        future = torch.arange(s.context_len)[None, :] > (s.start_pos + torch.arange(s.num_new))[:, None]
+        expected = torch.einsum("nhk,kc->nhc", scores.masked_fill(future[:, None], float("-inf")).softmax(-1),
+                                keys[:, :c])  # [n, H, c]
+        torch_tiles = attend_absorbed(q[rows], lambda a, b, s=s: cache[s.slots[a:b]], s.start_pos, c, SCALE,
+                                      Tiles(16, 32))
+        ours = together[rows].double()
+        alone = launch([s])[rows]
+        report["seqs"].append({
+            "seq": [s.start_pos, s.num_new],
+            "rel_float64": ((ours - expected).abs().max() / expected.abs().max()).item(),
+            "rel_torch_tiles": ((ours - torch_tiles.double()).abs().max() / torch_tiles.abs().max()).item(),
+            "alone_bitwise": bool(torch.equal(alone, together[rows])),
+        })
+    # The long chunk again in two chunks split off the query tiles' grid (as after a resume): the same bits.
+    s = seqs[-1]
+    split = 9  # off the grid of query tiles (block_q 2 or 4)
+    rows = slice(s.row, s.row + s.num_new)
+    chunked = launch([SeqSlice(s.row, split, s.start_pos, s.slots)])
+    chunked[s.row + split : rows.stop] = launch([SeqSlice(s.row + split, s.num_new - split, s.start_pos + split,
+                                                           s.slots)])[s.row + split : rows.stop]
+    report["chunked_bitwise"] = bool(torch.equal(chunked[rows], together[rows]))
+    return report
+
+
+def _layer_case(deterministic: bool) -> float:
+    """A tiny-k2 attention layer over a step of a prefill chunk and two decodes, kernel path against torch path
+    (fp32): max relative error of the layer's output."""
+    import torch
+
+    from k2serve.worker.loader import load_weights, resolve_checkpoint
+    from k2serve.worker.model import mla
+    from k2serve.worker.model.batch import ForwardBatch, LatentKVCache, SeqSlice
+    from k2serve.worker.model.k2 import K2Model
+
+    w = load_weights(resolve_checkpoint("builtin:tiny-k2"))
+    model = K2Model(w.config, w.dense, w.experts, deterministic=deterministic)
+    attn = model.layers[1][1]
+    gen = torch.Generator().manual_seed(7)
+    page, num_blocks = 16, 24
+    order = torch.randperm(num_blocks, generator=gen)
+    lengths = [(0, 70), (45, 1), (18, 1)]  # (start, new): prefix positions are written first
+    slots = [(order[i * 6 : i * 6 + 6, None] * page + torch.arange(page)).flatten() for i in range(len(lengths))]
+    prefix = [SeqSlice(0, start, 0, sl) for (start, _), sl in zip(lengths, slots) if start]
+    step = []
+    row = 0
+    for (start, n), sl in zip(lengths, slots):
+        step.append(SeqSlice(row, n, start, sl))
+        row += n
+    x_prefix = torch.randn(sum(s.num_new for s in prefix), w.config.hidden_size, generator=gen)
+    x_step = torch.randn(row, w.config.hidden_size, generator=gen)  # [T, D]
+
+    def run(kernel: bool) -> torch.Tensor:
+        mla.use_paged_kernel = lambda device: kernel  # type: ignore[assignment]  # this child process only
+        kv = LatentKVCache(w.config, num_blocks, page, model.dtype, model.device)
+        out = None
+        for seqs, x in ((prefix, x_prefix), (step, x_step)):
+            r = 0
+            for s in seqs:
+                s.row, r = r, r + s.num_new
+            pos = torch.cat([torch.arange(s.start_pos, s.context_len) for s in seqs])
+            batch = ForwardBatch(torch.zeros(r, dtype=torch.int64), pos, seqs, torch.zeros(1, dtype=torch.int64))
+            cos, sin = model.rotary.cos_sin(pos, model.dtype)
+            out = attn(x, batch, kv, cos, sin, model.rotary)
+        assert out is not None
+        return out
+
+    ours, expected = run(True), run(False)
+    return ((ours - expected).abs().max() / expected.abs().max()).item()
+
+
+def _child() -> dict[str, Any]:
+    """Runs with TRITON_INTERPRET=1: every case's measurements."""
+    report: dict[str, Any] = {f"{shape}|{dtype}": _launch_case(shape, dtype) for shape in SHAPES for dtype in DTYPES}
+    report["layer"] = _layer_case(False)
+    report["layer_deterministic"] = _layer_case(True)
+    return report
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    from helpers.child import run_script_report  # not at the top: this file also runs as a plain script
+
+    return run_script_report(__file__, interpret=True, timeout_s=600)
+
+
+CASES = [f"{shape}|{dtype}" for shape in SHAPES for dtype in DTYPES]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_the_float64_softmax(report: dict[str, Any], case: str) -> None:
+    tol = DTYPES[case.split("|")[1]]
+    assert not report[case]["nan"], "a row of the output was never written"
+    for seq in report[case]["seqs"]:
+        assert seq["rel_float64"] <= tol, seq
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_the_torch_tiles(report: dict[str, Any], case: str) -> None:
+    """The CPU path and the GPU kernel compute the same attention: fp32 within 1e-5; in fp16 the kernel rounds
+    its probabilities to fp16 for the value product (as flash attention does), the torch tiles do not."""
+    tol = DTYPES[case.split("|")[1]]
+    for seq in report[case]["seqs"]:
+        assert seq["rel_torch_tiles"] <= tol, seq
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(report: dict[str, Any], case: str) -> None:
+    assert all(seq["alone_bitwise"] for seq in report[case]["seqs"]), report[case]["seqs"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_chunk_split_elsewhere_gets_the_same_bits(report: dict[str, Any], case: str) -> None:
+    assert report[case]["chunked_bitwise"]
+
+
+def test_the_cases_cross_tiles_and_pages(report: dict[str, Any]) -> None:
+    """The shapes really put several key tiles in a page and several pages in a tile (else the block-table walk
+    goes untested)."""
+    page_default, tiles_default = SHAPES["tiny_default"][3], report["tiny_default|float32"]["tiles"]
+    assert tiles_default[2] > page_default
+    assert SHAPES["tiny_page_spans_tiles"][3] > report["tiny_page_spans_tiles|float32"]["tiles"][2]
+
+
+@pytest.mark.parametrize("key", ["layer", "layer_deterministic"])
+def test_the_layer_attends_through_the_kernel_as_through_the_tiles(report: dict[str, Any], key: str) -> None:
+    assert report[key] <= 1e-5, f"max relative error {report[key]:.2e}"
+
+
+def test_bad_inputs_are_refused_before_launch() -> None:
+    import torch
+
+    from k2serve.worker.kernels.triton_mla import MLATiles, paged_mla_absorbed
+    from k2serve.worker.model.batch import ForwardBatch, SeqSlice
+
+    tiles = MLATiles.for_shape(4, 64)
+    batch = ForwardBatch(torch.zeros(3, dtype=torch.int64), torch.arange(3), [SeqSlice(0, 3, 0, torch.arange(16))],
+                         torch.zeros(1, dtype=torch.int64))
+    plan = batch.paged_plan(16, tiles.block_q, torch.device("cpu"))
+    q_lat, q_rope, cache = torch.randn(3, 4, 64), torch.randn(3, 4, 16), torch.randn(16, 80)
+    with pytest.raises(ValueError, match="share one of"):
+        paged_mla_absorbed(q_lat, q_rope, cache.half(), plan, 0.1, tiles)
+    with pytest.raises(ValueError, match="cache must be"):
+        paged_mla_absorbed(q_lat, q_rope, cache[:, :72], plan, 0.1, tiles)
+    with pytest.raises(ValueError, match="queries per program"):
+        paged_mla_absorbed(q_lat, q_rope, cache, plan, 0.1, MLATiles(8, 4, 32))
+    with pytest.raises(ValueError, match="contiguous"):
+        paged_mla_absorbed(q_lat.transpose(1, 2).contiguous().transpose(1, 2), q_rope, cache, plan, 0.1, tiles)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child()))
