@@ -26,50 +26,61 @@ SHAPES: dict[str, tuple[int, int, int, int, tuple[int, int, int] | None]] = {
     "odd_dims": (3, 48, 16, 16, (4, 2, 32)),  # c not a power of two, heads not a multiple of block_h
 }
 DTYPES = {"float32": 1e-5, "float16": 2e-3}  # max relative error against the float64 reference
+# On a GPU, at K2's dims: 64 heads on one rank (16 per program), an 8-rank shard's 8 (2 queries per program).
+GPU_SHAPES: dict[str, tuple[int, int, int, int, tuple[int, int, int] | None]] = {
+    "k2": (64, 512, 64, 16, None), "k2_tp8": (8, 512, 64, 64, None),
+}
+GPU_DTYPES = {"bfloat16": 2e-2, "float32": 1e-5}
+GPU_SEQS = [(0, 1000), (4097, 1), (300, 77), (20011, 1), (2048, 512), (1003, 40)]
 SCALE = 0.15
 
 
-def _launch_case(shape: str, dtype_name: str) -> dict[str, Any]:
+def _launch_case(shape: str, dtype_name: str, lengths: list[tuple[int, int]] = SEQS, device: str = "cpu"
+                 ) -> dict[str, Any]:
+    """One launch over sequences of `lengths` (start, new tokens), each sequence's rows measured against the
+    float64 softmax and the torch tiles, relaunched alone, and the last one relaunched in two chunks."""
     import torch
 
     from k2serve.worker.kernels.triton_mla import MLATiles, paged_mla_absorbed
     from k2serve.worker.model.attention_tiles import Tiles, attend_absorbed
     from k2serve.worker.model.batch import ForwardBatch, SeqSlice
 
-    heads, c, r, page, custom = SHAPES[shape]
+    heads, c, r, page, custom = {**SHAPES, **GPU_SHAPES}[shape]
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}|{dtype_name}".encode()))
-    blocks_needed = [-(-(start + n) // page) for start, n in SEQS]
+    blocks_needed = [-(-(start + n) // page) for start, n in lengths]
     num_blocks = sum(blocks_needed) + 5
-    cache = torch.randn(num_blocks * page, c + r, generator=gen).to(dtype)  # [slots, c + r]
+    cache = torch.randn(num_blocks * page, c + r, generator=gen).to(device, dtype)  # [slots, c + r]
     order = torch.randperm(num_blocks, generator=gen)  # every sequence's blocks scattered, none in order
     seqs, row, used = [], 0, 0
-    for (start, n), nb in zip(SEQS, blocks_needed):
+    for (start, n), nb in zip(lengths, blocks_needed):
         table = order[used : used + nb]
         used += nb
         seqs.append(SeqSlice(row, n, start, (table[:, None] * page + torch.arange(page)).flatten()))
         row += n
-    q = torch.randn(row, heads, c + r, generator=gen).to(dtype)  # [T, H, c + r]
+    q = torch.randn(row, heads, c + r, generator=gen).to(device, dtype)  # [T, H, c + r]
     tiles = MLATiles.for_shape(heads, c) if custom is None else MLATiles(*custom)
 
     def launch(batch_seqs: list[SeqSlice]) -> torch.Tensor:
         batch = ForwardBatch(torch.zeros(row, dtype=torch.int64), torch.zeros(row, dtype=torch.int64), batch_seqs,
                              torch.zeros(1, dtype=torch.int64))
         plan = batch.paged_plan(page, tiles.block_q, q.device)
-        out = torch.full((row, heads, c), float("nan"), dtype=dtype)
+        out = torch.full((row, heads, c), float("nan"), dtype=dtype, device=device)
         return paged_mla_absorbed(q[..., :c], q[..., c:], cache, plan, SCALE, tiles, out)
 
     together = launch(seqs)
     report: dict[str, Any] = {"tiles": list(vars(tiles).values()), "nan": bool(together.isnan().any()), "seqs": []}
     for s in seqs:
         rows = slice(s.row, s.row + s.num_new)
-        keys = cache[s.slots[: s.context_len]].double()  # [ctx, c + r]
+        slots = s.slots.to(device)
+        keys = cache[slots[: s.context_len]].double()  # [ctx, c + r]
         qd = q[rows].double()
         scores = torch.einsum("nhd,kd->nhk", qd, keys) * SCALE  # [n, H, ctx]
-        future = torch.arange(s.context_len)[None, :] > (s.start_pos + torch.arange(s.num_new))[:, None]
+        future = torch.arange(s.context_len, device=device)[None, :] > \
+            (s.start_pos + torch.arange(s.num_new, device=device))[:, None]  # [n, ctx]
         expected = torch.einsum("nhk,kc->nhc", scores.masked_fill(future[:, None], float("-inf")).softmax(-1),
                                 keys[:, :c])  # [n, H, c]
-        torch_tiles = attend_absorbed(q[rows], lambda a, b, s=s: cache[s.slots[a:b]], s.start_pos, c, SCALE,
+        torch_tiles = attend_absorbed(q[rows], lambda a, b, slots=slots: cache[slots[a:b]], s.start_pos, c, SCALE,
                                       Tiles(16, 32))
         ours = together[rows].double()
         alone = launch([s])[rows]
@@ -213,6 +224,23 @@ def test_bad_inputs_are_refused_before_launch() -> None:
         paged_mla_absorbed(q_lat, q_rope, cache, plan, 0.1, MLATiles(8, 4, 32))
     with pytest.raises(ValueError, match="contiguous"):
         paged_mla_absorbed(q_lat.transpose(1, 2).contiguous().transpose(1, 2), q_rope, cache, plan, 0.1, tiles)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES))
+def test_kernel_on_cuda_at_k2_dims(shape: str, dtype: str) -> None:
+    """Compiled for the GPU it runs on (bench/gpu_check.sh): long contexts, the same measurements as above."""
+    import torch
+
+    assert torch.cuda.is_available(), "this test needs a CUDA device (bench/gpu_check.sh runs it)"
+    measured = _launch_case(shape, dtype, GPU_SEQS, "cuda")
+    assert not measured["nan"], "a row of the output was never written"
+    for seq in measured["seqs"]:
+        assert seq["rel_float64"] <= GPU_DTYPES[dtype], seq
+        assert seq["rel_torch_tiles"] <= GPU_DTYPES[dtype], seq
+        assert seq["alone_bitwise"], seq
+    assert measured["chunked_bitwise"]
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ from k2serve.k2format.model_config import K2Config
 # scores and the weighted sum re-read them from cache. Measured on tiny-k2, one thread, 32 decoding sequences of
 # ~300 keys (fp32 latents of 80: a 2.6 MB gather per layer in one chunk): attention 5.9 -> 5.2 ms per step, and
 # the engine's closed loop at 32 concurrent +3-6% tokens/s in 3 alternating pairs.
+# A decode whose own keys exceed it attends alone, in tiles (`attention_tiles`). (CUDA attends through the Triton
+# kernel, `PagedPlan`, which reads keys through the block tables and gathers nothing.)
 CPU_CHUNK_BYTES = 1 << 20
-# A decode whose own keys exceed this (GPU; CPU_CHUNK_BYTES on CPU) attends alone, in tiles (`attention_tiles`),
-# instead of gathering its whole context at once: at 128K of K2's bf16 latents a gather would be 147 MB per layer.
-LONG_DECODE_BYTES = 64 << 20
 
 
 @dataclass
@@ -58,12 +57,11 @@ class ForwardBatch:
         shared by the layers). Gathering whole blocks copies contiguous runs of `block_size` keys instead of one
         index per key (slots come from block tables: slot = block * block_size + offset). Sequences are taken
         shortest context first, each chunk padded only to its own longest, and on CPU a chunk's gathered keys
-        stay within `CPU_CHUNK_BYTES` so both products over them read from cache, not memory."""
+        stay within `CPU_CHUNK_BYTES` so both products over them read from cache, not memory (the torch path)."""
         if self._decode is None:
             bs = kv.block_size
-            budget = CPU_CHUNK_BYTES if kv.data.device.type == "cpu" else None
             key_bytes = kv.data.shape[-1] * kv.data.element_size()
-            longest = (budget or LONG_DECODE_BYTES) // key_bytes // bs * bs
+            longest = CPU_CHUNK_BYTES // key_bytes // bs * bs
             decodes = sorted((i for i, s in enumerate(self.seqs) if s.num_new == 1 and s.context_len <= longest),
                              key=lambda i: self.seqs[i].context_len)
             if len(decodes) < 2:
@@ -73,7 +71,7 @@ class ForwardBatch:
             for n, ctx in enumerate(contexts):  # the newest member of a chunk is its longest
                 padded = -(-ctx // bs) * bs
                 start = ends[-1] if ends else 0
-                if n > start and budget is not None and (n - start + 1) * padded * key_bytes > budget:
+                if n > start and (n - start + 1) * padded * key_bytes > CPU_CHUNK_BYTES:
                     ends.append(n)
             ends.append(len(decodes))
             self._decode = self._chunks(decodes, contexts, ends, bs, kv.data.dtype, kv.data.device)
