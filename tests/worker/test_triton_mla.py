@@ -1,11 +1,13 @@
-"""The Triton paged MLA attention kernel under TRITON_INTERPRET=1 against the torch references.
+"""The Triton MLA attention kernels (absorbed over the paged cache; multi-head form of long chunks) under
+TRITON_INTERPRET=1 against the torch references.
 
-The interpreter must be chosen before triton is first imported, so the kernel runs in a child process (this file
+The interpreter must be chosen before triton is first imported, so the kernels run in a child process (this file
 run as a script) that reports its measurements as JSON; the tests below judge them. The error measure is
 max|out - ref| / max|ref| over one sequence's rows, against a float64 softmax over its whole context and against
-`attend_absorbed` (the torch tiles the CPU runs). Every output buffer is NaN-poisoned first. Sizes are tiny-k2's
-(4 heads, c 64, r 16) plus one odd shape (3 heads, c 48) that exercises the kernel's masks. The interpreter has no
-bf16 (numpy has none); bf16 runs on a GPU (test_triton_mla_gpu.py).
+`attend_absorbed` / `attend_decompressed` (the torch tiles the CPU runs). The absorbed kernel's output buffer is
+NaN-poisoned first. Sizes are tiny-k2's (4 heads, c 64, r 16, nope 32, v 32) plus one odd shape (3 heads, c 48)
+that exercises the kernels' masks. The interpreter has no bf16 (numpy has none): the gpu-marked tests at the end
+run bf16 and fp32 at K2's dims on CUDA (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -32,7 +34,26 @@ GPU_SHAPES: dict[str, tuple[int, int, int, int, tuple[int, int, int] | None]] = 
 }
 GPU_DTYPES = {"bfloat16": 2e-2, "float32": 1e-5}
 GPU_SEQS = [(0, 1000), (4097, 1), (300, 77), (20011, 1), (2048, 512), (1003, 40)]
+# The multi-head form: name -> (heads, c, r, nope, v, tiles: None for `ExpandedTiles.for_shape`, else
+# (block_m, block_n, key_tile)), one chunk per (start, new tokens).
+EXPANDED_SHAPES: dict[str, tuple[int, int, int, int, int, tuple[int, int, int] | None]] = {
+    "tiny": (4, 64, 16, 32, 32, (16, 16, 48)),  # key tiles of 3 inner steps, ending mid-query-tile
+    "odd_dims": (3, 48, 16, 24, 20, (32, 32, 32)),  # no power of two among c, nope, v
+}
+EXPANDED_SEQS = [(0, 37), (21, 50), (130, 23), (33, 1)]
+GPU_EXPANDED_SHAPES = {"k2": (64, 512, 64, 128, 128, None)}  # c, r, nope, v of K2
+GPU_EXPANDED_SEQS = [(0, 1000), (300, 777), (4096, 1024)]
 SCALE = 0.15
+
+
+def _reference(q: Any, keys: Any, start: int, c: int) -> Any:
+    """float64 softmax over the whole context: q [n, H, c + r], keys [ctx, c + r] -> attended latents [n, H, c]."""
+    import torch
+
+    scores = torch.einsum("nhd,kd->nhk", q, keys) * SCALE  # [n, H, ctx]
+    future = torch.arange(keys.shape[0], device=q.device)[None, :] > \
+        (start + torch.arange(q.shape[0], device=q.device))[:, None]  # [n, ctx]
+    return torch.einsum("nhk,kc->nhc", scores.masked_fill(future[:, None], float("-inf")).softmax(-1), keys[:, :c])
 
 
 def _launch_case(shape: str, dtype_name: str, lengths: list[tuple[int, int]] = SEQS, device: str = "cpu"
@@ -74,12 +95,7 @@ def _launch_case(shape: str, dtype_name: str, lengths: list[tuple[int, int]] = S
         rows = slice(s.row, s.row + s.num_new)
         slots = s.slots.to(device)
         keys = cache[slots[: s.context_len]].double()  # [ctx, c + r]
-        qd = q[rows].double()
-        scores = torch.einsum("nhd,kd->nhk", qd, keys) * SCALE  # [n, H, ctx]
-        future = torch.arange(s.context_len, device=device)[None, :] > \
-            (s.start_pos + torch.arange(s.num_new, device=device))[:, None]  # [n, ctx]
-        expected = torch.einsum("nhk,kc->nhc", scores.masked_fill(future[:, None], float("-inf")).softmax(-1),
-                                keys[:, :c])  # [n, H, c]
+        expected = _reference(q[rows].double(), keys, s.start_pos, c)  # [n, H, c]
         torch_tiles = attend_absorbed(q[rows], lambda a, b, slots=slots: cache[slots[a:b]], s.start_pos, c, SCALE,
                                       Tiles(16, 32))
         ours = together[rows].double()
@@ -101,9 +117,46 @@ def _launch_case(shape: str, dtype_name: str, lengths: list[tuple[int, int]] = S
     return report
 
 
-def _layer_case(deterministic: bool) -> float:
+def _expanded_case(shape: str, dtype_name: str, lengths: list[tuple[int, int]] = EXPANDED_SEQS,
+                   device: str = "cpu") -> list[dict[str, Any]]:
+    """The multi-head form, one chunk per (start, new tokens), against the float64 softmax (mapped out by W_UV)
+    and `attend_decompressed`: [{'seq', 'rel_float64', 'rel_torch_tiles', 'nan'}]."""
+    import torch
+
+    from k2serve.worker.kernels.triton_mla import ExpandedTiles, mla_expanded
+    from k2serve.worker.model.attention_tiles import Tiles, attend_decompressed
+
+    heads, c, r, nope, v_dim, custom = {**EXPANDED_SHAPES, **GPU_EXPANDED_SHAPES}[shape]
+    dtype = getattr(torch, dtype_name)
+    tiles = ExpandedTiles.for_shape(heads, nope, v_dim, dtype) if custom is None else ExpandedTiles(*custom)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"expanded|{shape}|{dtype_name}".encode()))
+    w_uk = (torch.randn(heads, nope, c, generator=gen) / c**0.5).to(device, dtype)  # [H, nope, c]
+    w_uv = (torch.randn(heads, v_dim, c, generator=gen) / c**0.5).to(device, dtype)  # [H, v, c]
+    report = []
+    for start, n in lengths:
+        data = torch.randn(start + n + 40, c + r, generator=gen).to(device, dtype)  # [slots, c + r]
+        slots = torch.randperm(data.shape[0], generator=gen)[: start + n].to(device)  # [ctx]: scattered rows
+        q_nope = torch.randn(n, heads, nope, generator=gen).to(device, dtype)
+        q_rope = torch.randn(n, heads, r, generator=gen).to(device, dtype)
+        ours = mla_expanded(q_nope, q_rope, lambda a, b: data[slots[a:b]], start, c, w_uk.transpose(1, 2),
+                            w_uv.transpose(1, 2), SCALE, tiles).double()  # [n, H, v]
+        q_lat = torch.einsum("nhd,hdc->nhc", q_nope.double(), w_uk.double())
+        latents = _reference(torch.cat([q_lat, q_rope.double()], dim=-1), data[slots].double(), start, c)
+        expected = torch.einsum("nhc,hvc->nhv", latents, w_uv.double())  # [n, H, v]
+        torch_tiles = attend_decompressed(q_nope, q_rope, lambda a, b: data[slots[a:b]], start, c,
+                                          w_uk.transpose(1, 2), w_uv.transpose(1, 2), SCALE, Tiles(16, 32)).double()
+        report.append({
+            "seq": [start, n], "nan": bool(ours.isnan().any()),
+            "rel_float64": ((ours - expected).abs().max() / expected.abs().max()).item(),
+            "rel_torch_tiles": ((ours - torch_tiles).abs().max() / torch_tiles.abs().max()).item(),
+        })
+    return report
+
+
+def _layer_case(deterministic: bool, expanded: bool = False) -> float:
     """A tiny-k2 attention layer over a step of a prefill chunk and two decodes, kernel path against torch path
-    (fp32): max relative error of the layer's output."""
+    (fp32): max relative error of the layer's output. `expanded`: chunks of more than 8 queries take the
+    multi-head form (on tiny-k2's dims it never pays, so the test decides)."""
     import torch
 
     from k2serve.worker.loader import load_weights, resolve_checkpoint
@@ -114,6 +167,8 @@ def _layer_case(deterministic: bool) -> float:
     w = load_weights(resolve_checkpoint("builtin:tiny-k2"))
     model = K2Model(w.config, w.dense, w.experts, deterministic=deterministic)
     attn = model.layers[1][1]
+    if expanded:
+        attn._decompress_pays = lambda n: n > 8  # type: ignore[method-assign]
     gen = torch.Generator().manual_seed(7)
     page, num_blocks = 16, 24
     order = torch.randperm(num_blocks, generator=gen)
@@ -150,8 +205,11 @@ def _layer_case(deterministic: bool) -> float:
 def _child() -> dict[str, Any]:
     """Runs with TRITON_INTERPRET=1: every case's measurements."""
     report: dict[str, Any] = {f"{shape}|{dtype}": _launch_case(shape, dtype) for shape in SHAPES for dtype in DTYPES}
+    report |= {f"expanded|{shape}|{dtype}": _expanded_case(shape, dtype) for shape in EXPANDED_SHAPES
+               for dtype in DTYPES}
     report["layer"] = _layer_case(False)
     report["layer_deterministic"] = _layer_case(True)
+    report["layer_expanded"] = _layer_case(False, expanded=True)
     return report
 
 
@@ -200,7 +258,19 @@ def test_the_cases_cross_tiles_and_pages(report: dict[str, Any]) -> None:
     assert SHAPES["tiny_page_spans_tiles"][3] > report["tiny_page_spans_tiles|float32"]["tiles"][2]
 
 
-@pytest.mark.parametrize("key", ["layer", "layer_deterministic"])
+EXPANDED_CASES = [f"expanded|{shape}|{dtype}" for shape in EXPANDED_SHAPES for dtype in DTYPES]
+
+
+@pytest.mark.parametrize("case", EXPANDED_CASES)
+def test_multi_head_form_matches_the_float64_softmax_and_the_torch_tiles(report: dict[str, Any], case: str) -> None:
+    tol = DTYPES[case.split("|")[2]]
+    for seq in report[case]:
+        assert not seq["nan"], seq
+        assert seq["rel_float64"] <= tol, seq
+        assert seq["rel_torch_tiles"] <= tol, seq
+
+
+@pytest.mark.parametrize("key", ["layer", "layer_deterministic", "layer_expanded"])
 def test_the_layer_attends_through_the_kernel_as_through_the_tiles(report: dict[str, Any], key: str) -> None:
     assert report[key] <= 1e-5, f"max relative error {report[key]:.2e}"
 
@@ -208,7 +278,7 @@ def test_the_layer_attends_through_the_kernel_as_through_the_tiles(report: dict[
 def test_bad_inputs_are_refused_before_launch() -> None:
     import torch
 
-    from k2serve.worker.kernels.triton_mla import MLATiles, paged_mla_absorbed
+    from k2serve.worker.kernels.triton_mla import ExpandedTiles, MLATiles, mla_expanded, paged_mla_absorbed
     from k2serve.worker.model.batch import ForwardBatch, SeqSlice
 
     tiles = MLATiles.for_shape(4, 64)
@@ -224,6 +294,13 @@ def test_bad_inputs_are_refused_before_launch() -> None:
         paged_mla_absorbed(q_lat, q_rope, cache, plan, 0.1, MLATiles(8, 4, 32))
     with pytest.raises(ValueError, match="contiguous"):
         paged_mla_absorbed(q_lat.transpose(1, 2).contiguous().transpose(1, 2), q_rope, cache, plan, 0.1, tiles)
+    w_uk_t, w_uv_t = torch.randn(4, 64, 32), torch.randn(4, 64, 32)
+    with pytest.raises(ValueError, match="share one of"):
+        mla_expanded(torch.randn(3, 4, 32), q_rope, lambda a, b: cache[a:b], 0, 64, w_uk_t.half(), w_uv_t, 0.1,
+                     ExpandedTiles(16, 16, 32))
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        mla_expanded(torch.randn(3, 4, 32), q_rope, lambda a, b: cache[a:b], 0, 64, w_uk_t, w_uv_t, 0.1,
+                     ExpandedTiles(16, 16, 40))
 
 
 @pytest.mark.gpu
@@ -241,6 +318,18 @@ def test_kernel_on_cuda_at_k2_dims(shape: str, dtype: str) -> None:
         assert seq["rel_torch_tiles"] <= GPU_DTYPES[dtype], seq
         assert seq["alone_bitwise"], seq
     assert measured["chunked_bitwise"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES))
+def test_multi_head_form_on_cuda_at_k2_dims(dtype: str) -> None:
+    import torch
+
+    assert torch.cuda.is_available(), "this test needs a CUDA device (bench/gpu_check.sh runs it)"
+    for seq in _expanded_case("k2", dtype, GPU_EXPANDED_SEQS, "cuda"):
+        assert not seq["nan"], seq
+        assert seq["rel_float64"] <= GPU_DTYPES[dtype], seq
+        assert seq["rel_torch_tiles"] <= GPU_DTYPES[dtype], seq
 
 
 if __name__ == "__main__":

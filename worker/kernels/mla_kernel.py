@@ -1,10 +1,13 @@
-"""Triton kernel of absorbed MLA attention over the paged latent cache (launched by `triton_mla`).
+"""Triton kernels of MLA attention (launched by `triton_mla`), both with an fp32 online softmax (running max m,
+denominator l, numerator acc) and no inline assembly, so `TRITON_INTERPRET=1` runs the same code.
 
-One program owns BLOCK_Q queries of one sequence × BLOCK_H heads: BLOCK_Q * BLOCK_H score rows that share every
-key, since in the absorbed form a query's heads all attend to the same cached rows [c | r]. It walks the keys
-0 .. its last query's position in BLOCK_N tiles, in order, looking each tile's rows up through the sequence's
-block table (no gathered copy of the context), and keeps an online softmax in fp32: running max m, denominator l
-and the attended latent acc [rows, c]. No inline assembly, so `TRITON_INTERPRET=1` runs the same code.
+`paged_mla_absorbed_kernel`: one program owns BLOCK_Q queries of one sequence × BLOCK_H heads: BLOCK_Q * BLOCK_H
+score rows that share every key, since in the absorbed form a query's heads all attend to the same cached rows
+[c | r]. It walks the keys 0 .. its last query's position in BLOCK_N tiles, in order, looking each tile's rows up
+through the sequence's block table (no gathered copy of the context); acc is the attended latent [rows, c].
+
+`mla_expanded_tile_kernel`: the multi-head form, one key tile already expanded into per-head keys and values;
+each program folds it into the softmax state of BLOCK_M queries of one head, carried in memory across tiles.
 """
 
 from __future__ import annotations
@@ -92,3 +95,86 @@ def paged_mla_absorbed_kernel(
     out = acc / l_i[:, None]
     tl.store(out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_c[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def mla_expanded_tile_kernel(
+    q_nope_ptr,  # [n, H, nope] the chunk's queries
+    q_rope_ptr,  # [n, H, r]
+    k_nope_ptr,  # [H, kt, nope] keys of one key tile, expanded from its latents (latent · W_UK)
+    k_rope_ptr,  # [kt, r] the tile's rope keys, shared by the heads
+    v_ptr,  # [H, kt, v] values of the tile (latent · W_UV)
+    m_ptr,  # [H, n] fp32 running max of each (head, query), carried from tile to tile
+    l_ptr,  # [H, n] fp32 running denominator
+    acc_ptr,  # [H, n, v] fp32 running numerator
+    n,
+    start,  # position of the chunk's first query
+    j0,  # position of the tile's first key
+    kt,
+    sm_scale,
+    stride_qnt,
+    stride_qnh,
+    stride_qrt,
+    stride_qrh,
+    stride_knh,
+    stride_knk,
+    stride_kr,
+    stride_vh,
+    stride_vk,
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    V_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_NOPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Multi-head form: one program updates the softmax state of BLOCK_M queries of one head with one key tile."""
+    head = tl.program_id(1).to(tl.int64)
+    qi = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [M]
+    q_ok = qi < n
+    pos = start + qi
+    offs_d = tl.arange(0, BLOCK_NOPE)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_v = tl.arange(0, BLOCK_V)
+    d_ok = offs_d < NOPE
+    r_ok = offs_r < ROPE
+    v_ok = offs_v < V_DIM
+    q_nope = tl.load(q_nope_ptr + qi[:, None] * stride_qnt + head * stride_qnh + offs_d[None, :],
+                     mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [M, BD]
+    q_rope = tl.load(q_rope_ptr + qi[:, None] * stride_qrt + head * stride_qrh + offs_r[None, :],
+                     mask=q_ok[:, None] & r_ok[None, :], other=0.0)  # [M, BR]
+    state = head * n + qi  # [M] index into m and l
+    m_i = tl.load(m_ptr + state, mask=q_ok, other=0.0)
+    l_i = tl.load(l_ptr + state, mask=q_ok, other=0.0)
+    acc_ptrs = acc_ptr + state[:, None] * V_DIM + offs_v[None, :]
+    acc = tl.load(acc_ptrs, mask=q_ok[:, None] & v_ok[None, :], other=0.0)  # [M, BV]
+
+    # Keys past this program's last query are never read. The tile at key 0 holds a key every row sees, so each
+    # row's max is finite from the first tile on and no row computes exp2(-inf - -inf).
+    k_end = tl.minimum(kt, start + tl.minimum(n, (tl.program_id(0) + 1) * BLOCK_M) - j0)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 in place of exp
+    for k0 in range(0, k_end, BLOCK_N):
+        k = k0 + tl.arange(0, BLOCK_N)  # [N] keys within the tile
+        k_ok = k < k_end
+        k_nope = tl.load(k_nope_ptr + head * stride_knh + k[:, None] * stride_knk + offs_d[None, :],
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [N, BD]
+        k_rope = tl.load(k_rope_ptr + k[:, None] * stride_kr + offs_r[None, :],
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [N, BR]
+        v = tl.load(v_ptr + head * stride_vh + k[:, None] * stride_vk + offs_v[None, :],
+                    mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # [N, BV]
+        s = tl.dot(q_nope, tl.trans(k_nope), input_precision=DOT_PRECISION)  # [M, N]
+        s = tl.dot(q_rope, tl.trans(k_rope), s, input_precision=DOT_PRECISION)
+        visible = (j0 + k[None, :] <= pos[:, None]) & k_ok[None, :]
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    tl.store(m_ptr + state, m_i, mask=q_ok)
+    tl.store(l_ptr + state, l_i, mask=q_ok)
+    tl.store(acc_ptrs, acc, mask=q_ok[:, None] & v_ok[None, :])

@@ -1,15 +1,20 @@
-"""Absorbed MLA attention over the paged latent cache on the GPU: the launcher of `mla_kernel`.
+"""MLA attention over the paged latent cache on the GPU: the launchers of `mla_kernel`, one per form.
 
-The kernel covers decode and prefill chunks alike (queries at positions start..start+n-1 of each sequence, causal),
-every sequence of a step in one launch, keys read through the block tables. Its memory is one tile per program:
-BLOCK_Q * BLOCK_H score rows × BLOCK_N keys and an fp32 accumulator [rows, c].
+`paged_mla_absorbed`: decode and prefill chunks alike (queries at positions start..start+n-1 of each sequence,
+causal), every sequence of a step in one launch, keys read through the block tables. Its memory is one tile per
+program: BLOCK_Q * BLOCK_H score rows × BLOCK_N keys and an fp32 accumulator [rows, c].
 
-Batch invariance (deterministic mode relies on it): a row's result is one program's walk over key tiles that start
-at position 0 and advance by BLOCK_N, in order, with no split of the key axis and no atomics. A tile wholly past
-the row's position changes nothing, bit for bit (its max is -inf, so alpha is exactly 1 and p exactly 0), so a
-query's result depends only on its own query, its sequence's keys up to its position and the tiles — which
-`MLATiles.for_shape` picks from the model's shape alone, never from the batch. The same query therefore gets the
-same bits whatever shares the launch and however its prompt was chunked (resume, prefix-cache hits).
+`mla_expanded`: the multi-head form of one long prefill chunk (`MLAttention._decompress_pays`: K2 does 320
+instead of 1088 products per query, key and head): each key tile's latents are expanded once into per-head keys
+and values, and one launch folds the tile into every query's softmax state.
+
+Batch invariance (deterministic mode relies on it, and takes the absorbed form only): a row's result is one
+program's walk over key tiles that start at position 0 and advance by BLOCK_N, in order, with no split of the key
+axis and no atomics. A tile wholly past the row's position changes nothing, bit for bit (its max is -inf, so alpha
+is exactly 1 and p exactly 0), so a query's result depends only on its own query, its sequence's keys up to its
+position and the tiles — which `MLATiles.for_shape` picks from the model's shape alone, never from the batch. The
+same query therefore gets the same bits whatever shares the launch and however its prompt was chunked (resume,
+prefix-cache hits).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from k2serve.worker.kernels.mla_kernel import paged_mla_absorbed_kernel
+from k2serve.worker.kernels.mla_kernel import mla_expanded_tile_kernel, paged_mla_absorbed_kernel
+from k2serve.worker.model.attention_tiles import KeyReader
 from k2serve.worker.model.batch import PagedPlan
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROWS = 16  # score rows per program: the smallest M a tensor-core dot takes
+EXPAND_BYTES = 64 << 20  # one key tile's expanded keys and values (multi-head form)
 
 
 @dataclass(frozen=True)
@@ -90,3 +97,71 @@ def paged_mla_absorbed(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.T
         num_stages=tiles.num_stages,
     )
     return out
+
+
+@dataclass(frozen=True)
+class ExpandedTiles:
+    block_m: int  # queries of one head per program
+    block_n: int  # keys per inner step
+    key_tile: int  # keys expanded at once (a multiple of block_n)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @staticmethod
+    def for_shape(heads: int, nope: int, v_dim: int, dtype: torch.dtype) -> "ExpandedTiles":
+        """Key tiles whose expanded keys and values [H, kt, nope + v] fill about EXPAND_BYTES (K2, bf16: 2048
+        keys), so a long context costs few launches; fp32 halves the inner step to keep its tiles in shared
+        memory."""
+        block_n = 32 if dtype == torch.float32 else 64
+        per_key = heads * (nope + v_dim) * torch.empty(0, dtype=dtype).element_size()
+        return ExpandedTiles(64, block_n, max(block_n, EXPAND_BYTES // per_key // block_n * block_n))
+
+
+def mla_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, read_keys: KeyReader, start: int, latent: int,
+                 w_uk_t: torch.Tensor, w_uv_t: torch.Tensor, scale: float, tiles: ExpandedTiles) -> torch.Tensor:
+    """Multi-head form of one sequence's chunk (`attend_decompressed` on the GPU): q_nope [n, H, nope], q_rope
+    [n, H, r] of positions start..; `read_keys(a, b)` -> cached rows [b - a, c + r]; w_uk_t [H, c, nope] and
+    w_uv_t [H, c, v] -> attention outputs [n, H, v] (float32). Each key tile is read and expanded once (one
+    batched product each for keys and values), then one launch folds it into every query's softmax state, so
+    memory is the state [H, n, v] plus one expanded tile."""
+    n, heads, nope = q_nope.shape
+    v_dim = w_uv_t.shape[-1]
+    dtype = q_nope.dtype
+    if dtype not in _DTYPES or {q_rope.dtype, w_uk_t.dtype, w_uv_t.dtype} != {dtype}:
+        raise ValueError(f"queries and weights must share one of {_DTYPES}: {q_nope.dtype}, {q_rope.dtype}, "
+                         f"{w_uk_t.dtype}, {w_uv_t.dtype}")
+    if q_nope.stride(2) != 1 or q_rope.stride(2) != 1:
+        raise ValueError("the last dimension of q_nope and q_rope must be contiguous")
+    if tiles.key_tile % tiles.block_n:
+        raise ValueError(f"key_tile {tiles.key_tile} must be a multiple of block_n {tiles.block_n}")
+    device = q_nope.device
+    m = torch.full((heads, n), float("-inf"), device=device)  # [H, n]
+    l = torch.zeros(heads, n, device=device)  # [H, n]
+    acc = torch.zeros(heads, n, v_dim, device=device)  # [H, n, v]
+    for j0 in range(0, start + n, tiles.key_tile):
+        rows = read_keys(j0, min(start + n, j0 + tiles.key_tile))  # [kt, c + r]
+        if rows.dtype != dtype:
+            raise ValueError(f"cache dtype {rows.dtype} differs from the queries' {dtype}")
+        latents = rows[:, :latent].expand(heads, -1, -1)  # [H, kt, c]
+        k_nope = torch.bmm(latents, w_uk_t)  # [H, kt, nope]
+        values = torch.bmm(latents, w_uv_t)  # [H, kt, v]
+        k_rope = rows[:, latent:]  # [kt, r]
+        grid = (triton.cdiv(n, tiles.block_m), heads)
+        mla_expanded_tile_kernel[grid](
+            q_nope, q_rope, k_nope, k_rope, values, m, l, acc,
+            n, start, j0, rows.shape[0], scale,
+            q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
+            k_nope.stride(0), k_nope.stride(1), k_rope.stride(0), values.stride(0), values.stride(1),
+            NOPE=nope,
+            ROPE=q_rope.shape[2],
+            V_DIM=v_dim,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_NOPE=max(16, triton.next_power_of_2(nope)),
+            BLOCK_R=max(16, triton.next_power_of_2(q_rope.shape[2])),
+            BLOCK_V=max(16, triton.next_power_of_2(v_dim)),
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+    return (acc / l[..., None]).transpose(0, 1)  # [n, H, v]

@@ -92,16 +92,17 @@ class ForwardBatch:
             start = end
         return DecodeGather(chunks, {id(self.seqs[i]) for i in decodes})
 
-    def paged_plan(self, page: int, block_q: int, device: torch.device) -> "PagedPlan":
-        """The work of a paged-attention kernel launch over every sequence of the step, `block_q` queries of one
-        sequence per program (computed once per step, shared by the layers)."""
-        if self._paged is None or self._paged.block_q != block_q:
+    def paged_plan(self, page: int, block_q: int, device: torch.device, skip: frozenset[int] = frozenset()
+                   ) -> "PagedPlan":
+        """The work of a paged-attention kernel launch over the sequences of the step but those indexed in `skip`,
+        `block_q` queries of one sequence per program (computed once per step, shared by the layers)."""
+        if self._paged is None or (self._paged.block_q, self._paged.skip) != (block_q, skip):
             tables = self._tables(page)  # [S, nb]
-            work = [(i, q0) for i, s in enumerate(self.seqs) for q0 in range(0, s.num_new, block_q)]
+            work = [(i, q0) for i, s in enumerate(self.seqs) if i not in skip for q0 in range(0, s.num_new, block_q)]
             info = [(s.row, s.start_pos, s.num_new) for s in self.seqs]
             self._paged = PagedPlan(tables.to(device=device, dtype=torch.int32),
                                     torch.tensor(work, dtype=torch.int32).view(-1, 2).to(device),
-                                    torch.tensor(info, dtype=torch.int32).view(-1, 3).to(device), page, block_q)
+                                    torch.tensor(info, dtype=torch.int32).view(-1, 3).to(device), page, block_q, skip)
         return self._paged
 
     def _tables(self, block_size: int) -> torch.Tensor:
@@ -132,6 +133,7 @@ class PagedPlan:
     seqs: torch.Tensor  # [S, 3] int32 (first row in the flattened batch, position of the first new token, new tokens)
     page: int  # cache block size
     block_q: int
+    skip: frozenset[int]  # sequences left to another kernel
 
 
 @dataclass

@@ -3,7 +3,11 @@
 Attention runs in the *absorbed* form: the up-projection kv_b_proj is split into W_UK [H, nope, c] and
 W_UV [H, v, c]; queries are mapped into the latent space (q·W_UK) and attend to the cached latents directly,
 and the attended latent is mapped out through W_UV. Full per-head keys and values are never built, so a step
-costs O(context × kv_lora_rank) per head instead of expanding the whole context every time.
+costs O(context × kv_lora_rank) per head instead of expanding the whole context every time. Long prefill chunks
+take the multi-head form where it pays (`_decompress_pays`), expanding each key tile once.
+
+CUDA tensors run both forms as Triton kernels (`k2serve.worker.kernels.triton_mla`); the CPU runs torch tiles
+(`attention_tiles`).
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class MLAttention:
         kv.write(self.layer, batch.write_slots, latent, k_rope)
 
         if use_paged_kernel(x.device):
-            out, direct = self._attend_paged(q_lat, q_rope, batch, kv), []
+            out, direct = self._attend_paged(q_lat, q_nope, q_rope, batch, kv)
         else:
             out, direct = self._attend_tiles(x, q_lat, q_nope, q_rope, batch, kv)
         o = self._per_head("thc,hvc->thv", out, self.w_uv, self.w_uv_t)  # [T, H, v]
@@ -90,15 +94,30 @@ class MLAttention:
         o = o.reshape(T, self.heads * self.v_dim)
         return self.o_proj(o, self.det)
 
-    def _attend_paged(self, q_lat: torch.Tensor, q_rope: torch.Tensor, batch: ForwardBatch, kv: LatentKVCache
-                      ) -> torch.Tensor:
-        """The Triton kernel over every sequence of the step in one launch, absorbed form (decode and prefill
-        chunks alike; batch-invariant, so deterministic mode takes it too) -> attended latents [T, H, c]."""
-        from k2serve.worker.kernels.triton_mla import MLATiles, paged_mla_absorbed  # triton only where it runs
+    def _attend_paged(self, q_lat: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: ForwardBatch,
+                      kv: LatentKVCache) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]]]:
+        """The Triton kernels: chunks where the multi-head form pays, one by one in it; every other sequence of
+        the step in one absorbed launch (batch-invariant: deterministic mode sends every sequence there, as the
+        form must not depend on how a prompt was chunked) -> as `_attend_tiles`."""
+        from k2serve.worker.kernels.triton_mla import (  # triton only where it runs
+            ExpandedTiles, MLATiles, mla_expanded, paged_mla_absorbed,
+        )
 
+        expanded = frozenset() if self.det else \
+            frozenset(i for i, s in enumerate(batch.seqs) if self._decompress_pays(s.num_new))
         tiles = MLATiles.for_shape(self.heads, self.kv_lora_rank)
-        plan = batch.paged_plan(kv.block_size, tiles.block_q, q_lat.device)
-        return paged_mla_absorbed(q_lat, q_rope, kv.data[self.layer], plan, self.scale, tiles)
+        plan = batch.paged_plan(kv.block_size, tiles.block_q, q_lat.device, expanded)
+        out = paged_mla_absorbed(q_lat, q_rope, kv.data[self.layer], plan, self.scale, tiles)  # [T, H, c]
+        direct: list[tuple[slice, torch.Tensor]] = []
+        for i in sorted(expanded):
+            s = batch.seqs[i]
+            rows = slice(s.row, s.row + s.num_new)
+            out[rows] = 0  # their W_UV product is replaced by `direct`
+            o_rows = mla_expanded(q_nope[rows], q_rope[rows], self._reader(kv, s.slots), s.start_pos,
+                                  self.kv_lora_rank, self.w_uk_t, self.w_uv_t, self.scale,
+                                  ExpandedTiles.for_shape(self.heads, self.nope, self.v_dim, q_lat.dtype))  # [n, H, v]
+            direct.append((rows, o_rows.to(q_lat.dtype)))
+        return out, direct
 
     def _attend_tiles(self, x: torch.Tensor, q_lat: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
                       batch: ForwardBatch, kv: LatentKVCache) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]]]:
