@@ -13,7 +13,10 @@ run bf16 and fp32 at K2's dims on CUDA (bench/gpu_check.sh).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +47,7 @@ EXPANDED_SEQS = [(0, 37), (21, 50), (130, 23), (33, 1)]
 GPU_EXPANDED_SHAPES = {"k2": (64, 512, 64, 128, 128, None)}  # c, r, nope, v of K2
 GPU_EXPANDED_SEQS = [(0, 1000), (300, 777), (4096, 1024)]
 SCALE = 0.15
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _reference(q: Any, keys: Any, start: int, c: int) -> Any:
@@ -301,6 +305,21 @@ def test_bad_inputs_are_refused_before_launch() -> None:
     with pytest.raises(ValueError, match="multiple of block_n"):
         mla_expanded(torch.randn(3, 4, 32), q_rope, lambda a, b: cache[a:b], 0, 64, w_uk_t, w_uv_t, 0.1,
                      ExpandedTiles(16, 16, 40))
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    """bench/kernel_mla.py end to end on the interpreter: every row measured, both kernels agreeing with torch."""
+    report = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench/kernel_mla.py", "--smoke", "--json", str(report)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    measured = json.loads(report.read_text())
+    assert {(r["batch"], r["context"]) for r in measured["decode"]} == {(1, 40), (3, 40), (1, 100), (3, 100)}
+    for r in measured["decode"]:
+        assert r["triton_us"] > 0 and r["torch_us"] > 0 and r["mb"] > 0, r
+        assert r["max_rel_err_vs_torch"] <= DTYPES["float16"], r
+    for r in measured["prefill"]:
+        assert r["max_rel_err_absorbed"] <= DTYPES["float16"] and r["max_rel_err_multi_head"] <= DTYPES["float16"], r
 
 
 @pytest.mark.gpu
