@@ -307,6 +307,21 @@ def test_bad_inputs_are_refused_before_launch() -> None:
                      ExpandedTiles(16, 16, 40))
 
 
+def test_an_empty_step_launches_nothing() -> None:
+    """An expert-parallel rank can step with no tokens: the plan is empty and the output has no rows."""
+    import torch
+
+    from k2serve.worker.kernels.triton_mla import MLATiles, paged_mla_absorbed
+    from k2serve.worker.model.batch import ForwardBatch
+
+    tiles = MLATiles.for_shape(4, 64)
+    empty = torch.zeros(0, dtype=torch.int64)
+    plan = ForwardBatch(empty, empty, [], empty).paged_plan(16, tiles.block_q, torch.device("cpu"))
+    assert plan.work.shape == (0, 2)
+    out = paged_mla_absorbed(torch.randn(0, 4, 64), torch.randn(0, 4, 16), torch.randn(32, 80), plan, 0.1, tiles)
+    assert out.shape == (0, 4, 64)
+
+
 def test_benchmark_smoke(tmp_path: Path) -> None:
     """bench/kernel_mla.py end to end on the interpreter: every row measured, both kernels agreeing with torch."""
     report = tmp_path / "bench.json"

@@ -136,6 +136,7 @@ def mla_expanded_tile_kernel(
     qi = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [M]
     q_ok = qi < n
     pos = start + qi
+    qi = qi.to(tl.int64)  # offsets of long chunks pass 2**31 elements
     offs_d = tl.arange(0, BLOCK_NOPE)
     offs_r = tl.arange(0, BLOCK_R)
     offs_v = tl.arange(0, BLOCK_V)

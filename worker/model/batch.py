@@ -97,7 +97,7 @@ class ForwardBatch:
         """The work of a paged-attention kernel launch over the sequences of the step but those indexed in `skip`,
         `block_q` queries of one sequence per program (computed once per step, shared by the layers)."""
         if self._paged is None or (self._paged.block_q, self._paged.skip) != (block_q, skip):
-            tables = self._tables(page)  # [S, nb]
+            tables = self._tables(page) if self.seqs else torch.zeros(0, 1, dtype=torch.int64)  # [S, nb]
             work = [(i, q0) for i, s in enumerate(self.seqs) if i not in skip for q0 in range(0, s.num_new, block_q)]
             info = [(s.row, s.start_pos, s.num_new) for s in self.seqs]
             self._paged = PagedPlan(tables.to(device=device, dtype=torch.int32),
