@@ -15,6 +15,11 @@ is exactly 1 and p exactly 0), so a query's result depends only on its own query
 position and the tiles — which `MLATiles.for_shape` picks from the model's shape alone, never from the batch. The
 same query therefore gets the same bits whatever shares the launch and however its prompt was chunked (resume,
 prefix-cache hits).
+
+Why not a kernel library: FlashInfer's MLA paged attention fits K2's shapes (c 512, r 64), and FlashMLA too (pages
+of 64 only), but both are CUDA code that neither runs nor compiles here without a GPU toolchain, so CPU CI could
+not check them against the torch reference; and by default their split-KV schedulers size a sequence's key splits
+from the whole batch's work, which deterministic mode cannot have.
 """
 
 from __future__ import annotations

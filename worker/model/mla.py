@@ -113,7 +113,8 @@ class MLAttention:
             s = batch.seqs[i]
             rows = slice(s.row, s.row + s.num_new)
             out[rows] = 0  # their W_UV product is replaced by `direct`
-            o_rows = mla_expanded(q_nope[rows], q_rope[rows], self._reader(kv, s.slots), s.start_pos,
+            slots = s.slots.to(q_lat.device)  # once, not per key tile
+            o_rows = mla_expanded(q_nope[rows], q_rope[rows], self._reader(kv, slots), s.start_pos,
                                   self.kv_lora_rank, self.w_uk_t, self.w_uv_t, self.scale,
                                   ExpandedTiles.for_shape(self.heads, self.nope, self.v_dim, q_lat.dtype))  # [n, H, v]
             direct.append((rows, o_rows.to(q_lat.dtype)))
