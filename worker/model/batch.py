@@ -18,10 +18,9 @@ from k2serve.k2format.model_config import K2Config
 # scores and the weighted sum re-read them from cache. Measured on tiny-k2, one thread, 32 decoding sequences of
 # ~300 keys (fp32 latents of 80: a 2.6 MB gather per layer in one chunk): attention 5.9 -> 5.2 ms per step, and
 # the engine's closed loop at 32 concurrent +3-6% tokens/s in 3 alternating pairs.
+# A decode whose own keys exceed it attends alone, in tiles (`attention_tiles`). (CUDA attends through the Triton
+# kernel, `PagedPlan`, which reads keys through the block tables and gathers nothing.)
 CPU_CHUNK_BYTES = 1 << 20
-# A decode whose own keys exceed this (GPU; CPU_CHUNK_BYTES on CPU) attends alone, in tiles (`attention_tiles`),
-# instead of gathering its whole context at once: at 128K of K2's bf16 latents a gather would be 147 MB per layer.
-LONG_DECODE_BYTES = 64 << 20
 
 
 @dataclass
@@ -51,18 +50,18 @@ class ForwardBatch:
     # [T] int64: the cache slot each new token's latent is written to (gathered from the slots if not given)
     token_slots: torch.Tensor | None = None
     _decode: "DecodeGather | None" = field(default=None, repr=False)
+    _paged: "PagedPlan | None" = field(default=None, repr=False)
 
     def decode_gather(self, kv: "LatentKVCache") -> "DecodeGather | None":
         """The one-token sequences of the step, in chunks that each attend at once (computed once per step,
         shared by the layers). Gathering whole blocks copies contiguous runs of `block_size` keys instead of one
         index per key (slots come from block tables: slot = block * block_size + offset). Sequences are taken
         shortest context first, each chunk padded only to its own longest, and on CPU a chunk's gathered keys
-        stay within `CPU_CHUNK_BYTES` so both products over them read from cache, not memory."""
+        stay within `CPU_CHUNK_BYTES` so both products over them read from cache, not memory (the torch path)."""
         if self._decode is None:
             bs = kv.block_size
-            budget = CPU_CHUNK_BYTES if kv.data.device.type == "cpu" else None
             key_bytes = kv.data.shape[-1] * kv.data.element_size()
-            longest = (budget or LONG_DECODE_BYTES) // key_bytes // bs * bs
+            longest = CPU_CHUNK_BYTES // key_bytes // bs * bs
             decodes = sorted((i for i, s in enumerate(self.seqs) if s.num_new == 1 and s.context_len <= longest),
                              key=lambda i: self.seqs[i].context_len)
             if len(decodes) < 2:
@@ -72,7 +71,7 @@ class ForwardBatch:
             for n, ctx in enumerate(contexts):  # the newest member of a chunk is its longest
                 padded = -(-ctx // bs) * bs
                 start = ends[-1] if ends else 0
-                if n > start and budget is not None and (n - start + 1) * padded * key_bytes > budget:
+                if n > start and (n - start + 1) * padded * key_bytes > CPU_CHUNK_BYTES:
                     ends.append(n)
             ends.append(len(decodes))
             self._decode = self._chunks(decodes, contexts, ends, bs, kv.data.dtype, kv.data.device)
@@ -93,6 +92,19 @@ class ForwardBatch:
             start = end
         return DecodeGather(chunks, {id(self.seqs[i]) for i in decodes})
 
+    def paged_plan(self, page: int, block_q: int, device: torch.device, skip: frozenset[int] = frozenset()
+                   ) -> "PagedPlan":
+        """The work of a paged-attention kernel launch over the sequences of the step but those indexed in `skip`,
+        `block_q` queries of one sequence per program (computed once per step, shared by the layers)."""
+        if self._paged is None or (self._paged.block_q, self._paged.skip) != (block_q, skip):
+            tables = self._tables(page) if self.seqs else torch.zeros(0, 1, dtype=torch.int64)  # [S, nb]
+            work = [(i, q0) for i, s in enumerate(self.seqs) if i not in skip for q0 in range(0, s.num_new, block_q)]
+            info = [(s.row, s.start_pos, s.num_new) for s in self.seqs]
+            self._paged = PagedPlan(tables.to(device=device, dtype=torch.int32),
+                                    torch.tensor(work, dtype=torch.int32).view(-1, 2).to(device),
+                                    torch.tensor(info, dtype=torch.int32).view(-1, 3).to(device), page, block_q, skip)
+        return self._paged
+
     def _tables(self, block_size: int) -> torch.Tensor:
         if self.block_tables is None:
             self.block_tables = pad_sequence([s.slots[: s.context_len : block_size] // block_size for s in self.seqs],
@@ -110,6 +122,18 @@ class ForwardBatch:
             self.token_slots = torch.cat([s.slots[s.start_pos : s.context_len] for s in self.seqs]) if self.seqs \
                 else torch.empty(0, dtype=torch.int64)
         return self.token_slots
+
+
+@dataclass
+class PagedPlan:
+    """One launch of a paged-attention kernel: each program takes `block_q` queries of one sequence."""
+
+    tables: torch.Tensor  # [S, nb] int32 block table of each sequence (padded with block 0)
+    work: torch.Tensor  # [P, 2] int32 (sequence, first of its new tokens) of each program
+    seqs: torch.Tensor  # [S, 3] int32 (first row in the flattened batch, position of the first new token, new tokens)
+    page: int  # cache block size
+    block_q: int
+    skip: frozenset[int]  # sequences left to another kernel
 
 
 @dataclass

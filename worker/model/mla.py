@@ -3,7 +3,11 @@
 Attention runs in the *absorbed* form: the up-projection kv_b_proj is split into W_UK [H, nope, c] and
 W_UV [H, v, c]; queries are mapped into the latent space (q·W_UK) and attend to the cached latents directly,
 and the attended latent is mapped out through W_UV. Full per-head keys and values are never built, so a step
-costs O(context × kv_lora_rank) per head instead of expanding the whole context every time.
+costs O(context × kv_lora_rank) per head instead of expanding the whole context every time. Long prefill chunks
+take the multi-head form where it pays (`_decompress_pays`), expanding each key tile once.
+
+CUDA tensors run both forms as Triton kernels (`k2serve.worker.kernels.triton_mla`); the CPU runs torch tiles
+(`attention_tiles`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from k2serve.k2format.model_config import K2Config
 from k2serve.worker.model.linear import Projection, Projections
 from k2serve.worker.model.norm import rms_norm
 from k2serve.worker.model.rope import Rotary, softmax_scale
+
+
+def use_paged_kernel(device: torch.device) -> bool:
+    """CUDA tensors attend through the Triton kernel; the CPU keeps the torch tiles."""
+    return device.type == "cuda"
 
 
 class MLAttention:
@@ -75,6 +84,48 @@ class MLAttention:
         k_rope = rotary.apply(ckv[:, self.kv_lora_rank :], cos, sin)  # [T, r]
         kv.write(self.layer, batch.write_slots, latent, k_rope)
 
+        if use_paged_kernel(x.device):
+            out, direct = self._attend_paged(q_lat, q_nope, q_rope, batch, kv)
+        else:
+            out, direct = self._attend_tiles(x, q_lat, q_nope, q_rope, batch, kv)
+        o = self._per_head("thc,hvc->thv", out, self.w_uv, self.w_uv_t)  # [T, H, v]
+        for rows, o_rows in direct:
+            o[rows] = o_rows
+        o = o.reshape(T, self.heads * self.v_dim)
+        return self.o_proj(o, self.det)
+
+    def _attend_paged(self, q_lat: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor, batch: ForwardBatch,
+                      kv: LatentKVCache) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]]]:
+        """The Triton kernels: chunks where the multi-head form pays, one by one in it; every other sequence of
+        the step in one absorbed launch (batch-invariant: deterministic mode sends every sequence there, as the
+        form must not depend on how a prompt was chunked) -> as `_attend_tiles`."""
+        from k2serve.worker.kernels.triton_mla import (  # triton only where it runs
+            ExpandedTiles, MLATiles, mla_expanded, paged_mla_absorbed,
+        )
+
+        expanded = frozenset() if self.det else \
+            frozenset(i for i, s in enumerate(batch.seqs) if self._decompress_pays(s.num_new))
+        tiles = MLATiles.for_shape(self.heads, self.kv_lora_rank)
+        plan = batch.paged_plan(kv.block_size, tiles.block_q, q_lat.device, expanded)
+        out = paged_mla_absorbed(q_lat, q_rope, kv.data[self.layer], plan, self.scale, tiles)  # [T, H, c]
+        direct: list[tuple[slice, torch.Tensor]] = []
+        for i in sorted(expanded):
+            s = batch.seqs[i]
+            rows = slice(s.row, s.row + s.num_new)
+            out[rows] = 0  # their W_UV product is replaced by `direct`
+            slots = s.slots.to(q_lat.device)  # once, not per key tile
+            o_rows = mla_expanded(q_nope[rows], q_rope[rows], self._reader(kv, slots), s.start_pos,
+                                  self.kv_lora_rank, self.w_uk_t, self.w_uv_t, self.scale,
+                                  ExpandedTiles.for_shape(self.heads, self.nope, self.v_dim, q_lat.dtype))  # [n, H, v]
+            direct.append((rows, o_rows.to(q_lat.dtype)))
+        return out, direct
+
+    def _attend_tiles(self, x: torch.Tensor, q_lat: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
+                      batch: ForwardBatch, kv: LatentKVCache) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]]]:
+        """The torch path (CPU): decodes gathered in chunks, prefill chunks in one product or in tiles, or query
+        by query in deterministic mode -> attended latents [T, H, c], and the rows whose attention came out per
+        head [n, H, v] (the decompressed form) with their slices."""
+        T = x.shape[0]
         out = x.new_empty(T, self.heads, self.kv_lora_rank)  # [T, H, c]
         # Latent and rope parts in one product against the whole cached rows (no strided copies of either).
         q_all = None if self.det else torch.cat([q_lat, q_rope], dim=-1)  # [T, H, c + r]
@@ -112,11 +163,7 @@ class MLAttention:
                 n = s.start_pos + i + 1  # the keys this query sees, exactly: prefill and decode alike
                 out[s.row + i] = self._attend(q_lat[s.row + i : s.row + i + 1], q_rope[s.row + i : s.row + i + 1],
                                               c_all[:n], r_all[:n])[0]
-        o = self._per_head("thc,hvc->thv", out, self.w_uv, self.w_uv_t)  # [T, H, v]
-        for rows, o_rows in direct:
-            o[rows] = o_rows
-        o = o.reshape(T, self.heads * self.v_dim)
-        return self.o_proj(o, self.det)
+        return out, direct
 
     def _per_head(self, equation: str, x: torch.Tensor, w: torch.Tensor, w_bmm: torch.Tensor | None = None
                   ) -> torch.Tensor:
