@@ -49,11 +49,17 @@ def _diagnose(cluster: Cluster) -> str:
 
 
 def _wait_ready(cluster: Cluster, name: str, namespace: str, spec: K2DeploymentSpec, timeout_s: float) -> float:
+    """Seconds until the K2Deployment is Ready; prints when each pod first was (where the time goes)."""
     start = time.monotonic()
+    first_ready: dict[str, float] = {}
     while time.monotonic() - start < timeout_s:
+        for pod in cluster.live_pods():
+            if pod.is_ready():
+                first_ready.setdefault(pod.name, time.monotonic() - start)
         if _status(cluster, name, namespace, spec).phase == "Ready":
+            print("pods Ready after (s):", {n: round(t) for n, t in sorted(first_ready.items(), key=lambda i: i[1])})
             return time.monotonic() - start
-        time.sleep(1)
+        time.sleep(0.25)
     raise AssertionError(f"not Ready in {timeout_s}s: {_status(cluster, name, namespace, spec).conditions}\n"
                          + _diagnose(cluster))
 
@@ -116,7 +122,9 @@ def test_tiny_sample_serves_as_rendered(tmp_path: Path) -> None:
         # the tokens so far; KubeRay's replacement pod (new name, new address) rejoins Ray, the pool controller
         # rebuilds the group on it, and the stream completes with the text of the fault-free run, to the
         # character (deterministic mode). The fault-free run is the same request on the healthy stack.
+        start = time.monotonic()
         reference, ref_chain, ref_chunks = cluster.in_network(lambda: _chat(base, "tell me more", max_tokens=LONG_TOKENS))
+        print(f"fault-free stream of {LONG_TOKENS} tokens took {time.monotonic() - start:.0f}s")
         assert ref_chunks > 2 * KILL_AT_CHUNK, ref_chunks
         decode_pods = cluster.live_pods(**{"ray.io/group": "decode-workers"})
         victim = decode_pods[0]
