@@ -32,7 +32,10 @@ from k2serve.router.stall import StallWatch
 from k2serve.sampling_params import SamplingParams
 
 RPC_TIMEOUT_S = 2.0
-GROUP_WAIT_S = 30.0  # how long a request waits for some healthy group of a role
+# How long a request waits for some healthy group of a role. It must outlast a lost worker pod: Kubernetes
+# replaces it, the new pod joins Ray and the pool controller rebuilds the group on it (in the pod harness on a
+# 2-core machine under heavy load, a turn whose decode pod was killed streamed again 62-120 s later).
+GROUP_WAIT_S = 180.0
 PICK_POLL_S = 0.1  # health re-polls while a request waits for a group (failover time rides on it)
 
 

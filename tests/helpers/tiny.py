@@ -13,9 +13,9 @@ from k2serve.worker.model.k2 import K2Model
 from k2serve.k2format.tokenizer import K2Tokenizer
 
 
-@lru_cache(maxsize=1)
-def tiny_weights() -> ModelWeights:
-    return load_weights(resolve_checkpoint("builtin:tiny-k2"))
+@lru_cache(maxsize=2)
+def tiny_weights(device: str = "cpu") -> ModelWeights:
+    return load_weights(resolve_checkpoint("builtin:tiny-k2"), device=device)
 
 
 @lru_cache(maxsize=1)
@@ -23,10 +23,10 @@ def tiny_tokenizer() -> K2Tokenizer:
     return K2Tokenizer.from_dir(resolve_model("builtin:tiny-k2"))
 
 
-def tiny_engine(deterministic: bool = False, *, guided: bool = False, **cfg: object) -> Engine:
+def tiny_engine(deterministic: bool = False, *, guided: bool = False, device: str = "cpu", **cfg: object) -> Engine:
     """`guided`: with the tokenizer's stop tokens and vocabulary (constraints, reasoning budgets); else no stop
-    token and no steering."""
-    w = tiny_weights()
+    token and no steering. `device`: where the weights, the KV cache and the forward live (float32 everywhere)."""
+    w = tiny_weights(device)
     model = K2Model(w.config, w.dense, w.experts, deterministic=deterministic)
     config = EngineConfig(**{"num_blocks": 1024, "block_size": 16, "deterministic": deterministic, **cfg})  # type: ignore[arg-type]
     if not guided:

@@ -15,80 +15,20 @@ from __future__ import annotations
 
 import base64
 import copy
-import http.client
 import os
-import re
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kubelet import kuberay
+from kubelet.lifecycle import Kubelet
 from kubelet.network import Endpoint, Network
-from kubelet.sandbox import IMAGE_HOME, IMAGE_PATH, ContainerRun, Mount, kill_container, pause, start
+from kubelet.pods import Container, Pod, selects
 
-BACKOFF_START_S, BACKOFF_MAX_S = 10.0, 300.0  # the kubelet's crash-loop back-off
 T = TypeVar("T")
-
-
-@dataclass
-class Container:
-    spec: dict[str, Any]
-    init: bool
-    proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    not_before: float = 0.0  # back-off: no restart before this monotonic time
-    backoff_s: float = BACKOFF_START_S
-    started_at: float = 0.0
-    ready: bool = False
-    done: bool = False  # init containers: exited 0
-    probe_due: dict[str, float] = field(default_factory=dict)
-    probe_runs: dict[str, list[bool]] = field(default_factory=dict)
-
-
-@dataclass
-class Pod:
-    manifest: dict[str, Any]
-    endpoint: Endpoint
-    dir: Path
-    owner: str  # "Deployment/<name>" or "RayCluster/<name>/<group>"
-    containers: list[Container]
-    deleted: bool = False
-    pause: subprocess.Popen[bytes] | None = None  # the shared PID namespace's holder (shareProcessNamespace)
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest["metadata"]["name"])
-
-    @property
-    def ip(self) -> str:
-        return self.endpoint.ip
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return dict(self.manifest["metadata"].get("labels", {}))
-
-    def is_ready(self) -> bool:
-        inits_done = all(c.done for c in self.containers if c.init)
-        return inits_done and all(c.ready for c in self.containers if not c.init)
-
-    def status(self) -> dict[str, Any]:
-        ready = "True" if self.is_ready() else "False"
-        return {"phase": "Running", "podIP": self.ip,
-                "conditions": [{"type": "Ready", "status": ready}, {"type": "ContainersReady", "status": ready}],
-                "containerStatuses": [{"name": c.spec["name"], "ready": c.ready, "restartCount": c.restarts}
-                                      for c in self.containers if not c.init],
-                "initContainerStatuses": [{"name": c.spec["name"], "ready": c.done, "restartCount": c.restarts}
-                                          for c in self.containers if c.init]}
-
-
-def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 class Cluster:
@@ -107,6 +47,7 @@ class Cluster:
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
         self._net: Network | None = None
         self._client: Endpoint | None = None
+        self._kubelet = Kubelet(self.secrets, self._hosts_file, self.in_network)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
@@ -127,7 +68,7 @@ class Cluster:
         self._thread.join(timeout=10)
         with self._lock:
             for pod in self.pods:
-                self._kill_pod(pod)
+                self._kubelet.kill_pod(pod)
         if self._net is not None:
             self._net.close()
 
@@ -256,7 +197,7 @@ class Cluster:
             for port in spec.get("ports", []):
                 if isinstance(port.get("targetPort"), int) and port["targetPort"] != port["port"]:
                     raise ValueError(f"Service {svc['metadata']['name']}: the harness needs port == targetPort")
-            pods = [p for p in self.pods if not p.deleted and _selects(spec["selector"], p.labels)]
+            pods = [p for p in self.pods if not p.deleted and selects(spec["selector"], p.labels)]
             if pods:
                 ns = svc["metadata"]["namespace"]
                 name = svc["metadata"]["name"]
@@ -275,161 +216,12 @@ class Cluster:
         os.chmod(path, 0o644)
         return str(path)
 
-    # ---- containers ------------------------------------------------------------------------------
-    def _field(self, pod: Pod, path: str) -> str:
-        if path == "metadata.name":
-            return pod.name
-        if path == "metadata.namespace":
-            return str(pod.manifest["metadata"]["namespace"])
-        if path == "status.podIP":
-            return pod.ip
-        if m := re.fullmatch(r"metadata\.labels\['(.+)'\]", path):
-            return pod.labels.get(m.group(1), "")
-        raise ValueError(f"pod {pod.name}: fieldRef {path!r} is not modelled")
-
-    def _env(self, pod: Pod, spec: dict[str, Any]) -> dict[str, str]:
-        env = {"PATH": IMAGE_PATH, "HOME": IMAGE_HOME, "HOSTNAME": pod.name}
-        # The kubelet's service links (FOO_SERVICE_HOST, ...) are left out; nothing here reads them.
-        for var in spec.get("env", []):
-            if "value" in var:
-                env[var["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                                          lambda m: env.get(m.group(1), m.group(0)), var["value"])
-            elif ref := var.get("valueFrom", {}).get("fieldRef"):
-                env[var["name"]] = self._field(pod, ref["fieldPath"])
-            elif ref := var.get("valueFrom", {}).get("secretKeyRef"):
-                env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
-            else:
-                raise ValueError(f"pod {pod.name}: env {var['name']!r} has a source the harness does not model")
-        return env
-
-    def _argv(self, pod: Pod, spec: dict[str, Any], env: dict[str, str]) -> list[str]:
-        if "command" not in spec:
-            raise ValueError(f"pod {pod.name}: container {spec['name']} relies on the image's entrypoint")
-        expand = lambda w: re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), w)  # noqa: E731
-        return [expand(w) for w in spec["command"] + spec.get("args", [])]
-
-    def _start(self, pod: Pod, c: Container) -> None:
-        spec = c.spec
-        pod_sec = pod.manifest["spec"].get("securityContext", {})
-        sec = {**pod_sec, **spec.get("securityContext", {})}
-        uid = int(sec.get("runAsUser", 0))
-        if sec.get("runAsNonRoot") and uid == 0:
-            raise ValueError(f"pod {pod.name}: runAsNonRoot with no non-root runAsUser")
-        if set(sec.get("capabilities", {}).get("add", [])):
-            raise ValueError(f"pod {pod.name}: added capabilities are not modelled")
-        vols = {v["name"]: pod.dir / "volumes" / v["name"] for v in pod.manifest["spec"].get("volumes", [])}
-        mounts = [Mount(str(vols[m["name"]]), m["mountPath"], bool(m.get("readOnly"))) for m in spec.get("volumeMounts", [])]
-        env = self._env(pod, spec)
-        fs_group = pod_sec.get("fsGroup")
-        run = ContainerRun(name=spec["name"], workdir=pod.dir / "containers" / spec["name"],
-                           argv=self._argv(pod, spec, env), env=env, mounts=mounts, hosts_file=self._hosts_file(pod),
-                           hostname=pod.name, uid=uid, gid=int(sec.get("runAsGroup", 0)),
-                           groups=[fs_group] if fs_group is not None else [],
-                           read_only_root=bool(sec.get("readOnlyRootFilesystem")),
-                           working_dir=spec.get("workingDir", "/"))
-        if pod.manifest["spec"].get("shareProcessNamespace") and pod.pause is None:
-            pod.pause = pause()
-        pid_ns = f"/proc/{pod.pause.pid}/ns/pid_for_children" if pod.pause is not None else None
-        c.proc = start(run, pod.endpoint.netns, pid_ns)
-        c.started_at = time.monotonic()
-        c.ready = False
-        first = ("startupProbe",) if "startupProbe" in spec else ("readinessProbe", "livenessProbe")
-        c.probe_due = {kind: c.started_at + spec[kind].get("initialDelaySeconds", 0) for kind in first if kind in spec}
-        c.probe_runs = {}
-
-    def _probe(self, pod: Pod, c: Container, probe: dict[str, Any]) -> bool:
-        timeout = probe.get("timeoutSeconds", 1)
-        if "exec" in probe:
-            raise ValueError(f"pod {pod.name}: exec probes are not modelled")
-        action = probe.get("httpGet") or probe.get("tcpSocket")
-        if action is None:
-            raise ValueError(f"pod {pod.name}: probe without httpGet or tcpSocket")
-        port = action["port"]
-        if isinstance(port, str):
-            port = next(p["containerPort"] for p in c.spec.get("ports", []) if p.get("name") == port)
-
-        def attempt() -> bool:
-            try:
-                if "httpGet" in probe:
-                    conn = http.client.HTTPConnection(pod.ip, port, timeout=timeout)
-                    conn.request("GET", action.get("path", "/"))
-                    return 200 <= conn.getresponse().status < 400
-                with socket.create_connection((pod.ip, port), timeout=timeout):
-                    return True
-            except OSError:
-                return False
-
-        return self.in_network(attempt)
-
-    def _tick_pod(self, pod: Pod, now: float) -> None:
-        inits = [c for c in pod.containers if c.init]
-        pending_init = next((c for c in inits if not c.done), None)
-        runnable = [pending_init] if pending_init else [c for c in pod.containers if not c.init]
-        for c in runnable:
-            if c.proc is not None and c.proc.poll() is not None:  # exited
-                code = c.proc.returncode
-                c.proc, c.ready = None, False
-                if c.init and code == 0:
-                    c.done = True
-                    continue
-                c.restarts += 1
-                c.not_before = now + c.backoff_s
-                c.backoff_s = min(2 * c.backoff_s, BACKOFF_MAX_S)
-            if c.proc is None and not c.done and now >= c.not_before:
-                self._start(pod, c)
-            if c.proc is None or c.init:
-                continue
-            if now - c.started_at > 600:  # ran 10 minutes: the back-off resets
-                c.backoff_s = BACKOFF_START_S
-            if "readinessProbe" not in c.spec:
-                c.ready = True
-            for kind, due in list(c.probe_due.items()):
-                if now < due:
-                    continue
-                probe = c.spec[kind]
-                c.probe_due[kind] = now + probe.get("periodSeconds", 10)
-                runs = c.probe_runs.setdefault(kind, [])
-                runs.append(self._probe(pod, c, probe))
-                del runs[:-max(probe.get("failureThreshold", 3), probe.get("successThreshold", 1))]
-                failed = len(runs) >= probe.get("failureThreshold", 3) and not any(
-                    runs[-probe.get("failureThreshold", 3):])
-                if kind == "startupProbe":
-                    if runs[-1]:  # started: readiness and liveness take over
-                        del c.probe_due[kind]
-                        c.probe_due.update({k: now + c.spec[k].get("initialDelaySeconds", 0)
-                                            for k in ("readinessProbe", "livenessProbe") if k in c.spec})
-                    elif failed:
-                        self._kill(c)
-                elif kind == "readinessProbe":
-                    succeeded = runs[-probe.get("successThreshold", 1):]
-                    if all(succeeded) and len(succeeded) >= probe.get("successThreshold", 1):
-                        c.ready = True
-                    elif failed:
-                        c.ready = False
-                elif failed:  # liveness: the kubelet kills the container; restartPolicy brings it back
-                    self._kill(c)
-
-    @staticmethod
-    def _kill(c: Container) -> None:
-        if c.proc is not None and c.proc.poll() is None:
-            # Every process of the container gets SIGKILL from here: the command runs under another uid, which
-            # clears the parent-death signal `unshare --kill-child` relies on.
-            kill_container(c.proc)
-
-    def _kill_pod(self, pod: Pod) -> None:
-        for c in pod.containers:
-            self._kill(c)
-            c.proc, c.ready = None, False
-        if pod.pause is not None:
-            kill_container(pod.pause)
-            pod.pause = None
-
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 now = time.monotonic()
                 for pod in [p for p in self.pods if not p.deleted]:
-                    self._tick_pod(pod, now)
+                    self._kubelet.tick(pod, now)
                 self._reconcile_workloads()
             self._stop.wait(self._tick_s)
 
@@ -438,14 +230,14 @@ class Cluster:
         """Kills every process of the pod and deletes it; its controller creates a replacement."""
         with self._lock:
             pod = next(p for p in self.pods if p.name == name and not p.deleted)
-            self._kill_pod(pod)
+            self._kubelet.kill_pod(pod)
             pod.deleted = True
             assert self._net is not None
             self._net.detach(pod.endpoint)
 
     def live_pods(self, **labels: str) -> list[Pod]:
         with self._lock:
-            return [p for p in self.pods if not p.deleted and _selects(labels, p.labels)]
+            return [p for p in self.pods if not p.deleted and selects(labels, p.labels)]
 
     def pod_objects(self, selector: dict[str, str]) -> list[dict[str, Any]]:
         """Pods as the API server lists them (metadata, spec, status)."""
