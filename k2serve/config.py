@@ -129,6 +129,10 @@ class PoolConfig(_Strict):
     autoscaling: AutoscalingConfig | None = Field(
         None, description="Scale this pool's groups on load (the pool controller); None: `groups` is fixed.")
 
+    def most_groups(self) -> int:
+        """Groups the pool may have at once (what to reserve room for)."""
+        return self.groups if self.autoscaling is None else max(self.initial_groups(), self.autoscaling.max_groups)
+
     def initial_groups(self) -> int:
         """Groups the pool starts with: `groups`, within the autoscaling range when there is one."""
         a = self.autoscaling

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from k2serve.metrics import Metrics
 from k2serve.operator import kube as k
 from k2serve.operator import pods
+from k2serve.operator.autoscaling import ScalingSource, autoscaled, pool_groups, with_decisions
 from k2serve.operator.capacity_gate import check_capacity
 from k2serve.operator.download_job import (ModelVerdict, hub_source, job_name, model_verdict, progress_name,
                                            render_download)
@@ -77,7 +78,9 @@ def _observe(kube: k.Kube, name: str, namespace: str, kuberay: bool) -> Observed
     return Observed(kuberay_installed=kuberay, raycluster=raycluster, worker_pods=worker_pods, router=router)
 
 
-def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any) -> K2DeploymentStatus:
+def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any,
+              scaling: ScalingSource | None = None) -> K2DeploymentStatus:
+    """`scaling`: where autoscaled pools' sizes come from (the pool controller's report; operator/autoscaling.py)."""
     name, namespace = body.metadata.name, body.metadata.namespace
     generation = int(body.metadata.get("generation") or 0)
     previous = K2DeploymentStatus.model_validate(
@@ -106,8 +109,10 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
 
     kuberay = kube.served(k.RAYCLUSTER)
     model = _observe_model(kube, name, namespace, spec)
+    report = scaling(name, namespace) if scaling is not None and autoscaled(spec) else None
+    groups = pool_groups(spec, report)
     children = [*render_download(name, namespace, spec),
-                *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR))]
+                *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR), groups=groups)]
     if not kuberay or not model.ready:  # worker groups start only once the model is in place
         children = [c for c in children if c["kind"] != "RayCluster"]
     if not model.ready and kube.get(k.CONFIGMAP, namespace, pods.config_name(name)):
@@ -125,7 +130,11 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
     if not kuberay and _reason(previous, "Degraded") != "KubeRayMissing":
         kopf.warn(body, reason="KubeRayMissing", message="RayCluster CRD (ray.io/v1) not installed; install KubeRay")
 
-    status = compute_status(name, namespace, spec, generation, _observe(kube, name, namespace, kuberay), previous)
+    status = compute_status(name, namespace, spec, generation, _observe(kube, name, namespace, kuberay), previous,
+                            groups)
+    status, decisions = with_decisions(status, previous, report)
+    for message in decisions:
+        kopf.info(body, reason="Scaled", message=message)
     status = with_conditions(status, previous, [("ModelReady", model.ready, model.reason, model.message), schedulable],
                              generation, model=model.status)
     if model.ready and _reason(previous, "ModelReady") == "Downloading":
@@ -176,7 +185,7 @@ def observed_reconcile(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, logg
     start = time.perf_counter()
     outcome = "error"
     try:
-        status = reconcile(memo.kube, body, patch, logger)
+        status = reconcile(memo.kube, body, patch, logger, memo.get("scaling"))
         outcome = "invalid" if status.phase == "Invalid" else "ok"
     finally:
         metrics.reconciles.labels(outcome=outcome).inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from k2serve.config import LEADER_CPUS, POOL_METRICS_PORT
@@ -26,14 +27,16 @@ def _worker_resources(pool: PoolSpec) -> dict[str, Any]:
     return res
 
 
-def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolSpec) -> dict[str, Any]:
-    replicas = pool_spec.groups * pool_spec.expert_parallel
+def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolSpec, groups: int) -> dict[str, Any]:
+    ep = pool_spec.expert_parallel
+    replicas = groups * ep
+    scaling = pool_spec.autoscaling
     vols, mounts = pods.volumes(name, spec, shm_size=pool_spec.shm_size)
     return {
         "groupName": worker_group_name(pool),
         "replicas": replicas,
-        "minReplicas": replicas,
-        "maxReplicas": replicas,
+        "minReplicas": scaling.min_groups * ep if scaling else replicas,
+        "maxReplicas": scaling.max_groups * ep if scaling else replicas,
         "rayStartParams": {
             # KubeRay pastes this into a bash line (`--resources='{...}'`) and also parses it itself after
             # trimming quotes, so: single-quoted JSON. The pool controller asks for it per actor.
@@ -123,7 +126,9 @@ def _gcs_fault_tolerance(spec: K2DeploymentSpec) -> dict[str, Any] | None:
     return out
 
 
-def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec,
+                      groups: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """`groups`: each pool's group count now (autoscaling.pool_groups); default: the spec's `groups`."""
     ray_spec: dict[str, Any] = {
         "rayVersion": spec.ray.ray_version,
         "enableInTreeAutoscaling": False,
@@ -131,7 +136,9 @@ def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec) -> dict
         # Secret (key auth_token); the pool controller and the routers get it from pods.ray_auth_env.
         "authOptions": {"mode": "token", "secretName": pods.cluster_token_name(name)},
         "headGroupSpec": _head_group(name, spec),
-        "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool)) for pool in pods.POOLS],
+        "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool),
+                                           groups[pool] if groups else getattr(spec, pool).groups)
+                             for pool in pods.POOLS],
     }
     if ft := _gcs_fault_tolerance(spec):
         ray_spec["gcsFaultToleranceOptions"] = ft

@@ -4,6 +4,7 @@ owner references are added by the reconciler (kopf.adopt)."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any
 
 from k2serve.config import POOL_METRICS_PORT
@@ -157,11 +158,12 @@ def render_service_monitor(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, service_monitor: bool) -> list[dict]:
-    """Every child, in creation order (config before its readers)."""
+def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, service_monitor: bool,
+                    groups: Mapping[str, int] | None = None) -> list[dict]:
+    """Every child, in creation order (config before its readers); `groups`: see render_raycluster."""
     children = [
         render_configmap(name, namespace, spec),
-        render_raycluster(name, namespace, spec),
+        render_raycluster(name, namespace, spec, groups),
         render_router_deployment(name, namespace, spec),
         render_router_service(name, namespace, spec),
         *render_pdbs(name, namespace),

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic.alias_generators import to_camel
 
-from k2serve.config import ChainStoreConfig, ModelSource, PoolConfig, RouterConfig
+from k2serve.config import AutoscalingConfig, ChainStoreConfig, ModelSource, PoolConfig, RouterConfig
 from k2serve.download import HUB_SOURCE_PATTERN, HubSource, is_hub_source
 
 GROUP = "k2serve.io"
@@ -67,8 +67,22 @@ class ModelSpec(ModelSource):
                                                  "gated or private `hf://` sources.")
 
 
+class AutoscalingSpec(AutoscalingConfig):
+    """The pool controller's autoscaling, spelled for the CR. It owns the pool's group count: the `/scale`
+    subresource (and an HPA on it) sets `decode.groups`, which then only gives the starting count."""
+
+    model_config = _CAMEL
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscalingSpec":
+        return self  # min ≤ max is a spec RULE here: CEL in the API server, the same words in the reconciler
+
+
 class PoolSpec(PoolConfig):
     model_config = _CAMEL
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale this pool's groups on load (the pool controller decides, the operator sizes the "
+        "worker pods to it); None: `groups` is fixed. Excludes an HPA on the scale subresource.")
     resources: Resources = Field(default_factory=Resources, description="Per worker pod (one Ray actor each).")
     shm_size: str = Field("1Gi", description="Size of the /dev/shm tmpfs of each worker pod.")
 
@@ -200,6 +214,11 @@ RULES: tuple[Rule, ...] = (
         "disaggregated serving needs at least one prefill group (or router.aggregated: true)",
         lambda s: s.router.aggregated or s.prefill.groups >= 1,
     ),
+    *(Rule(f"{pool}.autoscaling.minGroups",
+           f"!has(self.{pool}.autoscaling) || self.{pool}.autoscaling.minGroups <= self.{pool}.autoscaling.maxGroups",
+           "must not exceed autoscaling.maxGroups",
+           lambda s, pool=pool: (a := getattr(s, pool).autoscaling) is None or a.min_groups <= a.max_groups)
+      for pool in ("prefill", "decode")),
     Rule(
         "model.source",
         "!self.model.source.startsWith('hf://') || (has(self.model.pvc) && !self.model.source.contains('..') && "
@@ -219,10 +238,20 @@ class Condition(_K8s):
     observed_generation: int | None = None
 
 
+class ScaleDecisionStatus(_K8s):
+    at: str = Field(description="When the pool controller decided, RFC 3339 UTC.")
+    from_groups: int = Field(ge=0)
+    to_groups: int = Field(ge=0)
+    signal: str = Field(description="The signal that asked for it: queue_depth, running, kv_use, ttft or range.")
+    reason: str
+
+
 class PoolStatus(_K8s):
     ready: int = Field(0, ge=0, description="Groups whose every worker pod is ready.")
-    desired: int = Field(0, ge=0)
+    desired: int = Field(0, ge=0, description="Groups wanted: `groups`, or with autoscaling the pool controller's "
+                         "count.")
     readiness: str = Field("0/0", description="`ready/desired`, for the printer columns.")
+    last_scale_decision: ScaleDecisionStatus | None = Field(None, description="The autoscaler's last decision.")
 
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
