@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +161,9 @@ def running_emulator(workdir: Path) -> Iterator[tuple[Cluster, Path, dict[str, A
 
 
 @contextmanager
-def running_cluster(kuberay: bool, workdir: Path) -> Iterator[Cluster]:
-    """An emulator (with or without KubeRay's CRD) and the operator (`--metrics-port`) against it until the
-    block exits."""
+def running_cluster(kuberay: bool, workdir: Path, extra_args: Sequence[str] = ()) -> Iterator[Cluster]:
+    """An emulator (with or without KubeRay's CRD) and the operator (`--metrics-port`, plus `extra_args`) against
+    it until the block exits."""
     with running_emulator(workdir) as (cluster, config, box):
         cluster.apply_crd(yaml.safe_load(K2_CRD.read_text()))
         for crd in yaml.safe_load_all(KOPF_PEERING_CRDS.read_text()):
@@ -178,7 +178,7 @@ def running_cluster(kuberay: bool, workdir: Path) -> Iterator[Cluster]:
             # kopf's login reads $KUBECONFIG whenever it (re-)authenticates.
             monkeypatch.setenv("KUBECONFIG", str(config))
             args = run.parse(["--kubeconfig", str(config), "--liveness", f"http://127.0.0.1:{free_port()}/healthz",
-                              "--resync-seconds", "0.5", "--metrics-port", str(cluster.metrics_port)])
+                              "--resync-seconds", "0.5", "--metrics-port", str(cluster.metrics_port), *extra_args])
             ready, stop = threading.Event(), threading.Event()
             operator = threading.Thread(target=lambda: asyncio.run(run.operate(args, stop=stop, ready=ready)),
                                         daemon=True)
