@@ -111,8 +111,10 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
     model = _observe_model(kube, name, namespace, spec)
     report = scaling(name, namespace) if scaling is not None and autoscaled(spec) else None
     groups = pool_groups(spec, report)
+    gateway_api = kube.served(k.INFERENCEPOOL) and kube.served(k.HTTPROUTE)
     children = [*render_download(name, namespace, spec),
-                *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR), groups=groups)]
+                *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR), groups=groups,
+                                 gateway_api=gateway_api)]
     if not kuberay or not model.ready:  # worker groups start only once the model is in place
         children = [c for c in children if c["kind"] != "RayCluster"]
     if not model.ready and kube.get(k.CONFIGMAP, namespace, pods.config_name(name)):
@@ -127,6 +129,12 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
     for child in children:
         if done := _converge(kube, child):
             kopf.info(body, reason="Reconciled", message=done)
+    if spec.router.gateway is not None and not gateway_api and previous.observed_generation != generation:
+        kopf.warn(body, reason="GatewayAPIMissing", message="spec.router.gateway is set but the cluster does not "
+                  "serve InferencePool (inference.networking.k8s.io/v1) and HTTPRoute (gateway.networking.k8s.io/v1)")
+    if spec.router.gateway is None and gateway_api:  # exposure turned off: its children go
+        for gone in _delete_gateway(kube, name, namespace):
+            kopf.info(body, reason="Reconciled", message=f"deleted {gone}")
     if not kuberay and _reason(previous, "Degraded") != "KubeRayMissing":
         kopf.warn(body, reason="KubeRayMissing", message="RayCluster CRD (ray.io/v1) not installed; install KubeRay")
 
@@ -174,6 +182,18 @@ def delete_children(kube: k.Kube, body: kopf.Body) -> list[str]:
         if (ref != k.RAYCLUSTER or kube.served(ref)) and (ref != k.SERVICEMONITOR or kube.served(ref)):
             if kube.delete(ref, namespace, child["metadata"]["name"]):
                 gone.append(f"{child['kind']} {child['metadata']['name']}")
+    if kube.served(k.INFERENCEPOOL) and kube.served(k.HTTPROUTE):
+        gone += _delete_gateway(kube, name, namespace)
+    return gone
+
+
+def _delete_gateway(kube: k.Kube, name: str, namespace: str) -> list[str]:
+    """Deletes the Gateway API children that exist (the caller checked their API is served)."""
+    gone = []
+    for ref in (k.HTTPROUTE, k.INFERENCEPOOL):
+        if kube.get(ref, namespace, pods.router_name(name)) is not None and kube.delete(ref, namespace,
+                                                                                        pods.router_name(name)):
+            gone.append(f"{ref.kind} {pods.router_name(name)}")
     return gone
 
 

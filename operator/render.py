@@ -9,6 +9,7 @@ from typing import Any
 
 from k2serve.config import POOL_METRICS_PORT
 from k2serve.operator import pods
+from k2serve.operator.gateway import render_gateway
 from k2serve.operator.raycluster import render_raycluster
 from k2serve.operator.spec import K2DeploymentSpec
 
@@ -159,8 +160,9 @@ def render_service_monitor(name: str, namespace: str) -> dict[str, Any]:
 
 
 def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, service_monitor: bool,
-                    groups: Mapping[str, int] | None = None) -> list[dict]:
-    """Every child, in creation order (config before its readers); `groups`: see render_raycluster."""
+                    groups: Mapping[str, int] | None = None, gateway_api: bool = False) -> list[dict]:
+    """Every child, in creation order (config before its readers); `groups`: see render_raycluster;
+    `gateway_api`: the cluster serves InferencePool and HTTPRoute (then spec.router.gateway renders them)."""
     children = [
         render_configmap(name, namespace, spec),
         render_raycluster(name, namespace, spec, groups),
@@ -172,4 +174,6 @@ def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, servic
     ]
     if service_monitor:
         children.append(render_service_monitor(name, namespace))
+    if gateway_api:
+        children += render_gateway(name, namespace, spec)
     return children

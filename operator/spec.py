@@ -87,6 +87,33 @@ class PoolSpec(PoolConfig):
     shm_size: str = Field("1Gi", description="Size of the /dev/shm tmpfs of each worker pod.")
 
 
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # an RFC 1123 label: a Service's or a Gateway's name
+
+
+class EndpointPickerSpec(_K8s):
+    """The Endpoint Picker extension (EPP) Service the InferencePool names (Gateway API Inference Extension v1)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=_K8S_NAME, description="The EPP's Service.")
+    port_number: int = Field(9002, ge=1, le=65535, description="The EPP Service's gRPC ext-proc port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="What the Gateway does when the EPP does not answer: FailOpen sends the request to "
+        "a router of its choice, FailClose refuses it.")
+
+
+class GatewaySpec(_K8s):
+    """Exposure through a Gateway API Gateway: an InferencePool (inference.networking.k8s.io/v1) of the router pods
+    and an HTTPRoute (gateway.networking.k8s.io/v1) from the Gateway to it, for the OpenAI API (`/v1`) only."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Gateway (gateway.networking.k8s.io) to attach to.")
+    namespace: str | None = Field(None, min_length=1, max_length=63, pattern=_K8S_NAME, description="The Gateway's "
+                                  "namespace; default: the K2Deployment's (another needs the Gateway to allow it).")
+    section_name: str | None = Field(None, min_length=1, max_length=253, description="The Gateway listener to "
+                                     "attach to; default: every listener that accepts the route.")
+    hostnames: list[str] = Field(default_factory=list, max_length=16, description="Host headers the route matches; "
+                                 "empty: every host the listener accepts.")
+    endpoint_picker: EndpointPickerSpec = Field(description="The EPP the InferencePool uses to pick a router pod.")
+
+
 # RouterConfig fields the operator sets for the pod (listen address, the mounted API-key file) instead of the user.
 ROUTER_POD_FIELDS = frozenset({"host", "api_keys_file"})
 
@@ -112,6 +139,8 @@ def _router_spec() -> type[_K8s]:
         "api_key_secret": (SecretKeyRef | None,
                            Field(None, description="Secret key holding bearer API keys, one a line.")),
         "resources": (Resources, Field(default_factory=Resources)),
+        "gateway": (GatewaySpec | None, Field(None, description="Expose the routers through this Gateway API "
+                                              "Gateway (an InferencePool and an HTTPRoute); default: a Service only.")),
     }
     return create_model("RouterSpec", __base__=_K8s, __module__=__name__, **fields)
 
