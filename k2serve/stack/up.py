@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +106,12 @@ async def run(config: ServingConfig) -> None:
     from k2serve.metrics import Metrics
 
     init_local_ray(logical_cpus(config))
+    # The pool controller's news (groups replaced, scaling decisions, drains) on the console with the rest.
+    news = logging.StreamHandler(sys.stdout)
+    news.setFormatter(logging.Formatter("k2serve up: %(message)s"))
+    controller_log = logging.getLogger(PoolController.__module__.rsplit(".", 1)[0])
+    controller_log.addHandler(news)
+    controller_log.setLevel(logging.INFO)
     stop = stop_on_signals()
     router_metrics = Metrics()  # the router's, read by autoscaled pools for TTFT
     controller = PoolController(config, router_metrics=lambda: generate_latest(router_metrics.registry).decode())
@@ -135,6 +143,7 @@ async def run(config: ServingConfig) -> None:
             metrics.server_close()
         await asyncio.to_thread(controller.stop)
         ray.shutdown()
+        controller_log.removeHandler(news)
         print("k2serve up: stopped", flush=True)
 
 

@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-metrics", metavar="URL", help="the routers' /metrics (e.g. their Service), read for "
                     "pools that scale on TTFT (autoscaling.ttft_slo_s)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
     if args.local:
         init_local_ray()
