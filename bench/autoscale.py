@@ -58,15 +58,15 @@ class Results:
     samples: list[dict[str, float]] = field(default_factory=list)
 
 
-def wait_line(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout_s: float) -> re.Match[str]:
+def endpoints(proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0) -> tuple[str, str]:
+    """(router URL, pool controller URL) once `k2serve up` printed both."""
+    ready = re.compile(r"metrics, merged, at (http://\S+)/metrics.*?serving \S+ at (http://\S+)/v1", re.S)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if m := re.search(pattern, log.read_text()):
-            return m
-        if proc.poll() is not None:
-            raise RuntimeError(f"k2serve up exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+    while not (m := ready.search(log.read_text())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"k2serve up did not start (exit code {proc.poll()}):\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
-    raise TimeoutError(f"no {pattern!r} from k2serve up in {timeout_s} s")
+    return m.group(2), m.group(1)
 
 
 def sample(controller: str, t: float) -> dict[str, float]:
@@ -175,8 +175,7 @@ def main() -> int:
             proc = subprocess.Popen([sys.executable, "-P", "-m", "k2serve.cli", "up", "--port", "0", "--config",
                                      str(cfg)], stdout=sink, stderr=subprocess.STDOUT, cwd=tmp)
         try:
-            url = wait_line(proc, log, r"serving \S+ at (http://\S+)/v1", 300).group(1)
-            controller = "http://" + wait_line(proc, log, r"metrics, merged, at http://(\S+)/metrics", 5).group(1)
+            url, controller = endpoints(proc, log)
             out = Results()
             asyncio.run(drive(url, controller, args.tokens, args.cooldown, out))
         finally:

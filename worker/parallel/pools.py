@@ -4,8 +4,8 @@ alive as named, detached actors, replaces one that died, and publishes every gro
 in the `k2serve-registry` actor, where routers read them (`registry_groups`).
 
 Leaders are named `k2serve-<role>-<i>` in the controller's namespace, so a restarted controller adopts the
-groups that are still alive instead of starting twins. With `--metrics-port` it also serves every group's
-metrics, merged, on one fixed port (`pool_metrics.py`): what Prometheus scrapes in a cluster.
+groups that are still alive instead of starting twins. `k2serve pools` (pools_cli.py) runs it as a process and
+serves every group's metrics, merged, on one fixed port (`pool_metrics.py`): what Prometheus scrapes in a cluster.
 
 A pool with `autoscaling` is sized by its `PoolScaler` (pool_scaler.py, deciding with autoscale.py): scale-up
 launches one more group (published once it serves); scale-down drains the newest group — it answers Health
@@ -17,13 +17,9 @@ and served as JSON on the metrics port (`SCALING_PATH`) for the operator, which 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -33,15 +29,11 @@ from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
 from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import LEADER_CPUS, FaultSpec, ServingConfig
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
-from k2serve.helptext import summary
-from k2serve.localray import init_local_ray
 from k2serve.metrics import Metrics
 from k2serve.scaling import ScalingReport
-from k2serve.ray_join import join_ray
 from k2serve.worker.kv_handoff import leader_actor_name
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.in_leader_group import engine_in_leader
-from k2serve.worker.parallel.pool_metrics import serve_group_metrics
 from k2serve.worker.parallel.pool_scaler import PoolScaler, RouterTtft
 from k2serve.groups import Role
 
@@ -386,58 +378,3 @@ class PoolController:
 
     def _publish(self) -> None:
         ray.get(self._registry.set.remote(self.groups()), timeout=CALL_TIMEOUT_S)
-
-
-def _http_text(url: str) -> Callable[[], str]:
-    def fetch() -> str:
-        with urllib.request.urlopen(url, timeout=CALL_TIMEOUT_S) as response:
-            return str(response.read().decode())
-    return fetch
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="k2serve pools", description=summary(__doc__))
-    ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
-    ap.add_argument("--address", help="the Ray cluster to join, HOST:PORT (default: $RAY_ADDRESS, else the "
-                    "cluster last started on this machine)")
-    ap.add_argument("--local", action="store_true", help="start a local Ray (loopback, no dashboard) instead of "
-                    "joining a cluster")
-    ap.add_argument("--wait-for-ray", type=float, default=0.0, metavar="S",
-                    help="keep trying to join the cluster this long (a pod may start before the Ray head; default 0)")
-    ap.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of leaders and registry ({NAMESPACE})")
-    ap.add_argument("--metrics-port", type=int, default=None,
-                    help="serve every group's metrics, merged, on this port's /metrics (default: not served)")
-    ap.add_argument("--metrics-host", default="127.0.0.1", help="address to serve metrics on (127.0.0.1)")
-    ap.add_argument("--router-metrics", metavar="URL", help="the routers' /metrics (e.g. their Service), read for "
-                    "pools that scale on TTFT (autoscaling.ttft_slo_s)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
-    if args.local:
-        init_local_ray()
-    else:
-        join_ray(args.address, args.namespace, wait_s=args.wait_for_ray, hint=(
-            "start one with `ray start --head`, pass --address HOST:PORT of a running cluster, or use --local for a "
-            "Ray of its own on this machine"))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    controller = PoolController(config, namespace=args.namespace,
-                                router_metrics=_http_text(args.router_metrics) if args.router_metrics else None)
-    server = None
-    try:
-        controller.start()
-        if args.metrics_port is not None:
-            server = serve_group_metrics(controller.metrics_texts, args.metrics_port, args.metrics_host,
-                                         own=controller.metrics.registry,
-                                         scaling=lambda: controller.scaling().model_dump_json())
-        for g in controller.groups():
-            print(json.dumps(g), flush=True)
-        stop.wait()
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        controller.stop()
-        ray.shutdown()
-    return 0
