@@ -70,6 +70,9 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
     image = spec.ray.image or spec.image
     controller_cmd = ["k2serve", "pools", "--config", pods.CONFIG_PATH, "--wait-for-ray", "300",
                       "--metrics-port", str(POOL_METRICS_PORT), "--metrics-host", "0.0.0.0"]
+    if any((a := getattr(spec, pool).autoscaling) is not None and a.ttft_slo_s is not None for pool in pods.POOLS):
+        # A pool scaled on TTFT reads the routers' (through their Service: one router's histogram per reading).
+        controller_cmd += ["--router-metrics", f"http://{pods.router_name(name)}:{spec.router.http_port}/metrics"]
     return {
         "serviceType": "ClusterIP",
         # No CPUs for tasks on the head: actors of the pools must land on worker pods. The dashboard answers
