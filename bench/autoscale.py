@@ -73,12 +73,16 @@ def sample(controller: str, t: float) -> dict[str, float]:
     report = json.loads(urllib.request.urlopen(f"{controller}/autoscaling", timeout=5).read())
     decode = report["pools"].get("decode", {"desired": 0, "ready": 0, "draining": 0})
     queue = 0.0
+    decisions = {"up": 0.0, "down": 0.0}
     for family in text_string_to_metric_families(urllib.request.urlopen(f"{controller}/metrics", timeout=5)
                                                  .read().decode()):
         if family.name == "k2serve_queue_depth":
             queue += sum(s.value for s in family.samples if s.labels.get("role") == "decode")
+        if family.name == "k2serve_autoscale_decisions":
+            decisions |= {s.labels["direction"]: s.value for s in family.samples
+                          if s.name.endswith("_total") and s.labels.get("pool") == "decode"}
     return {"t": t, "desired": decode["desired"], "ready": decode["ready"], "draining": decode["draining"],
-            "queue": queue}
+            "queue": queue, "decisions_up": decisions["up"], "decisions_down": decisions["down"]}
 
 
 async def client(http: httpx.AsyncClient, url: str, model: str, tokens: int, until: float, t0: float,
@@ -191,6 +195,7 @@ def main() -> int:
     summary = {"requests": len(out.chains), "failed_or_truncated": len(out.failed), "peak_decode_groups": peak,
                "final_decode_groups": final["desired"], "final_draining": final["draining"],
                "ttft_p50_s": statistics.median(v for _, v in out.ttft) if out.ttft else None,
+               "decisions_total": {"up": final["decisions_up"], "down": final["decisions_down"]},
                "decisions": decisions}
     print(table(out, load_end))
     print(json.dumps(summary, indent=2))

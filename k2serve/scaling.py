@@ -27,6 +27,9 @@ class PoolScaling(BaseModel):
     desired: int = Field(ge=0, description="Groups the pool is to have: serving and starting ones.")
     ready: int = Field(ge=0, description="Groups serving.")
     draining: int = Field(0, ge=0, description="Groups finishing their turns before they are removed.")
+    surplus_pods: list[str] = Field(default_factory=list, max_length=1024, description="The pool's worker pods "
+                                    "(Ray nodes' hostnames) beyond what its groups need and hosting no group or "
+                                    "leader: the ones to remove when the pool shrinks.")
     last: ScaleDecision | None = None
 
 

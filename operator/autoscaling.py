@@ -65,6 +65,17 @@ def pool_groups(spec: K2DeploymentSpec, report: ScalingReport | None) -> dict[st
     return out
 
 
+def surplus_pods(spec: K2DeploymentSpec, report: ScalingReport | None) -> dict[str, list[str]]:
+    """The worker pods KubeRay is to remove first (`scaleStrategy.workersToDelete`) per autoscaled pool: those the
+    pool controller reports idle beyond what its groups need, so that shrinking never takes a pod a group runs on."""
+    out: dict[str, list[str]] = {}
+    for pool in pods.POOLS:
+        state = report.pools.get(pool) if report is not None else None
+        if getattr(spec, pool).autoscaling is not None:
+            out[pool] = list(state.surplus_pods) if state is not None else []
+    return out
+
+
 def decision_status(decision: ScaleDecision | None) -> ScaleDecisionStatus | None:
     if decision is None:
         return None

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from k2serve.metrics import Metrics
 from k2serve.operator import kube as k
 from k2serve.operator import pods
-from k2serve.operator.autoscaling import ScalingSource, autoscaled, pool_groups, with_decisions
+from k2serve.operator.autoscaling import ScalingSource, autoscaled, pool_groups, surplus_pods, with_decisions
 from k2serve.operator.capacity_gate import check_capacity
 from k2serve.operator.download_job import (ModelVerdict, hub_source, job_name, model_verdict, progress_name,
                                            render_download)
@@ -114,7 +114,7 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
     gateway_api = kube.served(k.INFERENCEPOOL) and kube.served(k.HTTPROUTE)
     children = [*render_download(name, namespace, spec),
                 *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR), groups=groups,
-                                 gateway_api=gateway_api)]
+                                 remove=surplus_pods(spec, report), gateway_api=gateway_api)]
     if not kuberay or not model.ready:  # worker groups start only once the model is in place
         children = [c for c in children if c["kind"] != "RayCluster"]
     if not model.ready and kube.get(k.CONFIGMAP, namespace, pods.config_name(name)):

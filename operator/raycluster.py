@@ -27,13 +27,17 @@ def _worker_resources(pool: PoolSpec) -> dict[str, Any]:
     return res
 
 
-def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolSpec, groups: int) -> dict[str, Any]:
+def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolSpec, groups: int,
+                  remove: list[str] | None) -> dict[str, Any]:
     ep = pool_spec.expert_parallel
     replicas = groups * ep
     scaling = pool_spec.autoscaling
     vols, mounts = pods.volumes(name, spec, shm_size=pool_spec.shm_size)
+    # An autoscaled pool names the pods to remove when it shrinks (idle ones); KubeRay would pick at random.
+    strategy = {"scaleStrategy": {"workersToDelete": remove}} if remove is not None else {}
     return {
         "groupName": worker_group_name(pool),
+        **strategy,
         "replicas": replicas,
         "minReplicas": scaling.min_groups * ep if scaling else replicas,
         "maxReplicas": scaling.max_groups * ep if scaling else replicas,
@@ -129,9 +133,10 @@ def _gcs_fault_tolerance(spec: K2DeploymentSpec) -> dict[str, Any] | None:
     return out
 
 
-def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec,
-                      groups: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """`groups`: each pool's group count now (autoscaling.pool_groups); default: the spec's `groups`."""
+def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec, groups: Mapping[str, int] | None = None,
+                      remove: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """`groups`: each pool's group count now (autoscaling.pool_groups), default: the spec's `groups`; `remove`:
+    the pods each autoscaled pool gives up first (autoscaling.surplus_pods)."""
     ray_spec: dict[str, Any] = {
         "rayVersion": spec.ray.ray_version,
         "enableInTreeAutoscaling": False,
@@ -140,7 +145,8 @@ def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec,
         "authOptions": {"mode": "token", "secretName": pods.cluster_token_name(name)},
         "headGroupSpec": _head_group(name, spec),
         "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool),
-                                           groups[pool] if groups else getattr(spec, pool).groups)
+                                           groups[pool] if groups else getattr(spec, pool).groups,
+                                           (remove or {}).get(pool))
                              for pool in pods.POOLS],
     }
     if ft := _gcs_fault_tolerance(spec):

@@ -160,12 +160,13 @@ def render_service_monitor(name: str, namespace: str) -> dict[str, Any]:
 
 
 def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, service_monitor: bool,
-                    groups: Mapping[str, int] | None = None, gateway_api: bool = False) -> list[dict]:
-    """Every child, in creation order (config before its readers); `groups`: see render_raycluster;
+                    groups: Mapping[str, int] | None = None, remove: Mapping[str, list[str]] | None = None,
+                    gateway_api: bool = False) -> list[dict]:
+    """Every child, in creation order (config before its readers); `groups`, `remove`: see render_raycluster;
     `gateway_api`: the cluster serves InferencePool and HTTPRoute (then spec.router.gateway renders them)."""
     children = [
         render_configmap(name, namespace, spec),
-        render_raycluster(name, namespace, spec, groups),
+        render_raycluster(name, namespace, spec, groups, remove),
         render_router_deployment(name, namespace, spec),
         render_router_service(name, namespace, spec),
         *render_pdbs(name, namespace),

@@ -65,11 +65,11 @@ class Controller:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def decide(self, seq: int, before: int, after: int, draining: int = 0) -> None:
+    def decide(self, seq: int, before: int, after: int, draining: int = 0, surplus: tuple[str, ...] = ()) -> None:
         last = ScaleDecision(pool="decode", at=f"2026-01-01T00:00:{seq:02d}Z", seq=seq, from_groups=before,
                              to_groups=after, signal="queue_depth", reason=f"queue_depth test {seq}")
         self.report = ScalingReport(pools={"decode": PoolScaling(desired=after, ready=before, draining=draining,
-                                                                 last=last)})
+                                                                 surplus_pods=list(surplus), last=last)})
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,7 @@ def test_raycluster_replicas_follow_the_pool_controllers_decisions(scaled: tuple
     # No report yet (the head pod is not up): the starting count, and the range for KubeRay.
     group = wait_for("the RayCluster", lambda: decode_group(c))
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 6)
+    assert group["scaleStrategy"] == {"workersToDelete": []}
     wait_for("the operator asking the controller", lambda: f"/{NS}/{NAME}-ray" in stand_in.paths)
 
     stand_in.decide(1, 1, 2)  # scale-up
@@ -118,8 +119,9 @@ def test_raycluster_replicas_follow_the_pool_controllers_decisions(scaled: tuple
     stand_in.decide(2, 2, 1, draining=1)  # scale-down decided: the drained group keeps its pods meanwhile
     wait_for("the second Event", lambda: len(scaled_events(c)) == 2)
     assert decode_group(c)["replicas"] == 4
-    stand_in.decide(2, 2, 1, draining=0)  # drained and removed: now its pods go
-    wait_for("decode replicas 2", lambda: decode_group(c).get("replicas") == 2)
+    stand_in.decide(2, 2, 1, draining=0, surplus=("scaled-decode-2", "scaled-decode-3"))  # removed: its pods go,
+    wait_for("decode replicas 2", lambda: decode_group(c).get("replicas") == 2)  # exactly the idle ones
+    assert decode_group(c)["scaleStrategy"] == {"workersToDelete": ["scaled-decode-2", "scaled-decode-3"]}
     assert scaled_events(c)[1] == "decode: 2 -> 1 groups (queue_depth): queue_depth test 2"
     assert len(scaled_events(c)) == 2  # one Event per decision, however many reconciles saw it
 

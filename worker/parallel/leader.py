@@ -128,7 +128,15 @@ class GroupLeader:
         return {"group_id": self.group_id, "role": self.role, "pool": self.pool, "address": self.address,
                 "metrics_port": self.metrics_port, "world_size": self.spec.world_size,
                 "healthy": self._service is not None and self._service.failed is None,
-                "leader_pid": os.getpid(), "rank_pids": self.rank_pids(), "restarts": len(self.failures)}
+                "leader_pid": os.getpid(), "rank_pids": self.rank_pids(), "restarts": len(self.failures),
+                "node_ids": self.node_ids()}
+
+    def node_ids(self) -> list[str]:
+        """The Ray nodes (in a cluster: the pods) this group runs on, its leader's included."""
+        import ray
+
+        ranks = self._group.node_ids if isinstance(self._group, ExpertParallelGroup) else []
+        return sorted({ray.get_runtime_context().get_node_id(), *ranks})
 
     async def load(self) -> dict[str, int]:
         """What the pool controller's autoscaler reads: running and waiting sequences, KV blocks used and in all

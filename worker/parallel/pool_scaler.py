@@ -95,9 +95,10 @@ class PoolScaler:
         log.info("autoscale %s: %d -> %d groups (%s)", self.pool, decision.current, decision.desired, decision.reason)
         return decision
 
-    def report(self, desired: int, ready: int, draining: int) -> PoolScaling:
+    def report(self, desired: int, ready: int, draining: int, surplus_pods: list[str]) -> PoolScaling:
         """The pool's state now, into the gauges and for the operator."""
         self.metrics.pool_desired_groups.labels(pool=self.pool).set(desired)
         self.metrics.pool_ready_groups.labels(pool=self.pool).set(ready)
         self.metrics.pool_draining_groups.labels(pool=self.pool).set(draining)
-        return PoolScaling(desired=desired, ready=ready, draining=draining, last=self.last)
+        return PoolScaling(desired=desired, ready=ready, draining=draining, surplus_pods=surplus_pods,
+                           last=self.last)

@@ -268,9 +268,22 @@ class PoolController:
             slots = [s for s in self._slots if s.pool == pool]
             n_draining = sum(s.draining_since is not None for s in slots)
             ready = sum(s.draining_since is None and s.starting is None and s.info is not None for s in slots)
-            state = scaler.report(desired=len(slots) - n_draining, ready=ready, draining=n_draining)
+            state = scaler.report(desired=len(slots) - n_draining, ready=ready, draining=n_draining,
+                                  surplus_pods=self._surplus_pods(pool, len(slots)))
             with self._lock:
                 self._scaling.pools[pool] = state
+
+    def _surplus_pods(self, pool: Pool, groups: int) -> list[str]:
+        """Hostnames (KubeRay: pod names) of the pool's Ray nodes — those with all of its `ray_resources` — beyond
+        `groups` × EP that host no group or leader: what the operator may remove when the pool shrinks."""
+        cfg = getattr(self.config, pool)
+        if not cfg.ray_resources:  # no nodes of its own (k2serve up): nothing to remove
+            return []
+        nodes = [n for n in ray.nodes() if n["Alive"] and all(r in n["Resources"] for r in cfg.ray_resources)]
+        with self._lock:
+            busy = {node for s in self._slots for node in (s.info or {}).get("node_ids", [])}
+        idle = sorted(n["NodeManagerHostname"] for n in nodes if n["NodeID"] not in busy)
+        return idle[:max(0, len(nodes) - groups * cfg.expert_parallel)]
 
     def _loads(self, slots: list[_Slot]) -> list[dict[str, int]]:
         """The serving groups' loads; a group that does not answer in time is left out of this reading."""
