@@ -14,7 +14,7 @@ DEBUG_ENV = "K2SERVE_DEBUG"
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "up": ("k2serve.stack.up", "main", "run the whole stack locally (Ray, prefill + decode groups, router, HTTP)"),
-    "pools": ("k2serve.worker.parallel.pools", "main", "run the pool controller (a Ray driver) on a Ray cluster"),
+    "pools": ("k2serve.worker.parallel.pools_cli", "main", "run the pool controller (a Ray driver) on a Ray cluster"),
     "chat": ("k2serve.router.chat", "main", "send one chat request; print thinking, tool calls and answer"),
     "agent": ("k2serve.router.agent", "main", "run a task with the demo tools; print thinking, calls, answer"),
     "quantize": ("k2serve.worker.quantize", "main", "bf16 HF checkpoint -> INT4 pack-quantized (K2 layout)"),

@@ -69,6 +69,45 @@ class ModelSource(_Strict):
     )
 
 
+class AutoscalingConfig(_Strict):
+    """Scaling one pool between `min_groups` and `max_groups` on the load its groups and routers export. With it,
+    `groups` is the count the pool starts with (clamped into the range) and the pool controller owns the count:
+    the `/scale` subresource and an HPA must not also set it."""
+
+    min_groups: int = Field(1, ge=1, le=1024, description="Fewest groups the pool scales down to.")
+    max_groups: int = Field(4, ge=1, le=1024, description="Most groups the pool scales up to.")
+    target_queue_depth: float | None = Field(
+        2.0, gt=0, description="Sequences waiting for admission per group (k2serve_queue_depth) the pool aims at; "
+        "None: not a signal.")
+    target_running_fraction: float | None = Field(
+        0.8, gt=0, le=1, description="Running sequences per group over max_running (k2serve_running_sequences) "
+        "the pool aims at; None: not a signal.")
+    target_kv_use: float | None = Field(
+        0.85, gt=0, le=1, description="KV cache blocks used over all blocks (k2serve_kv_blocks_used/free) the pool "
+        "aims at; None: not a signal.")
+    ttft_slo_s: float | None = Field(
+        None, gt=0, description="Time to first token (the routers' k2serve_time_to_first_token_seconds, mean over "
+        "the last interval) the pool keeps under; meant for prefill. None: not a signal.")
+    tolerance: float = Field(0.1, ge=0, lt=1, description="A signal within this fraction of its target asks for "
+                             "no change (no flapping around the target).")
+    interval_s: float = Field(2.0, gt=0, le=3600, description="Seconds between two readings of the signals.")
+    scale_up_window_s: float = Field(
+        10.0, ge=0, le=86400, description="Stabilisation before scaling up: the pool grows only to what every "
+        "reading of this window asked for.")
+    scale_down_window_s: float = Field(
+        60.0, ge=0, le=86400, description="Stabilisation before scaling down: the pool shrinks only to what every "
+        "reading of this window allowed.")
+    drain_timeout_s: float = Field(
+        300.0, gt=0, le=86400, description="Longest a group removed by scale-down keeps serving its running turns "
+        "(it takes no new ones); those still running then move to another group through chain resume.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscalingConfig":
+        if self.min_groups > self.max_groups:
+            raise ValueError(f"min_groups ({self.min_groups}) must not exceed max_groups ({self.max_groups})")
+        return self
+
+
 class PoolConfig(_Strict):
     groups: int = Field(1, ge=0, le=1024, description="Worker groups (model replicas) in this pool.")
     expert_parallel: int = Field(1, ge=1, le=1024, description="Ray actors (GPUs) per group; divides the expert count.")
@@ -87,6 +126,17 @@ class PoolConfig(_Strict):
         description="Ray custom resources each actor of this pool also reserves; the operator sets "
         "`k2serve_<pool>: 1` so a pool's actors land only on that pool's worker pods.",
     )
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Scale this pool's groups on load (the pool controller); None: `groups` is fixed.")
+
+    def most_groups(self) -> int:
+        """Groups the pool may have at once (what to reserve room for)."""
+        return self.groups if self.autoscaling is None else max(self.initial_groups(), self.autoscaling.max_groups)
+
+    def initial_groups(self) -> int:
+        """Groups the pool starts with: `groups`, within the autoscaling range when there is one."""
+        a = self.autoscaling
+        return self.groups if a is None else min(max(self.groups, a.min_groups), a.max_groups)
 
 
 class RequestLimits(_Strict):

@@ -80,6 +80,15 @@ class Metrics:
         self.engine_counters: dict[str, Counter] = {"prefill_tokens": self.prefill_tokens,
                                                     "decode_tokens": self.decode_tokens, "steps": self.engine_steps,
                                                     "preemptions": self.preemptions}
+        # ---- pool controller: autoscaling
+        self.pool_desired_groups = Gauge("k2serve_pool_desired_groups", "Groups the autoscaler wants in the pool.",
+                                         ["pool"], registry=r)
+        self.pool_ready_groups = Gauge("k2serve_pool_ready_groups", "Groups of the pool serving (not starting or "
+                                       "draining).", ["pool"], registry=r)
+        self.pool_draining_groups = Gauge("k2serve_pool_draining_groups", "Groups finishing their running turns "
+                                          "before scale-down removes them.", ["pool"], registry=r)
+        self.autoscale_decisions = Counter("k2serve_autoscale_decisions_total", "Scaling decisions, by pool and "
+                                           "direction (up, down).", ["pool", "direction"], registry=r)
         # ---- operator
         self.reconciles = Counter("k2serve_operator_reconciles_total", "Reconciles, by outcome.", ["outcome"], registry=r)
         self.reconcile_seconds = Histogram("k2serve_operator_reconcile_duration_seconds", "Reconcile latency.",

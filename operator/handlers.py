@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from k2serve.metrics import Metrics
 from k2serve.operator import kube as k
 from k2serve.operator import pods
+from k2serve.operator.autoscaling import ScalingSource, autoscaled, pool_groups, surplus_pods, with_decisions
 from k2serve.operator.capacity_gate import check_capacity
 from k2serve.operator.image_policy import CONDITION as IMAGE_CONDITION
 from k2serve.operator.image_policy import check_images
@@ -80,8 +81,9 @@ def _observe(kube: k.Kube, name: str, namespace: str, kuberay: bool) -> Observed
 
 
 def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any,
-              allowed_images: tuple[str, ...] = ()) -> K2DeploymentStatus:
-    """`allowed_images`: prefixes every pod image must start with (none: any image)."""
+              allowed_images: tuple[str, ...] = (), scaling: ScalingSource | None = None) -> K2DeploymentStatus:
+    """`allowed_images`: prefixes every pod image must start with (none: any image); `scaling`: where autoscaled
+    pools' sizes come from (the pool controller's report; operator/autoscaling.py)."""
     name, namespace = body.metadata.name, body.metadata.namespace
     generation = int(body.metadata.get("generation") or 0)
     previous = K2DeploymentStatus.model_validate(
@@ -120,8 +122,12 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
 
     kuberay = kube.served(k.RAYCLUSTER)
     model = _observe_model(kube, name, namespace, spec)
+    report = scaling(name, namespace) if scaling is not None and autoscaled(spec) else None
+    groups = pool_groups(spec, report)
+    gateway_api = kube.served(k.INFERENCEPOOL) and kube.served(k.HTTPROUTE)
     children = [*render_download(name, namespace, spec),
-                *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR))]
+                *render_children(name, namespace, spec, service_monitor=kube.served(k.SERVICEMONITOR), groups=groups,
+                                 remove=surplus_pods(spec, report), gateway_api=gateway_api)]
     if not kuberay or not model.ready:  # worker groups start only once the model is in place
         children = [c for c in children if c["kind"] != "RayCluster"]
     if not model.ready and kube.get(k.CONFIGMAP, namespace, pods.config_name(name)):
@@ -136,10 +142,20 @@ def reconcile(kube: k.Kube, body: kopf.Body, patch: kopf.Patch, logger: logging.
     for child in children:
         if done := _converge(kube, child):
             kopf.info(body, reason="Reconciled", message=done)
+    if spec.router.gateway is not None and not gateway_api and previous.observed_generation != generation:
+        kopf.warn(body, reason="GatewayAPIMissing", message="spec.router.gateway is set but the cluster does not "
+                  "serve InferencePool (inference.networking.k8s.io/v1) and HTTPRoute (gateway.networking.k8s.io/v1)")
+    if spec.router.gateway is None and gateway_api:  # exposure turned off: its children go
+        for gone in _delete_gateway(kube, name, namespace):
+            kopf.info(body, reason="Reconciled", message=f"deleted {gone}")
     if not kuberay and _reason(previous, "Degraded") != "KubeRayMissing":
         kopf.warn(body, reason="KubeRayMissing", message="RayCluster CRD (ray.io/v1) not installed; install KubeRay")
 
-    status = compute_status(name, namespace, spec, generation, _observe(kube, name, namespace, kuberay), previous)
+    status = compute_status(name, namespace, spec, generation, _observe(kube, name, namespace, kuberay), previous,
+                            groups)
+    status, decisions = with_decisions(status, previous, report)
+    for message in decisions:
+        kopf.info(body, reason="Scaled", message=message)
     checks: list[Wanted] = [("ModelReady", model.ready, model.reason, model.message), schedulable]
     if images.allowed is not None:
         checks.append((IMAGE_CONDITION, True, images.reason, images.message))
@@ -181,6 +197,18 @@ def delete_children(kube: k.Kube, body: kopf.Body) -> list[str]:
         if (ref != k.RAYCLUSTER or kube.served(ref)) and (ref != k.SERVICEMONITOR or kube.served(ref)):
             if kube.delete(ref, namespace, child["metadata"]["name"]):
                 gone.append(f"{child['kind']} {child['metadata']['name']}")
+    if kube.served(k.INFERENCEPOOL) and kube.served(k.HTTPROUTE):
+        gone += _delete_gateway(kube, name, namespace)
+    return gone
+
+
+def _delete_gateway(kube: k.Kube, name: str, namespace: str) -> list[str]:
+    """Deletes the Gateway API children that exist (the caller checked their API is served)."""
+    gone = []
+    for ref in (k.HTTPROUTE, k.INFERENCEPOOL):
+        if kube.get(ref, namespace, pods.router_name(name)) is not None and kube.delete(ref, namespace,
+                                                                                        pods.router_name(name)):
+            gone.append(f"{ref.kind} {pods.router_name(name)}")
     return gone
 
 
@@ -192,7 +220,7 @@ def observed_reconcile(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, logg
     start = time.perf_counter()
     outcome = "error"
     try:
-        status = reconcile(memo.kube, body, patch, logger, memo.allowed_images)
+        status = reconcile(memo.kube, body, patch, logger, memo.get("allowed_images", ()), memo.get("scaling"))
         outcome = "invalid" if status.phase == "Invalid" else "ok"
     finally:
         metrics.reconciles.labels(outcome=outcome).inc()

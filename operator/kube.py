@@ -48,8 +48,11 @@ SERVICEACCOUNT = Ref("", "v1", "serviceaccounts", "ServiceAccount")
 ROLE = Ref("rbac.authorization.k8s.io", "v1", "roles", "Role")
 ROLEBINDING = Ref("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 SECRET = Ref("", "v1", "secrets", "Secret")
+INFERENCEPOOL = Ref("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool")
+HTTPROUTE = Ref("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 CHILD_REFS: dict[str, Ref] = {r.kind: r for r in (CONFIGMAP, SERVICE, DEPLOYMENT, PDB, NETWORKPOLICY, RAYCLUSTER,
-                                                  SERVICEMONITOR, JOB, SERVICEACCOUNT, ROLE, ROLEBINDING, SECRET)}
+                                                  SERVICEMONITOR, JOB, SERVICEACCOUNT, ROLE, ROLEBINDING, SECRET,
+                                                  INFERENCEPOOL, HTTPROUTE)}
 
 
 class KubeError(RuntimeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from k2serve.config import LEADER_CPUS, POOL_METRICS_PORT
@@ -26,14 +27,20 @@ def _worker_resources(pool: PoolSpec) -> dict[str, Any]:
     return res
 
 
-def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolSpec) -> dict[str, Any]:
-    replicas = pool_spec.groups * pool_spec.expert_parallel
+def _worker_group(name: str, spec: K2DeploymentSpec, pool: str, pool_spec: PoolSpec, groups: int,
+                  remove: list[str] | None) -> dict[str, Any]:
+    ep = pool_spec.expert_parallel
+    replicas = groups * ep
+    scaling = pool_spec.autoscaling
     vols, mounts = pods.volumes(name, spec, shm_size=pool_spec.shm_size)
+    # An autoscaled pool names the pods to remove when it shrinks (idle ones); KubeRay would pick at random.
+    strategy = {"scaleStrategy": {"workersToDelete": remove}} if remove is not None else {}
     return {
         "groupName": worker_group_name(pool),
+        **strategy,
         "replicas": replicas,
-        "minReplicas": replicas,
-        "maxReplicas": replicas,
+        "minReplicas": scaling.min_groups * ep if scaling else replicas,
+        "maxReplicas": scaling.max_groups * ep if scaling else replicas,
         "rayStartParams": {
             # KubeRay pastes this into a bash line (`--resources='{...}'`) and also parses it itself after
             # trimming quotes, so: single-quoted JSON. The pool controller asks for it per actor.
@@ -67,6 +74,9 @@ def _head_group(name: str, spec: K2DeploymentSpec) -> dict[str, Any]:
     image = spec.ray.image or spec.image
     controller_cmd = ["k2serve", "pools", "--config", pods.CONFIG_PATH, "--wait-for-ray", "300",
                       "--metrics-port", str(POOL_METRICS_PORT), "--metrics-host", "0.0.0.0"]
+    if any((a := getattr(spec, pool).autoscaling) is not None and a.ttft_slo_s is not None for pool in pods.POOLS):
+        # A pool scaled on TTFT reads the routers' (through their Service: one router's histogram per reading).
+        controller_cmd += ["--router-metrics", f"http://{pods.router_name(name)}:{spec.router.http_port}/metrics"]
     return {
         "serviceType": "ClusterIP",
         # No CPUs for tasks on the head: actors of the pools must land on worker pods. The dashboard answers
@@ -123,7 +133,10 @@ def _gcs_fault_tolerance(spec: K2DeploymentSpec) -> dict[str, Any] | None:
     return out
 
 
-def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec) -> dict[str, Any]:
+def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec, groups: Mapping[str, int] | None = None,
+                      remove: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """`groups`: each pool's group count now (autoscaling.pool_groups), default: the spec's `groups`; `remove`:
+    the pods each autoscaled pool gives up first (autoscaling.surplus_pods)."""
     ray_spec: dict[str, Any] = {
         "rayVersion": spec.ray.ray_version,
         "enableInTreeAutoscaling": False,
@@ -131,7 +144,10 @@ def render_raycluster(name: str, namespace: str, spec: K2DeploymentSpec) -> dict
         # Secret (key auth_token); the pool controller and the routers get it from pods.ray_auth_env.
         "authOptions": {"mode": "token", "secretName": pods.cluster_token_name(name)},
         "headGroupSpec": _head_group(name, spec),
-        "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool)) for pool in pods.POOLS],
+        "workerGroupSpecs": [_worker_group(name, spec, pool, getattr(spec, pool),
+                                           groups[pool] if groups else getattr(spec, pool).groups,
+                                           (remove or {}).get(pool))
+                             for pool in pods.POOLS],
     }
     if ft := _gcs_fault_tolerance(spec):
         ray_spec["gcsFaultToleranceOptions"] = ft

@@ -4,10 +4,12 @@ owner references are added by the reconciler (kopf.adopt)."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any
 
 from k2serve.config import POOL_METRICS_PORT
 from k2serve.operator import pods
+from k2serve.operator.gateway import render_gateway
 from k2serve.operator.raycluster import render_raycluster
 from k2serve.operator.spec import K2DeploymentSpec
 
@@ -157,11 +159,14 @@ def render_service_monitor(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, service_monitor: bool) -> list[dict]:
-    """Every child, in creation order (config before its readers)."""
+def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, service_monitor: bool,
+                    groups: Mapping[str, int] | None = None, remove: Mapping[str, list[str]] | None = None,
+                    gateway_api: bool = False) -> list[dict]:
+    """Every child, in creation order (config before its readers); `groups`, `remove`: see render_raycluster;
+    `gateway_api`: the cluster serves InferencePool and HTTPRoute (then spec.router.gateway renders them)."""
     children = [
         render_configmap(name, namespace, spec),
-        render_raycluster(name, namespace, spec),
+        render_raycluster(name, namespace, spec, groups, remove),
         render_router_deployment(name, namespace, spec),
         render_router_service(name, namespace, spec),
         *render_pdbs(name, namespace),
@@ -170,4 +175,6 @@ def render_children(name: str, namespace: str, spec: K2DeploymentSpec, *, servic
     ]
     if service_monitor:
         children.append(render_service_monitor(name, namespace))
+    if gateway_api:
+        children += render_gateway(name, namespace, spec)
     return children

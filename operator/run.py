@@ -13,6 +13,7 @@ import kopf
 
 from k2serve.errors import UserError
 from k2serve.metrics import Metrics
+from k2serve.operator.autoscaling import SCALING_URL, http_scaling
 from k2serve.operator.handlers import build_registry
 from k2serve.operator.kube import Kube
 
@@ -37,6 +38,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="level-based status refresh period")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on this port (0: any free port; default: not served)")
+    parser.add_argument("--scaling-url", default=SCALING_URL,
+                        help="where autoscaled deployments' pool controllers report their pools ({ray}: the "
+                        "RayCluster's name, {namespace}: its namespace; default: the Ray head's Service)")
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
                         help="used outside a cluster (default: $KUBECONFIG)")
     args = parser.parse_args(argv)
@@ -56,7 +60,7 @@ async def operate(args: argparse.Namespace, stop: threading.Event | None = None,
         registry=build_registry(args.resync_seconds,
                                 scan=not args.namespace or any(set(ns) & set("*?[!") for ns in args.namespace)),
         memo=kopf.Memo(kube=Kube.from_environment(args.kubeconfig), metrics=metrics, managed=set(),
-                       allowed_images=tuple(args.allowed_image_prefix)),
+                       allowed_images=tuple(args.allowed_image_prefix), scaling=http_scaling(args.scaling_url)),
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         # kopf makes peering mandatory once a name is given, so a standalone run must not pass one.

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic.alias_generators import to_camel
 
-from k2serve.config import ChainStoreConfig, ModelSource, PoolConfig, RouterConfig
+from k2serve.config import AutoscalingConfig, ChainStoreConfig, ModelSource, PoolConfig, RouterConfig
 from k2serve.download import HUB_SOURCE_PATTERN, HubSource, is_hub_source
 
 GROUP = "k2serve.io"
@@ -67,10 +67,51 @@ class ModelSpec(ModelSource):
                                                  "gated or private `hf://` sources.")
 
 
+class AutoscalingSpec(AutoscalingConfig):
+    """The pool controller's autoscaling, spelled for the CR. It owns the pool's group count: the `/scale`
+    subresource (and an HPA on it) sets `decode.groups`, which then only gives the starting count."""
+
+    model_config = _CAMEL
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscalingSpec":
+        return self  # min ≤ max is a spec RULE here: CEL in the API server, the same words in the reconciler
+
+
 class PoolSpec(PoolConfig):
     model_config = _CAMEL
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale this pool's groups on load (the pool controller decides, the operator sizes the "
+        "worker pods to it); None: `groups` is fixed. Excludes an HPA on the scale subresource.")
     resources: Resources = Field(default_factory=Resources, description="Per worker pod (one Ray actor each).")
     shm_size: str = Field("1Gi", description="Size of the /dev/shm tmpfs of each worker pod.")
+
+
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # an RFC 1123 label: a Service's or a Gateway's name
+
+
+class EndpointPickerSpec(_K8s):
+    """The Endpoint Picker extension (EPP) Service the InferencePool names (Gateway API Inference Extension v1)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=_K8S_NAME, description="The EPP's Service.")
+    port_number: int = Field(9002, ge=1, le=65535, description="The EPP Service's gRPC ext-proc port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="What the Gateway does when the EPP does not answer: FailOpen sends the request to "
+        "a router of its choice, FailClose refuses it.")
+
+
+class GatewaySpec(_K8s):
+    """Exposure through a Gateway API Gateway: an InferencePool (inference.networking.k8s.io/v1) of the router pods
+    and an HTTPRoute (gateway.networking.k8s.io/v1) from the Gateway to it, for the OpenAI API (`/v1`) only."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Gateway (gateway.networking.k8s.io) to attach to.")
+    namespace: str | None = Field(None, min_length=1, max_length=63, pattern=_K8S_NAME, description="The Gateway's "
+                                  "namespace; default: the K2Deployment's (another needs the Gateway to allow it).")
+    section_name: str | None = Field(None, min_length=1, max_length=253, description="The Gateway listener to "
+                                     "attach to; default: every listener that accepts the route.")
+    hostnames: list[str] = Field(default_factory=list, max_length=16, description="Host headers the route matches; "
+                                 "empty: every host the listener accepts.")
+    endpoint_picker: EndpointPickerSpec = Field(description="The EPP the InferencePool uses to pick a router pod.")
 
 
 # RouterConfig fields the operator sets for the pod (listen address, the mounted API-key file) instead of the user.
@@ -98,6 +139,8 @@ def _router_spec() -> type[_K8s]:
         "api_key_secret": (SecretKeyRef | None,
                            Field(None, description="Secret key holding bearer API keys, one a line.")),
         "resources": (Resources, Field(default_factory=Resources)),
+        "gateway": (GatewaySpec | None, Field(None, description="Expose the routers through this Gateway API "
+                                              "Gateway (an InferencePool and an HTTPRoute); default: a Service only.")),
     }
     return create_model("RouterSpec", __base__=_K8s, __module__=__name__, **fields)
 
@@ -200,6 +243,11 @@ RULES: tuple[Rule, ...] = (
         "disaggregated serving needs at least one prefill group (or router.aggregated: true)",
         lambda s: s.router.aggregated or s.prefill.groups >= 1,
     ),
+    *(Rule(f"{pool}.autoscaling.minGroups",
+           f"!has(self.{pool}.autoscaling) || self.{pool}.autoscaling.minGroups <= self.{pool}.autoscaling.maxGroups",
+           "must not exceed autoscaling.maxGroups",
+           lambda s, pool=pool: (a := getattr(s, pool).autoscaling) is None or a.min_groups <= a.max_groups)
+      for pool in ("prefill", "decode")),
     Rule(
         "model.source",
         "!self.model.source.startsWith('hf://') || (has(self.model.pvc) && !self.model.source.contains('..') && "
@@ -219,10 +267,20 @@ class Condition(_K8s):
     observed_generation: int | None = None
 
 
+class ScaleDecisionStatus(_K8s):
+    at: str = Field(description="When the pool controller decided, RFC 3339 UTC.")
+    from_groups: int = Field(ge=0)
+    to_groups: int = Field(ge=0)
+    signal: str = Field(description="The signal that asked for it: queue_depth, running, kv_use, ttft or range.")
+    reason: str
+
+
 class PoolStatus(_K8s):
     ready: int = Field(0, ge=0, description="Groups whose every worker pod is ready.")
-    desired: int = Field(0, ge=0)
+    desired: int = Field(0, ge=0, description="Groups wanted: `groups`, or with autoscaling the pool controller's "
+                         "count.")
     readiness: str = Field("0/0", description="`ready/desired`, for the printer columns.")
+    last_scale_decision: ScaleDecisionStatus | None = Field(None, description="The autoscaler's last decision.")
 
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]

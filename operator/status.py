@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,9 +85,11 @@ def blocked_status(reason: str, message: str, generation: int, previous: K2Deplo
 
 
 def compute_status(name: str, namespace: str, spec: K2DeploymentSpec, generation: int, observed: Observed,
-                   previous: K2DeploymentStatus) -> K2DeploymentStatus:
-    prefill = _pool_status("prefill", spec.prefill.groups, spec.prefill.expert_parallel, observed.worker_pods)
-    decode = _pool_status("decode", spec.decode.groups, spec.decode.expert_parallel, observed.worker_pods)
+                   previous: K2DeploymentStatus, groups: Mapping[str, int] | None = None) -> K2DeploymentStatus:
+    """`groups`: each pool's desired group count (autoscaling.pool_groups); default: the spec's `groups`."""
+    want = groups or {"prefill": spec.prefill.groups, "decode": spec.decode.groups}
+    prefill = _pool_status("prefill", want["prefill"], spec.prefill.expert_parallel, observed.worker_pods)
+    decode = _pool_status("decode", want["decode"], spec.decode.expert_parallel, observed.worker_pods)
     router = observed.router or {}
     router_ready = int(router.get("status", {}).get("readyReplicas") or 0)
     ray_state = (observed.raycluster or {}).get("status", {}).get("state", "")

@@ -13,7 +13,7 @@ from k2serve.metrics import Metrics
 
 # A name ends with its unit, or for counts with the counted thing (plural).
 UNITS = {"seconds", "bytes", "tokens", "requests", "sequences", "blocks", "handoffs", "checkpoints", "resumes",
-         "migrations", "calls", "restarts", "reconciles", "deployments", "steps"}
+         "migrations", "calls", "restarts", "reconciles", "deployments", "steps", "groups", "decisions"}
 # Dimensionless gauges, each with why it needs no unit suffix.
 UNITLESS = {
     "k2serve_queue_depth": "a length (sequences waiting), named like a kernel queue depth",

@@ -83,6 +83,9 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
         self._server: grpc.aio.Server | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self.failed: str | None = None  # set when the engine broke; Health reports it
+        # Set when the pool controller scales this group away: Health says unhealthy, so routers send it nothing
+        # new, while the turns it runs finish on it.
+        self.draining = False
         if metrics is not None:
             metrics.init_group(role, group_id)
 
@@ -259,11 +262,12 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         broken = self.loop.error
-        detail = self.failed or (f"engine failed: {broken!r}" if broken is not None else "")
+        detail = self.failed or (f"engine failed: {broken!r}" if broken is not None else "") or (
+            "draining: scaled down, takes no new requests" if self.draining else "")
         return pb.HealthResponse(healthy=not detail, role=self.role, group_id=self.group_id, detail=detail)
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        return await self.loop.call(self._stats)
+        return await self.load()
 
     # ---- KV handoff -----------------------------------------------------------------------------------
     async def _export(self, rid: str, tokens: list[int]) -> pb.KVHandle | None:
@@ -349,6 +353,10 @@ class WorkerService(pb_grpc.WorkerGroupServicer):
             prefill_tokens=eng.stats.prefill_tokens, decode_tokens=eng.stats.decode_tokens,
             prefix_hit_tokens=eng.blocks.prefix_hit_tokens, kv_handoffs_ok=self.handoffs.ok,
             kv_handoffs_fallback=self.handoffs.fallback)
+
+    async def load(self) -> pb.StatsResponse:
+        """The counts the pool controller scales on (running, waiting, KV blocks), between two steps."""
+        return await self.loop.call(self._stats)
 
     async def _export_gauges(self) -> None:
         assert self.metrics is not None

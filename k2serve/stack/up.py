@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +75,7 @@ def logical_cpus(config: ServingConfig) -> int:
     """Ray places actors by logical CPUs: reserve enough for every rank actor (and the leaders' fractions)
     even on a 2-core laptop; the OS shares the real cores."""
     pools = [config.prefill] if config.router.aggregated else [config.prefill, config.decode]
-    wanted = sum(p.groups * p.expert_parallel * p.num_cpus_per_actor for p in pools) + 1
+    wanted = sum(p.most_groups() * p.expert_parallel * p.num_cpus_per_actor for p in pools) + 1
     return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
@@ -99,9 +101,20 @@ async def run(config: ServingConfig) -> None:
     from k2serve.worker.parallel.pool_metrics import serve_group_metrics
     from k2serve.worker.parallel.pools import PoolController
 
+    from prometheus_client import generate_latest
+
+    from k2serve.metrics import Metrics
+
     init_local_ray(logical_cpus(config))
+    # The pool controller's news (groups replaced, scaling decisions, drains) on the console with the rest.
+    news = logging.StreamHandler(sys.stdout)
+    news.setFormatter(logging.Formatter("k2serve up: %(message)s"))
+    controller_log = logging.getLogger(PoolController.__module__.rsplit(".", 1)[0])
+    controller_log.addHandler(news)
+    controller_log.setLevel(logging.INFO)
     stop = stop_on_signals()
-    controller = PoolController(config)
+    router_metrics = Metrics()  # the router's, read by autoscaled pools for TTFT
+    controller = PoolController(config, router_metrics=lambda: generate_latest(router_metrics.registry).decode())
     metrics = None
     try:
         await asyncio.to_thread(controller.start)
@@ -114,7 +127,8 @@ async def run(config: ServingConfig) -> None:
             plan = "; ".join(f"{gid}: {c.ranks}" for gid, c in controller.cores.groups.items())
             print(f"k2serve up: ranks bound to cores of their own ({plan}); the router, leaders and Ray on "
                   f"{controller.cores.front} (cpu_binding: none turns this off)", flush=True)
-        metrics = serve_group_metrics(controller.metrics_texts, 0, config.router.host)
+        metrics = serve_group_metrics(controller.metrics_texts, 0, config.router.host, own=controller.metrics.registry,
+                                      scaling=lambda: controller.scaling().model_dump_json())
         print(f"k2serve up: every group's metrics, merged, at http://{config.router.host}:{metrics.server_port}"
               "/metrics", flush=True)
 
@@ -122,13 +136,14 @@ async def run(config: ServingConfig) -> None:
             print(f"k2serve up: serving {config.model.source} at {url}/v1 (gRPC {config.router.host}:{grpc_port}); "
                   "Ctrl-C stops", flush=True)
 
-        await run_router(config, RegistryDirectory(controller.namespace), stop, ready)
+        await run_router(config, RegistryDirectory(controller.namespace), stop, ready, router_metrics)
     finally:
         if metrics is not None:
             metrics.shutdown()
             metrics.server_close()
         await asyncio.to_thread(controller.stop)
         ray.shutdown()
+        controller_log.removeHandler(news)
         print("k2serve up: stopped", flush=True)
 
 

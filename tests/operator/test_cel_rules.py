@@ -60,6 +60,8 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("prefill.expertParallel", {"model": {"experts": 384}, "prefill": {"expertParallel": 7}}),
     ("decode.expertParallel", {"model": {"experts": 16}, "decode": {"expertParallel": 3}}),
     ("prefill.groups", {"prefill": {"groups": 0}, "router": {"aggregated": False}}),
+    ("prefill.autoscaling.minGroups", {"prefill": {"autoscaling": {"minGroups": 3, "maxGroups": 2}}}),
+    ("decode.autoscaling.minGroups", {"decode": {"autoscaling": {"minGroups": 5}}}),  # over the default max 4
     ("model.source", {"model": {"source": "hf://moonshotai/Kimi-K2-Thinking"}}),  # no PVC to download into
 ]
 

@@ -171,6 +171,8 @@ def test_tiny_sample_lifecycle(cluster: Any) -> None:
     ({"model.experts": 384, "decode.expertParallel": 5}, "spec.decode.expertParallel"),
     ({"router.replicas": -1}, "spec.router.replicas"),
     ({"prefill.groups": -2}, "spec.prefill.groups"),
+    ({"decode.autoscaling": {"minGroups": 3, "maxGroups": 2}}, "spec.decode.autoscaling.minGroups"),
+    ({"prefill.autoscaling": {"maxGroups": -1}}, "spec.prefill.autoscaling.maxGroups"),
 ])
 def test_invalid_spec_is_refused_naming_the_field(cluster: Any, changes: dict[str, Any], field: str) -> None:
     c = cluster
@@ -342,8 +344,11 @@ def test_cluster_role_grants_exactly_what_the_operator_calls(cluster: Any) -> No
     granted = {(g, res, v) for rule in role["rules"] for g in rule["apiGroups"] for res in rule["resources"]
                for v in rule["verbs"]}
     # ServiceMonitors are used only where their CRD exists; this emulator has none, the same calls apply.
-    exercised_elsewhere = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "patch",
-                                                                                     "delete")}
+    # So are the Gateway API children: test_gateway_kmock.py checks their calls against the same grants.
+    exercised_elsewhere = {(g, res, v) for g, res in (("monitoring.coreos.com", "servicemonitors"),
+                                                      ("inference.networking.k8s.io", "inferencepools"),
+                                                      ("gateway.networking.k8s.io", "httproutes"))
+                           for v in ("get", "create", "patch", "delete")}
     missing = used - granted
     unused = granted - used - exercised_elsewhere
     assert not missing, f"operator calls without RBAC: {sorted(missing)}"

@@ -92,6 +92,7 @@ class ExpertParallelGroup:
         self.spec = spec
         self.ranks: list[Any] = []  # RankWorker actor handles
         self.pids: list[int] = []
+        self.node_ids: list[str] = []  # Ray nodes hosting the ranks
         self.expert_bytes: list[int] = []  # resident routed-expert bytes per rank
         self.max_model_len = 0
         self.owner: dict[str, int] = {}  # request id -> rank, for every request added and not yet dropped
@@ -132,6 +133,8 @@ class ExpertParallelGroup:
         ]
         host, port = ray.get(self.ranks[0].rendezvous_address.remote(), timeout=s.start_timeout_s)
         self.pids = ray.get([r.pid.remote() for r in self.ranks], timeout=s.start_timeout_s)
+        # Where the ranks run (their pods, in a cluster): scale-down must not remove these.
+        self.node_ids = sorted(set(ray.util.placement_group_table(self._pg)["bundles_to_node_id"].values()))
         self.expert_bytes = ray.get(
             [r.setup.remote(s.model_source, host, port, s.engine, s.eos_ids, s.deterministic, s.collective_timeout_s)
              for r in self.ranks], timeout=s.start_timeout_s)

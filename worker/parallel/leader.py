@@ -129,7 +129,31 @@ class GroupLeader:
         return {"group_id": self.group_id, "role": self.role, "pool": self.pool, "address": self.address,
                 "metrics_port": self.metrics_port, "world_size": self.spec.world_size,
                 "healthy": self._service is not None and self._service.failed is None,
-                "leader_pid": os.getpid(), "rank_pids": self.rank_pids(), "restarts": len(self.failures)}
+                "leader_pid": os.getpid(), "rank_pids": self.rank_pids(), "restarts": len(self.failures),
+                "node_ids": self.node_ids()}
+
+    def node_ids(self) -> list[str]:
+        """The Ray nodes (in a cluster: the pods) this group runs on, its leader's included."""
+        import ray
+
+        ranks = self._group.node_ids if isinstance(self._group, ExpertParallelGroup) else []
+        return sorted({ray.get_runtime_context().get_node_id(), *ranks})
+
+    async def load(self) -> dict[str, int]:
+        """What the pool controller's autoscaler reads: running and waiting sequences, KV blocks used and in all
+        (all 0 while the group is rebuilding: a failed group carries no load)."""
+        service = self._service
+        if service is None or service.failed is not None or service.loop.error is not None:
+            return {"running": 0, "waiting": 0, "kv_used": 0, "kv_total": 0}
+        s = await service.load()
+        return {"running": s.running, "waiting": s.waiting, "kv_used": s.kv_blocks_used,
+                "kv_total": s.kv_blocks_used + s.kv_blocks_free}
+
+    def drain(self, on: bool) -> None:
+        """With `on`: takes no new requests from now on (Health answers unhealthy), running ones finish; without:
+        takes requests again."""
+        if self._service is not None:
+            self._service.draining = on
 
     def metrics_text(self) -> str:
         """This leader's metrics in the Prometheus text format (the pool controller serves them merged)."""

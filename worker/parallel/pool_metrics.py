@@ -9,13 +9,18 @@ label, such as the expert-load counters). A leader that does not answer in time 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from k2serve.scaling import SCALING_PATH
 
 LEADER_LABEL = "leader"
 
@@ -37,10 +42,33 @@ class MergedGroupMetrics(Collector):
         yield from merged.values()
 
 
-def serve_group_metrics(fetch: Callable[[], dict[str, str]], port: int, host: str) -> WSGIServer:
-    """Serves the merged exposition on http://host:port/metrics from a daemon thread (`server.server_port` is
-    the bound port; `shutdown()` + `server_close()` stop it)."""
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: not worth a log line each
+        pass
+
+
+def serve_group_metrics(fetch: Callable[[], dict[str, str]], port: int, host: str, *,
+                        own: CollectorRegistry | None = None, scaling: Callable[[], str] | None = None) -> WSGIServer:
+    """Serves the merged exposition (plus the controller's `own` metrics) on http://host:port/metrics and, given
+    `scaling` (→ a `ScalingReport` as JSON), the autoscaler's state on `SCALING_PATH`, from a daemon thread
+    (`server.server_port` is the bound port; `shutdown()` + `server_close()` stop it)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MergedGroupMetrics(fetch))
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    if own is not None:
+        registry.register(own)
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if scaling is not None and environ.get("PATH_INFO") == SCALING_PATH:
+            body = scaling().encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics_app(environ, start_response)
+
+    server = make_server(host, port, app, _Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="k2serve-pool-metrics", daemon=True).start()
     return server

@@ -4,18 +4,23 @@ alive as named, detached actors, replaces one that died, and publishes every gro
 in the `k2serve-registry` actor, where routers read them (`registry_groups`).
 
 Leaders are named `k2serve-<role>-<i>` in the controller's namespace, so a restarted controller adopts the
-groups that are still alive instead of starting twins. With `--metrics-port` it also serves every group's
-metrics, merged, on one fixed port (`pool_metrics.py`): what Prometheus scrapes in a cluster.
+groups that are still alive instead of starting twins. `k2serve pools` (pools_cli.py) runs it as a process and
+serves every group's metrics, merged, on one fixed port (`pool_metrics.py`): what Prometheus scrapes in a cluster.
+
+A pool with `autoscaling` is sized by its `PoolScaler` (pool_scaler.py, deciding with autoscale.py): scale-up
+launches one more group (published once it serves); scale-down drains the newest group — it answers Health
+unhealthy, so routers send it nothing new, while its running turns finish — and removes it once it has been idle
+for `DRAIN_QUIET_S`, or after the policy's `drain_timeout_s`, when turns still running on it move to another group
+through chain resume, as after any group failure. The decisions and pool sizes are exported as metrics, logged,
+and served as JSON on the metrics port (`SCALING_PATH`) for the operator, which sizes the worker pods to them.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -24,13 +29,12 @@ from k2serve.config import GROUP_REGISTRY_ACTOR as REGISTRY_NAME
 from k2serve.config import RAY_NAMESPACE as NAMESPACE
 from k2serve.config import LEADER_CPUS, FaultSpec, ServingConfig
 from k2serve.cpu_binding import CorePlan, allowed_cores, plan_cores
-from k2serve.helptext import summary
-from k2serve.localray import init_local_ray
-from k2serve.ray_join import join_ray
+from k2serve.metrics import Metrics
+from k2serve.scaling import ScalingReport
 from k2serve.worker.kv_handoff import leader_actor_name
 from k2serve.worker.parallel.leader import GroupLeader, Pool
 from k2serve.worker.parallel.in_leader_group import engine_in_leader
-from k2serve.worker.parallel.pool_metrics import serve_group_metrics
+from k2serve.worker.parallel.pool_scaler import PoolScaler, RouterTtft
 from k2serve.groups import Role
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,9 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 5.0
 NAME_RELEASE_TIMEOUT_S = 30.0  # a dead actor's name is freed asynchronously
+# A draining group idle this long is removed: well past the time routers take to see it unhealthy (they poll every
+# 0.5 s), so no request they picked before can still be on its way to it.
+DRAIN_QUIET_S = 2.0
 
 
 class GroupRegistry:
@@ -66,21 +73,33 @@ class _Slot:
         self.group_id = f"{role}-{index}"
         self.leader: Any = None  # actor handle
         self.info: dict[str, Any] | None = None
+        self.starting: Any = None  # ref of a scale-up's start(), until it answers
+        self.draining_since: float | None = None  # time.monotonic() scale-down drained it
+        self.idle_since: float | None = None  # since when a draining group has had nothing running or waiting
 
 
 class PoolController:
     def __init__(self, config: ServingConfig, *, namespace: str = NAMESPACE, check_interval_s: float = 1.0,
-                 collective_timeout_s: float = 30.0) -> None:
+                 collective_timeout_s: float = 30.0, router_metrics: Callable[[], str] | None = None) -> None:
+        """`router_metrics`: the routers' metrics exposition, for pools that scale on TTFT."""
         self.config = config
         self.namespace = namespace
         self.check_interval_s = check_interval_s
         self.collective_timeout_s = collective_timeout_s
         self.replacements = 0
-        if config.router.aggregated:
-            self._slots = [_Slot("prefill", i, "both") for i in range(config.prefill.groups)]
-        else:
-            self._slots = [_Slot("prefill", i, "prefill") for i in range(config.prefill.groups)] + [
-                _Slot("decode", i, "decode") for i in range(config.decode.groups)]
+        pools: list[tuple[Pool, Role]] = ([("prefill", "both")] if config.router.aggregated
+                                          else [("prefill", "prefill"), ("decode", "decode")])
+        self._roles = dict(pools)
+        self._slots = [_Slot(pool, i, role) for pool, role in pools
+                       for i in range(getattr(config, pool).initial_groups())]
+        self.metrics = Metrics()  # the controller's own: autoscaling
+        self._scalers: dict[Pool, PoolScaler] = {}
+        for pool, _ in pools:
+            cfg = getattr(config, pool)
+            if cfg.autoscaling is not None:
+                ttft = RouterTtft(router_metrics) if router_metrics is not None else None
+                self._scalers[pool] = PoolScaler(pool, cfg.autoscaling, cfg.max_running, self.metrics, ttft)
+        self._scaling = ScalingReport()
         # kill_group faults (and kill_actor where the engine runs in the leader) kill the leader that fired them:
         # count firings here so a replacement doesn't fire them again.
         self._faults_left = [f.times for f in config.faults]
@@ -110,6 +129,11 @@ class PoolController:
         """The live groups this controller manages (`role`: only that role)."""
         with self._lock:
             return [dict(s.info) for s in self._slots if s.info is not None and role in (None, s.role)]
+
+    def scaling(self) -> ScalingReport:
+        """The autoscaled pools' sizes and last decisions (what `SCALING_PATH` serves)."""
+        with self._lock:
+            return self._scaling.model_copy(deep=True)
 
     def read_registry(self) -> list[dict[str, Any]]:
         return registry_groups(self.namespace)
@@ -150,7 +174,8 @@ class PoolController:
     # ---- internals ------------------------------------------------------------------------------------
     def _plan_cores(self) -> CorePlan | None:
         """Cores of their own for the ranks, when the whole cluster is this one node and has a core to spare."""
-        if self.config.cpu_binding != "auto" or len([n for n in ray.nodes() if n["Alive"]]) != 1:
+        # An autoscaled pool's groups come and go: no fixed plan of cores for them.
+        if self.config.cpu_binding != "auto" or self._scalers or len([n for n in ray.nodes() if n["Alive"]]) != 1:
             return None
         pools = {p: getattr(self.config, p) for p in ("prefill", "decode")}
         return plan_cores([(s.group_id, pools[s.pool].expert_parallel, pools[s.pool].num_cpus_per_actor)
@@ -199,12 +224,19 @@ class PoolController:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.check_interval_s):
-            for slot in self._slots:
+            for slot in list(self._slots):
                 if self._stop.is_set():
                     return
+                if slot.starting is not None:
+                    self._check_start(slot)
+                    continue
                 try:
                     info = ray.get(slot.leader.info.remote(), timeout=CALL_TIMEOUT_S)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    if slot.draining_since is not None:  # scaled away anyway: its running turns migrate
+                        log.warning("draining group %s lost (%s): removing it", slot.group_id, type(e).__name__)
+                        self._remove(slot)
+                        continue
                     log.warning("group %s lost (%s): replacing it", slot.group_id, type(e).__name__)
                     info = self._replace(slot)
                     if info is None:
@@ -213,6 +245,130 @@ class PoolController:
                     with self._lock:
                         slot.info = info
                     self._publish()  # routers learn a new address or health now, not after the other slots
+            if self._scalers and not self._stop.is_set():
+                self._autoscale(time.monotonic())
+
+    # ---- autoscaling ----------------------------------------------------------------------------------
+    def _autoscale(self, now: float) -> None:
+        for pool, scaler in self._scalers.items():
+            slots = [s for s in self._slots if s.pool == pool]
+            draining = [s for s in slots if s.draining_since is not None]
+            for slot in draining:
+                self._check_drain(slot, scaler.policy.drain_timeout_s, now)
+            serving = [s for s in self._slots if s.pool == pool and s.draining_since is None
+                       and s.starting is None and s.info is not None]
+            # No readings while a group starts: the pool's size is in flux, and its load is what one group fewer
+            # carries (the next decision needs a whole window of readings of the grown pool).
+            if scaler.due(now) and not any(s.starting is not None for s in slots):
+                decision = scaler.step(self._loads(serving), len(slots) - len(draining), now)
+                if decision is not None and decision.direction == "up":
+                    self._scale_up(pool)
+                elif decision is not None and serving:
+                    self._drain(max(serving, key=lambda s: s.index), now)
+            slots = [s for s in self._slots if s.pool == pool]
+            n_draining = sum(s.draining_since is not None for s in slots)
+            ready = sum(s.draining_since is None and s.starting is None and s.info is not None for s in slots)
+            state = scaler.report(desired=len(slots) - n_draining, ready=ready, draining=n_draining,
+                                  surplus_pods=self._surplus_pods(pool, len(slots)))
+            with self._lock:
+                self._scaling.pools[pool] = state
+
+    def _surplus_pods(self, pool: Pool, groups: int) -> list[str]:
+        """Hostnames (KubeRay: pod names) of the pool's Ray nodes — those with all of its `ray_resources` — beyond
+        `groups` × EP that host no group or leader: what the operator may remove when the pool shrinks."""
+        cfg = getattr(self.config, pool)
+        if not cfg.ray_resources:  # no nodes of its own (k2serve up): nothing to remove
+            return []
+        nodes = [n for n in ray.nodes() if n["Alive"] and all(r in n["Resources"] for r in cfg.ray_resources)]
+        with self._lock:
+            busy = {node for s in self._slots for node in (s.info or {}).get("node_ids", [])}
+        idle = sorted(n["NodeManagerHostname"] for n in nodes if n["NodeID"] not in busy)
+        return idle[:max(0, len(nodes) - groups * cfg.expert_parallel)]
+
+    def _loads(self, slots: list[_Slot]) -> list[dict[str, int]]:
+        """The serving groups' loads; a group that does not answer in time is left out of this reading."""
+        refs = [s.leader.load.remote() for s in slots]
+        out = []
+        for slot, ref in zip(slots, refs):
+            try:
+                out.append(ray.get(ref, timeout=CALL_TIMEOUT_S))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                log.warning("group %s: no load reading", slot.group_id)
+        return out
+
+    def _scale_up(self, pool: Pool) -> None:
+        """Takes back a draining group of the pool (the newest), else launches one more."""
+        draining = [s for s in self._slots if s.pool == pool and s.draining_since is not None]
+        if draining:
+            slot = max(draining, key=lambda s: s.index)
+            try:
+                ray.get(slot.leader.drain.remote(False), timeout=CALL_TIMEOUT_S)
+                slot.draining_since = slot.idle_since = None
+                log.info("group %s takes requests again (scale-up while it drained)", slot.group_id)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                self._remove(slot)
+        used = {s.index for s in self._slots if s.pool == pool}
+        slot = _Slot(pool, min(set(range(len(used) + 1)) - used), self._roles[pool])
+        slot.starting = self._launch(slot)
+        with self._lock:
+            self._slots.append(slot)
+        log.info("group %s starting (scale-up)", slot.group_id)
+
+    def _check_start(self, slot: _Slot) -> None:
+        ready, _ = ray.wait([slot.starting], timeout=0)
+        if not ready:
+            return
+        try:
+            info = ray.get(slot.starting, timeout=CALL_TIMEOUT_S)
+        except Exception:  # no room, a start error: kill it and launch again on the next round
+            log.exception("starting group %s failed, retrying", slot.group_id)
+            ray.kill(slot.leader)
+            slot.starting = self._launch(slot)
+            return
+        slot.starting = None
+        with self._lock:
+            slot.info = info
+        self._publish()
+        log.info("group %s serves on %s (scale-up)", slot.group_id, info["address"])
+
+    def _drain(self, slot: _Slot, now: float) -> None:
+        try:
+            ray.get(slot.leader.drain.remote(True), timeout=CALL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            log.warning("group %s lost while draining: removing it", slot.group_id)
+            self._remove(slot)
+            return
+        slot.draining_since, slot.idle_since = now, None
+        log.info("group %s draining (scale-down): no new requests, running turns finish", slot.group_id)
+
+    def _check_drain(self, slot: _Slot, timeout_s: float, now: float) -> None:
+        try:
+            load = ray.get(slot.leader.load.remote(), timeout=CALL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            load = {"running": 0, "waiting": 0}  # dead: nothing left to finish there
+        assert slot.draining_since is not None
+        if load["running"] or load["waiting"]:
+            slot.idle_since = None
+        elif slot.idle_since is None:
+            slot.idle_since = now
+        if slot.idle_since is not None and now - slot.idle_since >= DRAIN_QUIET_S:
+            log.info("group %s drained: removed", slot.group_id)
+            self._remove(slot)
+        elif now - slot.draining_since >= timeout_s:
+            log.warning("group %s still runs %d turns after the drain timeout (%g s): removed, they resume on "
+                        "another group", slot.group_id, load["running"] + load["waiting"], timeout_s)
+            self._remove(slot)
+
+    def _remove(self, slot: _Slot) -> None:
+        with self._lock:
+            self._slots.remove(slot)
+        self._publish()  # routers drop it now
+        try:
+            ray.get(slot.leader.stop.remote(), timeout=CALL_TIMEOUT_S * 6)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # already dead or stuck: killed below either way
+        ray.kill(slot.leader)
 
     def _replace(self, slot: _Slot) -> dict[str, Any] | None:
         with self._lock:
@@ -235,45 +391,3 @@ class PoolController:
 
     def _publish(self) -> None:
         ray.get(self._registry.set.remote(self.groups()), timeout=CALL_TIMEOUT_S)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="k2serve pools", description=summary(__doc__))
-    ap.add_argument("--config", help="serving config file (default: $K2SERVE_CONFIG or built-in defaults)")
-    ap.add_argument("--address", help="the Ray cluster to join, HOST:PORT (default: $RAY_ADDRESS, else the "
-                    "cluster last started on this machine)")
-    ap.add_argument("--local", action="store_true", help="start a local Ray (loopback, no dashboard) instead of "
-                    "joining a cluster")
-    ap.add_argument("--wait-for-ray", type=float, default=0.0, metavar="S",
-                    help="keep trying to join the cluster this long (a pod may start before the Ray head; default 0)")
-    ap.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of leaders and registry ({NAMESPACE})")
-    ap.add_argument("--metrics-port", type=int, default=None,
-                    help="serve every group's metrics, merged, on this port's /metrics (default: not served)")
-    ap.add_argument("--metrics-host", default="127.0.0.1", help="address to serve metrics on (127.0.0.1)")
-    args = ap.parse_args(argv)
-    config = ServingConfig.load(args.config) if args.config else ServingConfig.from_env()
-    if args.local:
-        init_local_ray()
-    else:
-        join_ray(args.address, args.namespace, wait_s=args.wait_for_ray, hint=(
-            "start one with `ray start --head`, pass --address HOST:PORT of a running cluster, or use --local for a "
-            "Ray of its own on this machine"))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    controller = PoolController(config, namespace=args.namespace)
-    server = None
-    try:
-        controller.start()
-        if args.metrics_port is not None:
-            server = serve_group_metrics(controller.metrics_texts, args.metrics_port, args.metrics_host)
-        for g in controller.groups():
-            print(json.dumps(g), flush=True)
-        stop.wait()
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        controller.stop()
-        ray.shutdown()
-    return 0

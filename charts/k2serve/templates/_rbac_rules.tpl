@@ -32,6 +32,13 @@
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors]
   verbs: [get, create, patch, delete]
+# Gateway API exposure (spec.router.gateway), where the cluster serves these APIs.
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, create, patch, delete]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes]
+  verbs: [get, create, patch, delete]
 # The model download of an hf:// source: its Job, and the ServiceAccount + Role that let it patch its
 # progress ConfigMap only.
 - apiGroups: [batch]
