@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto.convert import sampling_to_proto
@@ -59,5 +59,5 @@ class ForkedStart(Generic[G]):
 class ForkSlot:
     """One choice's claim on a `ForkedStart`: its first dispatch attempt takes the stream, once."""
 
-    start: ForkedStart  # type: ignore[type-arg]
+    start: ForkedStart[Any]
     choice: int

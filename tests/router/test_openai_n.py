@@ -112,6 +112,28 @@ def test_each_choice_resumes_after_its_group_dies(tmp_path: Path) -> None:
             assert getattr(c.message, "reasoning_content", None) == getattr(one.message, "reasoning_content", None)
 
 
+def test_pd_choices_prefill_once_on_a_decode_group(tmp_path: Path) -> None:
+    """P/D: the forked start goes to a decode group, which computes the prompt once for every choice; the prefill
+    group is not asked."""
+    config = ServingConfig(deterministic=True, chain_store=ChainStoreConfig(sqlite_path=str(tmp_path / "c.sqlite3")),
+                           router=RouterConfig(aggregated=False))
+    stacks: list[LocalStack] = []
+
+    async def build() -> tuple[FastAPI, Callable[[], Awaitable[None]]]:
+        stacks.append(await start_local_stack(config))
+        return create_app(stacks[0].core, config, stacks[0].core.metrics), stacks[0].aclose
+
+    with BackgroundServer(build) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        resp = client.chat.completions.create(**BASE, n=3)
+        engines = {g.service.role: g.service.loop.engine for g in stacks[0].groups}
+        assert engines["prefill"].stats.prefill_tokens == 0
+        assert engines["decode"].stats.prefill_tokens == resp.usage.prompt_tokens  # type: ignore[union-attr]
+        for c in resp.choices:
+            one = client.chat.completions.create(**{**BASE, "seed": 10 + c.index}).choices[0]
+            assert (c.message.content, c.finish_reason) == (one.message.content, one.finish_reason), c.index
+
+
 def test_n_bounds(served: tuple[openai.OpenAI, list[LocalStack]]) -> None:
     client, _ = served
     with pytest.raises(openai.BadRequestError) as e:

@@ -5,7 +5,8 @@ waiting requests, within a token budget; runs the model once per determinism mod
 sequences whose pending tokens are all computed; and returns one `TokenEvent` per sampled token. Prefix
 caching comes from `BlockManager`: a new request whose prompt starts with cached full blocks computes only the
 rest. Sampling draws are a pure function of (seed, position), so a resumed request — re-admitted with the
-tokens it already produced as `output_prefix` — continues exactly where it stopped.
+tokens it already produced as `output_prefix` — continues exactly where it stopped. A request's other choices
+(`forks`, n > 1) share its prefill (engine/forks.py).
 """
 
 from __future__ import annotations

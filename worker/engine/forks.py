@@ -36,6 +36,7 @@ def share_prompt_kv(blocks: BlockManager, kv: LatentKVCache, parent: Request, ch
     bs = blocks.block_size
     first, last = alloc.num_cached_tokens // bs, -(-n // bs)  # blocks not shared through the prefix cache
     if last > first:
-        kv.import_blocks(alloc.block_table[first:last], kv.export_blocks(blocks.block_table(parent.request_id)[first:last]))
+        source = blocks.block_table(parent.request_id)[first:last]
+        kv.import_blocks(alloc.block_table[first:last], kv.export_blocks(source))
     child.num_computed = n
     return True
