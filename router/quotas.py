@@ -50,9 +50,6 @@ class Admission:
         self._quotas._release(self.tenant, max(max_tokens - generated, 0) if self.reserved else 0)
 
 
-UNLIMITED = Admission(None, "", 0)
-
-
 class TenantQuotas:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -72,7 +69,7 @@ class TenantQuotas:
         """Takes a slot and reserves `prompt_tokens + max_tokens` (a turn bigger than the bucket waits for a full
         one); RateLimited if the key is at its concurrency cap or its bucket is short."""
         if limits is None or (limits.max_concurrent is None and limits.tokens_per_minute is None):
-            return UNLIMITED
+            return Admission(None, tenant, 0)
         rate = limits.tokens_per_minute
         state = self._state(tenant, rate)
         if limits.max_concurrent is not None and state.active >= limits.max_concurrent:

@@ -29,6 +29,7 @@ from k2serve.router.http.errors import APIError, error_body, install_error_handl
 from k2serve.router.http.limits import BodyLimits, check_request
 from k2serve.router.http.observe import Generation, RequestMetrics
 from k2serve.router.http.prompts import chat_prompt, check_model, completion_prompt, sampling_params
+from k2serve.sampling_params import SamplingParams
 from k2serve.router.http.stream import (ChunkWriter, TokenStep, TurnAssembler, chat_logprobs, chat_message,
                                         completion_logprobs, event_id, merged, parse_event_id, sse_event, usage)
 
@@ -83,11 +84,26 @@ class _Api:
     def _chat_prompt(self, body: om.ChatCompletionRequest) -> list[int]:
         check_request(self.config.router.limits, stop=body.stop_strings, messages=body.template_messages(),
                       tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None)
-        return chat_prompt(self.core.tokenizer, body)
+        return self._fitting(body, chat_prompt(self.core.tokenizer, body))
 
     def _completion_prompt(self, body: om.CompletionRequest) -> list[int]:
         check_request(self.config.router.limits, stop=body.stop_strings, prompt=body.prompt)
-        return completion_prompt(self.core.tokenizer, body)
+        return self._fitting(body, completion_prompt(self.core.tokenizer, body))
+
+    def _fitting(self, body: om.SamplingRequest, prompt: list[int]) -> list[int]:
+        """`prompt`, if the request fits the context; else its 400, raised on this worker thread with the ids
+        freed here: freeing the millions of ids of a huge prompt takes the event loop ~0.1 s."""
+        try:
+            self._sampling(body, prompt, top=None)
+        except APIError:
+            prompt.clear()
+            raise
+        return prompt
+
+    def _sampling(self, body: om.SamplingRequest, prompt: list[int], top: int | None) -> SamplingParams:
+        return sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top,
+                               default_max_tokens=self.config.router.limits.default_max_tokens,
+                               reasoning_budget=self.config.router.max_reasoning_tokens)
 
     async def _generate(self, request: Request, body: om.SamplingRequest, prompt: list[int], header_chain: str | None,
                         *, chat: bool, top: int | None, history: list[dict[str, Any]] | None = None) -> Response:
@@ -100,9 +116,7 @@ class _Api:
             raise APIError(400, f"n={body.n}; the limit is {cap} (router.limits.max_n)", param="n", code="max_n")
         if body.n > 1 and chain_id:
             raise APIError(400, "n > 1 starts a new chain per choice; it cannot continue a chain", param="n")
-        params = sampling_params(body, len(prompt), self.core.max_context, top_logprobs=top,
-                                 default_max_tokens=self.config.router.limits.default_max_tokens,
-                                 reasoning_budget=self.config.router.max_reasoning_tokens)
+        params = self._sampling(body, prompt, top)
         deterministic = self.config.deterministic if body.deterministic is None else body.deterministic
         meta = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
         tenant = request_tenant(request)

@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,3 +197,24 @@ def running_cluster(kuberay: bool, workdir: Path, namespaces: tuple[str, ...] = 
                 stop.set()
                 operator.join(15)
     assert not operator.is_alive(), "kopf did not stop"
+
+
+OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")  # the operator's clients (kopf, kubernetes): their calls need RBAC
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := probe():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def request_verb(request: kmock.Request) -> str:
+    """The RBAC verb of a recorded request."""
+    if request.method == kmock.method.GET:
+        if request.params.get("watch") in ("true", "1"):
+            return "watch"
+        return "get" if request.name else "list"
+    return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[request.method.value]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ import kmock
 import kubernetes_validate
 import pytest
 import yaml
+from helpers.kmock_cluster import OPERATOR_AGENTS, request_verb, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from k2serve.download import PROGRESS_KEY, Progress
@@ -29,16 +29,6 @@ pytestmark = pytest.mark.timeout(60)
 K2D = k.Ref(GROUP, VERSION, PLURAL, "K2Deployment")
 TINY = yaml.safe_load((REPO / "manifests/samples/tiny-k2.yaml").read_text())
 NS = TINY["metadata"]["namespace"]
-OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := probe():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _cr(name: str, **spec_changes: Any) -> dict[str, Any]:
@@ -315,14 +305,6 @@ def test_infeasible_gpu_plan_is_refused_before_any_pod(cluster: Any) -> None:
     wait_slow("CR gone", lambda: c.kube.get(K2D, NS, name) is None)
 
 
-def _verb(request: kmock.Request) -> str:
-    if request.method == kmock.method.GET:
-        if request.params.get("watch") in ("true", "1"):
-            return "watch"
-        return "get" if request.name else "list"
-    return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[request.method.value]
-
-
 @pytest.mark.timeout(900)  # run alone, it first drives the two walks above
 def test_cluster_role_grants_exactly_what_the_operator_calls(cluster: Any) -> None:
     # Runs after the lifecycle above in this module's cluster; on its own it drives one CR through the same.
@@ -337,7 +319,7 @@ def test_cluster_role_grants_exactly_what_the_operator_calls(cluster: Any) -> No
         if r.resource.plural is None:
             continue
         resource = f"{r.resource.plural}/{r.subresource}" if r.subresource else r.resource.plural
-        used.add((r.resource.group or "", resource, _verb(r)))
+        used.add((r.resource.group or "", resource, request_verb(r)))
 
     chart_rbac = list(yaml.safe_load_all((REPO / "manifests/install.yaml").read_text()))
     role = next(d for d in chart_rbac if d and d["kind"] == "ClusterRole")

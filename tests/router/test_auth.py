@@ -23,9 +23,9 @@ from k2serve.router.http.app import create_app
 from k2serve.router.http.uvicorn_runner import serving
 from k2serve.stack.inproc import start_local_stack
 from k2serve.worker.parallel.inproc_group import InProcessGroup
-from k2serve.router.grpc_api import start_router_server
 from k2serve.worker.engine.sampling import SamplingParams
 from k2serve.worker.loader import resolve_checkpoint
+from helpers.router_fronts import grpc_code, router_fronts
 
 GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -68,14 +68,6 @@ async def _drain(call: Any) -> list[Any]:
     return [m async for m in call]
 
 
-async def _code(coro: Any) -> grpc.StatusCode:
-    try:
-        await coro
-    except grpc.aio.AioRpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
-
-
 def test_worker_grpc_refuses_calls_without_the_cluster_token(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("first-secret\n")
@@ -93,11 +85,11 @@ def test_worker_grpc_refuses_calls_without_the_cluster_token(tmp_path: Path) -> 
                 for name, md in {"none": None, "wrong": (("authorization", "Bearer first-secreT"),),
                                  "not_bearer": (("authorization", "first-secret"),),
                                  "right": (("authorization", "Bearer first-secret"),)}.items():
-                    out[name] = {rpc: await _code(call(md)) for rpc, call in calls.items()}
+                    out[name] = {rpc: await grpc_code(call(md)) for rpc, call in calls.items()}
                 replace_file(token, "second-secret")
-                out["old_after_rotation"] = {"Health": await _code(calls["Health"](
+                out["old_after_rotation"] = {"Health": await grpc_code(calls["Health"](
                     (("authorization", "Bearer first-secret"),)))}
-                out["new_after_rotation"] = {"Health": await _code(calls["Health"](
+                out["new_after_rotation"] = {"Health": await grpc_code(calls["Health"](
                     (("authorization", "Bearer second-secret"),)))}
         finally:
             await group.stop()
@@ -173,57 +165,49 @@ def test_api_keys_on_every_surface_and_chains_owned_by_their_key(tmp_path: Path)
         return (("authorization", f"Basic {KEY_A}" if key == "x" else f"Bearer {key}"),)
 
     async def go() -> dict[str, Any]:
-        metrics = Metrics()
-        stack = await start_local_stack(config, metrics)
-        server, port = await start_router_server(stack.core, "127.0.0.1", 0)
         out: dict[str, Any] = {}
-        try:
-            app = create_app(stack.core, config, metrics)
-            async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as http, \
-                    grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                routes = {(path, m.upper()) for path, ops in app.openapi()["paths"].items() if path.startswith("/v1")
-                          for m in ops}
-                assert routes == {(p.replace("abc", "{chain_id}"), m) for m, p, _ in _http_routes("abc")}
-                stub = pb_grpc.RouterStub(ch)
-                assert set(_router_rpcs(stub, "")) == set(pb.DESCRIPTOR.services_by_name["Router"].methods_by_name)
+        async with router_fronts(config) as fronts:
+            app, http, ch = fronts.app, fronts.http, fronts.channel
+            routes = {(path, m.upper()) for path, ops in app.openapi()["paths"].items() if path.startswith("/v1")
+                      for m in ops}
+            assert routes == {(p.replace("abc", "{chain_id}"), m) for m, p, _ in _http_routes("abc")}
+            stub = pb_grpc.RouterStub(ch)
+            assert set(_router_rpcs(stub, "")) == set(pb.DESCRIPTOR.services_by_name["Router"].methods_by_name)
 
-                # Key A's chains, one made over HTTP, one over gRPC.
-                made = await http.post("/v1/chat/completions", headers=auth(KEY_A),
-                                       json={"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 3})
-                assert made.status_code == 200
-                http_chain = made.headers["X-K2-Chain-Id"]
-                grpc_chain = (await _drain(stub.Generate(pb.GenerateRequest(
-                    chat_json=json.dumps({"messages": MESSAGES}), sampling=GREEDY), metadata=md(KEY_A))))[0].chain_id
+            # Key A's chains, one made over HTTP, one over gRPC.
+            made = await http.post("/v1/chat/completions", headers=auth(KEY_A),
+                                   json={"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 3})
+            assert made.status_code == 200
+            http_chain = made.headers["X-K2-Chain-Id"]
+            grpc_chain = (await _drain(stub.Generate(pb.GenerateRequest(
+                chat_json=json.dumps({"messages": MESSAGES}), sampling=GREEDY), metadata=md(KEY_A))))[0].chain_id
 
-                for name, key in bad_keys.items():
-                    out[f"http_{name}"] = {(m, p): (await http.request(m, p, headers=auth(key), **kw)).status_code
-                                           for m, p, kw in _http_routes(http_chain)}
-                    out[f"grpc_{name}"] = {rpc: await _code(call(md(key)))
-                                           for rpc, call in _router_rpcs(stub, grpc_chain).items()}
-                for chain in (http_chain, grpc_chain):
-                    out[f"http_b_{chain}"] = {
-                        (m, p): (await http.request(m, p, headers=auth(KEY_B), **kw)).status_code
-                        for m, p, kw in _http_routes(chain) if "{" not in p and chain in p}
-                    out[f"http_b_{chain}"]["continue"] = (await http.post(
-                        "/v1/chat/completions", headers={**auth(KEY_B), "X-K2-Chain-Id": chain},
-                        json={"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 2})).status_code
-                    out[f"http_b_{chain}"]["replay"] = (await http.post(
-                        "/v1/chat/completions", headers={**auth(KEY_B), "Last-Event-ID": f"{chain}:0"},
-                        json={"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 2, "stream": True})).status_code
-                    out[f"grpc_b_{chain}"] = {rpc: await _code(call(md(KEY_B)))
-                                              for rpc, call in _router_rpcs(stub, chain).items()}
-                    out[f"a_{chain}"] = ((await http.get(f"/v1/chains/{chain}", headers=auth(KEY_A))).status_code,
-                                         await _code(stub.GetChain(pb.GetChainRequest(chain_id=chain),
+            for name, key in bad_keys.items():
+                out[f"http_{name}"] = {(m, p): (await http.request(m, p, headers=auth(key), **kw)).status_code
+                                       for m, p, kw in _http_routes(http_chain)}
+                out[f"grpc_{name}"] = {rpc: await grpc_code(call(md(key)))
+                                       for rpc, call in _router_rpcs(stub, grpc_chain).items()}
+            for chain in (http_chain, grpc_chain):
+                out[f"http_b_{chain}"] = {
+                    (m, p): (await http.request(m, p, headers=auth(KEY_B), **kw)).status_code
+                    for m, p, kw in _http_routes(chain) if "{" not in p and chain in p}
+                out[f"http_b_{chain}"]["continue"] = (await http.post(
+                    "/v1/chat/completions", headers={**auth(KEY_B), "X-K2-Chain-Id": chain},
+                    json={"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 2})).status_code
+                out[f"http_b_{chain}"]["replay"] = (await http.post(
+                    "/v1/chat/completions", headers={**auth(KEY_B), "Last-Event-ID": f"{chain}:0"},
+                    json={"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 2, "stream": True})).status_code
+                out[f"grpc_b_{chain}"] = {rpc: await grpc_code(call(md(KEY_B)))
+                                          for rpc, call in _router_rpcs(stub, chain).items()}
+                out[f"a_{chain}"] = ((await http.get(f"/v1/chains/{chain}", headers=auth(KEY_A))).status_code,
+                                     await grpc_code(stub.GetChain(pb.GetChainRequest(chain_id=chain),
                                                                    metadata=md(KEY_A))))
-                # Rotation: B's key removed, a new key added — no restart.
-                replace_file(keys, f"{KEY_A}\nsk-charlie-0123456789\n")
-                out["rotated"] = [(await http.get("/v1/models", headers=auth(k))).status_code
-                                  for k in (KEY_A, KEY_B, "sk-charlie-0123456789")]
-                out["rotated_grpc"] = [await _code(stub.GetChain(pb.GetChainRequest(chain_id=grpc_chain),
+            # Rotation: B's key removed, a new key added — no restart.
+            replace_file(keys, f"{KEY_A}\nsk-charlie-0123456789\n")
+            out["rotated"] = [(await http.get("/v1/models", headers=auth(k))).status_code
+                              for k in (KEY_A, KEY_B, "sk-charlie-0123456789")]
+            out["rotated_grpc"] = [await grpc_code(stub.GetChain(pb.GetChainRequest(chain_id=grpc_chain),
                                                                  metadata=md(k))) for k in (KEY_A, KEY_B)]
-        finally:
-            await server.stop(0)
-            await stack.aclose()
         return out
 
     out = asyncio.run(go())

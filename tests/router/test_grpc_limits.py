@@ -79,6 +79,10 @@ def test_grpc_limits_at_and_past_each(tmp_path: Path) -> None:
         except grpc.aio.AioRpcError as e:
             return e.code(), e.details() or "", []
 
+    async def unary(call: Any) -> tuple[grpc.StatusCode, str]:
+        status, detail, _ = await code(_stream_of(call))
+        return status, detail
+
     async def go() -> dict[str, Any]:
         stack = await start_local_stack(config, Metrics())
         server, port = await start_router_server(stack.core, "127.0.0.1", 0)
@@ -96,8 +100,8 @@ def test_grpc_limits_at_and_past_each(tmp_path: Path) -> None:
                         (await code(stub.Generate(pb.GenerateRequest(chain_id="c" * n, prompt_token_ids=[1, 2],
                                                                      sampling=GREEDY))))[:2],
                         (await code(stub.ResumeChain(pb.ResumeChainRequest(chain_id="c" * n))))[:2],
-                        await _unary(stub.GetChain(pb.GetChainRequest(chain_id="c" * n))),
-                        await _unary(stub.Cancel(pb.CancelChainRequest(chain_id="c" * n)))]
+                        await unary(stub.GetChain(pb.GetChainRequest(chain_id="c" * n))),
+                        await unary(stub.Cancel(pb.CancelChainRequest(chain_id="c" * n)))]
                 # No max_tokens on the wire: the default budget, not the whole context.
                 unset = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
                 unset.max_tokens = 0
@@ -122,9 +126,6 @@ def test_grpc_limits_at_and_past_each(tmp_path: Path) -> None:
     assert status == grpc.StatusCode.OK and len(chunks) == LIMITS.default_max_tokens
 
 
-async def _unary(call: Any) -> tuple[grpc.StatusCode, str]:
-    try:
-        await call
-    except grpc.aio.AioRpcError as e:
-        return e.code(), e.details() or ""
-    return grpc.StatusCode.OK, ""
+async def _stream_of(call: Any) -> Any:
+    """A unary call as a one-item stream (one status helper for both kinds)."""
+    yield await call

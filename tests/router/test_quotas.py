@@ -10,21 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
+from helpers.router_fronts import router_fronts
 
 from k2serve.config import RequestLimits, ServingConfig
-from k2serve.metrics import Metrics
 from k2serve.proto import k2serve_pb2 as pb
 from k2serve.proto import k2serve_pb2_grpc as pb_grpc
 from k2serve.proto.convert import sampling_to_proto
 from k2serve.router.api_keys import APIKeys
-from k2serve.router.grpc_api import RETRY_AFTER_KEY, start_router_server
-from k2serve.router.http.app import create_app
-from k2serve.router.http.uvicorn_runner import serving
+from k2serve.router.grpc_api import RETRY_AFTER_KEY
 from k2serve.router.quotas import KeyLimits, RateLimited, TenantQuotas
 from k2serve.sampling_params import SamplingParams
-from k2serve.stack.inproc import start_local_stack
 
 ONE, TWO, RATED = "sk-one-0123456789", "sk-two-0123456789", "sk-rated-0123456789"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -38,19 +34,24 @@ class Clock:
         return self.now
 
 
+def refusal(quotas: TenantQuotas, limits: KeyLimits, prompt_tokens: int, max_tokens: int) -> RateLimited:
+    """Key "a"'s turn, refused."""
+    with pytest.raises(RateLimited) as refused:
+        quotas.admit("a", limits, prompt_tokens, max_tokens)
+    return refused.value
+
+
 def test_concurrency_at_and_past_the_limit() -> None:
     quotas = TenantQuotas(Clock())
     limits = KeyLimits(max_concurrent=2)
     held = [quotas.admit("a", limits, 10, 5) for _ in range(2)]  # at the limit
-    with pytest.raises(RateLimited) as refused:
-        quotas.admit("a", limits, 10, 5)
-    assert refused.value.limit == "max_concurrent_per_key" and refused.value.retry_after_s >= 1
+    refused = refusal(quotas, limits, 10, 5)
+    assert refused.limit == "max_concurrent_per_key" and refused.retry_after_s >= 1
     quotas.admit("b", limits, 10, 5)  # another key is not affected
     held[0].release(5, 5)
     held[0].release(5, 5)  # idempotent: frees one slot, not two
     quotas.admit("a", limits, 10, 5)
-    with pytest.raises(RateLimited):
-        quotas.admit("a", limits, 10, 5)
+    refusal(quotas, limits, 10, 5)
 
 
 def test_token_bucket_at_and_past_the_limit_refills_and_refunds() -> None:
@@ -58,21 +59,18 @@ def test_token_bucket_at_and_past_the_limit_refills_and_refunds() -> None:
     quotas = TenantQuotas(clock)
     limits = KeyLimits(tokens_per_minute=600)  # 10 tokens a second
     first = quotas.admit("a", limits, 100, 500)  # exactly the bucket: admitted
-    with pytest.raises(RateLimited) as refused:
-        quotas.admit("a", limits, 1, 0)  # one token past it
-    assert refused.value.limit == "tokens_per_minute_per_key"
-    assert refused.value.retry_after_s == 1  # 1 token at 10/s: 0.1 s, rounded up to a whole second
+    refused = refusal(quotas, limits, 1, 0)  # one token past it
+    assert refused.limit == "tokens_per_minute_per_key"
+    assert refused.retry_after_s == 1  # 1 token at 10/s: 0.1 s, rounded up to a whole second
     first.release(generated=200, max_tokens=500)  # 300 unused tokens come back
     quotas.admit("a", limits, 100, 200)
-    with pytest.raises(RateLimited) as refused:
-        quotas.admit("a", limits, 50, 0)
-    assert refused.value.retry_after_s == 5  # 50 tokens at 10/s
+    refused = refusal(quotas, limits, 50, 0)
+    assert refused.retry_after_s == 5  # 50 tokens at 10/s
     clock.now += 5.0
     quotas.admit("a", limits, 50, 0)
     clock.now += 3600.0  # the bucket holds at most a minute's worth
     quotas.admit("a", limits, 300, 300)
-    with pytest.raises(RateLimited):
-        quotas.admit("a", limits, 1, 0)
+    refusal(quotas, limits, 1, 0)
 
 
 def test_a_turn_bigger_than_the_bucket_waits_for_a_full_one() -> None:
@@ -80,9 +78,8 @@ def test_a_turn_bigger_than_the_bucket_waits_for_a_full_one() -> None:
     quotas = TenantQuotas(clock)
     limits = KeyLimits(tokens_per_minute=60)
     quotas.admit("a", limits, 100, 20).release(20, 20)  # full bucket: admitted, 60 in debt
-    with pytest.raises(RateLimited) as refused:
-        quotas.admit("a", limits, 100, 20)
-    assert refused.value.retry_after_s == 120  # from -60 back to a full 60 at 1 token/s
+    refused = refusal(quotas, limits, 100, 20)
+    assert refused.retry_after_s == 120  # from -60 back to a full 60 at 1 token/s
     clock.now += 120.0
     quotas.admit("a", limits, 100, 20)
 
@@ -122,61 +119,53 @@ def test_http_and_grpc_refuse_past_a_keys_quota(tmp_path: Path) -> None:
         return (("authorization", f"Bearer {key}"),)
 
     async def go() -> dict[str, Any]:
-        metrics = Metrics()
-        stack = await start_local_stack(config, metrics)
-        server, port = await start_router_server(stack.core, "127.0.0.1", 0)
         out: dict[str, Any] = {}
-        try:
-            async with serving(create_app(stack.core, config, metrics)) as url, \
-                    httpx.AsyncClient(base_url=url, timeout=60) as http, \
-                    grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = pb_grpc.RouterStub(ch)
-                chat = {"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 2}
+        async with router_fronts(config) as fronts:
+            stack, http, ch = fronts.stack, fronts.http, fronts.channel
+            stub = pb_grpc.RouterStub(ch)
+            chat = {"model": "tiny-k2", "messages": MESSAGES, "max_tokens": 2}
 
-                def generate(key: str, max_tokens: int) -> Any:
-                    sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens))
-                    return stub.Generate(pb.GenerateRequest(chat_json=json.dumps({"messages": MESSAGES}),
-                                                            sampling=sampling), metadata=md(key))
+            def generate(key: str, max_tokens: int) -> Any:
+                sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=max_tokens))
+                return stub.Generate(pb.GenerateRequest(chat_json=json.dumps({"messages": MESSAGES}),
+                                                        sampling=sampling), metadata=md(key))
 
-                # Concurrency: key ONE (max_concurrent=1) with one turn generating.
-                async with http.stream("POST", "/v1/chat/completions", json=long_turn,
-                                       headers={"Authorization": f"Bearer {ONE}"}) as streaming:
-                    assert streaming.status_code == 200
-                    chain = streaming.headers["X-K2-Chain-Id"]
-                    await anext(streaming.aiter_lines())  # the turn is generating
-                    past = await http.post("/v1/chat/completions", json=chat,
-                                           headers={"Authorization": f"Bearer {ONE}"})
-                    out["http_past"] = (past.status_code, past.headers.get("retry-after"),
-                                        past.json()["error"]["code"])
-                    out["grpc_past"] = await _grpc_code(generate(ONE, 2))
-                    out["other_key"] = (await http.post("/v1/chat/completions", json=chat,
-                                                        headers={"Authorization": f"Bearer {TWO}"})).status_code
-                    await http.post(f"/v1/chains/{chain}/cancel", headers={"Authorization": f"Bearer {ONE}"})
-                for _ in range(100):  # the cancelled turn's slot frees when its task ends
-                    if chain not in stack.core.turns.live:
-                        break
-                    await asyncio.sleep(0.05)
-                out["after"] = (await http.post("/v1/chat/completions", json=chat,
-                                                headers={"Authorization": f"Bearer {ONE}"})).status_code
+            # Concurrency: key ONE (max_concurrent=1) with one turn generating.
+            async with http.stream("POST", "/v1/chat/completions", json=long_turn,
+                                   headers={"Authorization": f"Bearer {ONE}"}) as streaming:
+                assert streaming.status_code == 200
+                chain = streaming.headers["X-K2-Chain-Id"]
+                await anext(streaming.aiter_lines())  # the turn is generating
+                past = await http.post("/v1/chat/completions", json=chat,
+                                       headers={"Authorization": f"Bearer {ONE}"})
+                out["http_past"] = (past.status_code, past.headers.get("retry-after"),
+                                    past.json()["error"]["code"])
+                out["grpc_past"] = await _grpc_code(generate(ONE, 2))
+                out["other_key"] = (await http.post("/v1/chat/completions", json=chat,
+                                                    headers={"Authorization": f"Bearer {TWO}"})).status_code
+                await http.post(f"/v1/chains/{chain}/cancel", headers={"Authorization": f"Bearer {ONE}"})
+            for _ in range(100):  # the cancelled turn's slot frees when its task ends
+                if chain not in stack.core.turns.live:
+                    break
+                await asyncio.sleep(0.05)
+            out["after"] = (await http.post("/v1/chat/completions", json=chat,
+                                            headers={"Authorization": f"Bearer {ONE}"})).status_code
 
-                # Token rate: key RATED's bucket holds 200 tokens; a turn reserves prompt + max_tokens.
-                first = await http.post("/v1/chat/completions", json={**chat, "max_tokens": 1},
+            # Token rate: key RATED's bucket holds 200 tokens; a turn reserves prompt + max_tokens.
+            first = await http.post("/v1/chat/completions", json={**chat, "max_tokens": 1},
+                                    headers={"Authorization": f"Bearer {RATED}"})
+            prompt = first.json()["usage"]["prompt_tokens"]
+            assert prompt + 1 < 200 - 30, prompt
+            fill = 200 - prompt - 1  # what is left: a turn of exactly that fits (at the limit)
+            at = await _grpc_code(stub.Generate(pb.GenerateRequest(
+                prompt_token_ids=[1] * (fill - 1), sampling=sampling_to_proto(SamplingParams(
+                    temperature=0.0, max_tokens=1, ignore_eos=True))), metadata=md(RATED)))
+            out["rate_at"] = at[0]
+            past_rate = await http.post("/v1/chat/completions", json={**chat, "max_tokens": 30},
                                         headers={"Authorization": f"Bearer {RATED}"})
-                prompt = first.json()["usage"]["prompt_tokens"]
-                assert prompt + 1 < 200 - 30, prompt
-                fill = 200 - prompt - 1  # what is left: a turn of exactly that fits (at the limit)
-                at = await _grpc_code(stub.Generate(pb.GenerateRequest(
-                    prompt_token_ids=[1] * (fill - 1), sampling=sampling_to_proto(SamplingParams(
-                        temperature=0.0, max_tokens=1, ignore_eos=True))), metadata=md(RATED)))
-                out["rate_at"] = at[0]
-                past_rate = await http.post("/v1/chat/completions", json={**chat, "max_tokens": 30},
-                                            headers={"Authorization": f"Bearer {RATED}"})
-                out["rate_http_past"] = (past_rate.status_code, past_rate.headers.get("retry-after"),
-                                         past_rate.json()["error"]["code"])
-                out["rate_grpc_past"] = await _grpc_code(generate(RATED, 30))
-        finally:
-            await server.stop(0)
-            await stack.aclose()
+            out["rate_http_past"] = (past_rate.status_code, past_rate.headers.get("retry-after"),
+                                     past_rate.json()["error"]["code"])
+            out["rate_grpc_past"] = await _grpc_code(generate(RATED, 30))
         return out
 
     out = asyncio.run(go())

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from helpers.router_fronts import grpc_code
+
 from k2serve.config import ServingConfig, TLSConfig
 from k2serve.grpc_tls import channel_credentials
 from k2serve.proto import k2serve_pb2 as pb
@@ -65,14 +67,6 @@ def make_pki(tmp: Path) -> TLSConfig:
     return TLSConfig(cert_file=cert_path, key_file=key_path, ca_file=str(ca_path))
 
 
-async def _code(call: Any) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
-
-
 def test_internal_grpc_over_mutual_tls(tmp_path: Path) -> None:
     tls = make_pki(tmp_path)
     config = ServingConfig.model_validate({"chain_store": {"sqlite_path": str(tmp_path / "chains.sqlite3")},
@@ -97,11 +91,11 @@ def test_internal_grpc_over_mutual_tls(tmp_path: Path) -> None:
                     return pb_grpc.WorkerGroupStub(ch).Health(pb.HealthRequest(), timeout=10)
 
                 async with grpc.aio.secure_channel(address, channel_credentials(tls)) as ch:
-                    out[f"{name}_tls"] = await _code(health(ch))
+                    out[f"{name}_tls"] = await grpc_code(health(ch))
                 async with grpc.aio.insecure_channel(address) as ch:
-                    out[f"{name}_plaintext"] = await _code(health(ch))
+                    out[f"{name}_plaintext"] = await grpc_code(health(ch))
                 async with grpc.aio.secure_channel(address, no_client_cert) as ch:
-                    out[f"{name}_no_client_cert"] = await _code(health(ch))
+                    out[f"{name}_no_client_cert"] = await grpc_code(health(ch))
             async with grpc.aio.secure_channel(targets["router"], channel_credentials(tls)) as ch:
                 chunks = [c async for c in pb_grpc.RouterStub(ch).Generate(pb.GenerateRequest(
                     chat_json=json.dumps({"messages": [{"role": "user", "content": "hi"}]}), sampling=GREEDY))]
