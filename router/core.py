@@ -36,6 +36,7 @@ from k2serve.router.live import ChainLocks, ChainToken, LiveTurn
 from k2serve.router.dispatch import Dispatcher
 from k2serve.router.forks import ForkedStart, ForkSlot
 from k2serve.router.quotas import Admission, KeyLimits, TenantQuotas
+from k2serve.router.request_checks import check_prompt
 from k2serve.router.schedule import GroupDirectory
 from k2serve.router.turns import TurnRunner
 from k2serve.sampling_params import SamplingParams, finish_reason, resolve_seed
@@ -155,7 +156,7 @@ class RouterCore:
         Bad requests raise ValueError before the first token; an unknown `chain_id`, or another tenant's, raises
         `ChainNotFound` (a KeyError); a tenant past its `limits` raises `RateLimited`. A new chain belongs to
         `tenant`."""
-        self._validate(prompt_ids, sampling)
+        check_prompt(prompt_ids, sampling, self.tokenizer.vocab_size, self.max_context)
         await self.start()
         admission = self.quotas.admit(tenant, limits, len(prompt_ids), sampling.max_tokens)
         try:
@@ -200,7 +201,7 @@ class RouterCore:
         (router/forks.py). Bad requests raise ValueError here."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        self._validate(prompt_ids, sampling)
+        check_prompt(prompt_ids, sampling, self.tokenizer.vocab_size, self.max_context)
         base = resolve_seed(sampling)
         choices = [SamplingParams.model_validate({**sampling.model_dump(), "seed": base + i}) for i in range(n)]
         start: ForkedStart[Any] = ForkedStart(list(prompt_ids), choices, deterministic or self.config.deterministic)
@@ -358,20 +359,6 @@ class RouterCore:
         return await self._io(self.store.purge_expired, self.config.chain_store.ttl_seconds)
 
     # ---- internals ------------------------------------------------------------------------------------
-    def _validate(self, prompt: list[int], sampling: SamplingParams) -> None:
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        vocab = self.tokenizer.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
-        bad = [t for t in sampling.logit_bias if t >= vocab]
-        if bad:
-            raise ValueError(f"logit_bias token ids must lie in [0, {vocab}); got {bad[:5]}")
-        if len(prompt) + sampling.max_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
-                             f"context limit of {self.max_context} tokens")
-
     def _begin_new_chain(self, meta: dict[str, Any], sampling: dict[str, Any], prompt: list[int],
                          tenant: str) -> tuple[str, int]:
         """(chain id, turn 0) of a new chain of `tenant` leased to this router: one thread hop and one commit for

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from k2serve.config import RequestLimits
+from k2serve.sampling_params import SamplingParams
 
 
 class LimitExceeded(ValueError):
@@ -52,3 +53,19 @@ def check_chain_id(limits: RequestLimits, chain_id: str) -> None:
     if len(chain_id) > limits.max_chain_id_chars:
         raise LimitExceeded(f"a chain id of {len(chain_id)} characters; the limit is {limits.max_chain_id_chars} "
                             "(router.limits.max_chain_id_chars)", param="chain_id", code="max_chain_id_chars")
+
+
+def check_prompt(prompt: list[int], sampling: SamplingParams, vocab: int, max_context: int) -> None:
+    """ValueError for token ids outside the vocabulary (prompt or logit_bias), an empty prompt, or a turn that
+    cannot fit the context."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}")
+    bad = [t for t in sampling.logit_bias if t >= vocab]
+    if bad:
+        raise ValueError(f"logit_bias token ids must lie in [0, {vocab}); got {bad[:5]}")
+    if len(prompt) + sampling.max_tokens > max_context:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
+                         f"context limit of {max_context} tokens")
