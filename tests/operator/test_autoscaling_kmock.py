@@ -1,6 +1,7 @@
 """Autoscaled pools through the real kopf operator against kmock: the RayCluster's worker group replicas follow
 the pool controller's report (served here by a stand-in on loopback, as the head pod serves it), the status shows
-desired vs ready groups and the last decision, and each decision is an Event."""
+desired vs ready groups and the last decision, each decision is an Event, and bad autoscaling specs are refused
+naming the field."""
 
 from __future__ import annotations
 
@@ -129,3 +130,23 @@ def test_raycluster_replicas_follow_the_pool_controllers_decisions(scaled: tuple
     wait_for("decode replicas 6", lambda: decode_group(c).get("replicas") == 6)
     c.kube.delete(K2D, NS, NAME)
     wait_for("CR gone", lambda: c.kube.get(K2D, NS, NAME) is None)
+
+
+@pytest.mark.parametrize(("decode", "field"), [
+    ({"autoscaling": {"minGroups": 3, "maxGroups": 2}}, "spec.decode.autoscaling.minGroups"),
+    ({"autoscaling": {"maxGroups": -1}}, "spec.decode.autoscaling.maxGroups"),
+    ({"autoscaling": {"targetKvUse": 1.5}}, "spec.decode.autoscaling.targetKvUse"),
+])
+def test_bad_autoscaling_specs_are_refused_naming_the_field(scaled: tuple[Cluster, Controller], decode: dict[str, Any],
+                                                            field: str) -> None:
+    c, _ = scaled
+    cr = autoscaled_cr(decode)
+    cr["metadata"]["name"] = name = "bad-" + field.rsplit(".", 1)[-1].lower()
+    c.kube._call("POST", K2D.path(NS), body=cr)
+    obj = wait_for("Invalid phase", lambda: (o := c.kube.get(K2D, NS, name)) and
+                   o.get("status", {}).get("phase") == "Invalid" and o)
+    degraded = next(x for x in obj["status"]["conditions"] if x["type"] == "Degraded")
+    assert field in degraded["message"] and degraded["reason"] == "InvalidSpec"
+    assert c.kube.get(k.RAYCLUSTER, NS, f"{name}-ray") is None  # nothing rendered from a bad spec
+    c.kube.delete(K2D, NS, name)
+    wait_for("CR gone", lambda: c.kube.get(K2D, NS, name) is None)

@@ -161,8 +161,6 @@ def test_tiny_sample_lifecycle(cluster: Any) -> None:
     ({"model.experts": 384, "decode.expertParallel": 5}, "spec.decode.expertParallel"),
     ({"router.replicas": -1}, "spec.router.replicas"),
     ({"prefill.groups": -2}, "spec.prefill.groups"),
-    ({"decode.autoscaling": {"minGroups": 3, "maxGroups": 2}}, "spec.decode.autoscaling.minGroups"),
-    ({"prefill.autoscaling": {"maxGroups": -1}}, "spec.prefill.autoscaling.maxGroups"),
 ])
 def test_invalid_spec_is_refused_naming_the_field(cluster: Any, changes: dict[str, Any], field: str) -> None:
     c = cluster
