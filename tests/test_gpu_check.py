@@ -11,7 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench/gpu_check.sh"
 KILL_AFTER_S = 10
-GPU_FILES = ("tests/worker/test_gpu_engine.py", "tests/worker/test_gpu_triton_moe.py")
+GPU_FILES = ("tests/worker/test_gpu_engine.py", "tests/worker/test_gpu_triton_moe.py")  # every test marked gpu
+MIXED_FILES = ("tests/worker/test_triton_mla.py",)  # gpu-marked tests beside interpreter ones
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,7 +32,7 @@ def test_dry_run_resolves_every_step(tmp_path: Path) -> None:
     tests_log = (tmp_path / "out/tests.log").read_text()
     carried = re.search(r"gpu_check: (\d+) tests carry the gpu marker", tests_log)
     assert carried and int(carried.group(1)) >= 3, tests_log[-2000:]
-    assert set(re.findall(r"^(tests/[\w/]+\.py)::", tests_log, flags=re.MULTILINE)) == set(GPU_FILES)
+    assert set(re.findall(r"^(tests/[\w/]+\.py)::", tests_log, flags=re.MULTILINE)) == {*GPU_FILES, *MIXED_FILES}
     assert "--ep" in (tmp_path / "out/tune-ep8.log").read_text() and "--json" in (tmp_path / "out/kernel.log").read_text()
 
 

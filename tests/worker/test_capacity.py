@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.tiny import tiny_weights
 
-from k2serve.worker.engine import engine as engine_module
+from k2serve.worker.engine import settings as engine_settings
 from k2serve.worker.engine.capacity import (
     KV_MEMORY_FRACTION,
     available_bytes,
@@ -52,7 +52,7 @@ def test_planned_engine_refuses_what_its_cache_cannot_hold(monkeypatch: pytest.M
     model = K2Model(w.config, w.dense, w.experts)
     block = LatentKVCache.bytes_per_token(w.config, model.dtype) * 16
     reserve = prefill_bytes(w.config, model.dtype, 64)
-    monkeypatch.setattr(engine_module, "available_bytes", lambda device: reserve + 40 * block)
+    monkeypatch.setattr(engine_settings, "available_bytes", lambda device: reserve + 40 * block)
     engine = Engine(model, EngineConfig(num_blocks=0, block_size=16, prefill_memory_bytes=reserve), eos_token_ids=[])
     assert engine.cfg.max_batch_tokens == 64
     assert engine.cfg.num_blocks == int(40 * block * KV_MEMORY_FRACTION) // block == 36
