@@ -5,11 +5,13 @@ share of prompt tokens served from the prefix cache.
 
     nice -n 15 python -P bench/agent_eval.py [--tasks 10] [--links 1,10,100,300] [--chains 10] [--in-process]
         [--variant qat=k2serve/k2format/models/tiny-k2-agent --variant bf16=~/.cache/k2serve/agent-train/bf16 ...]
+    python -P bench/agent_eval.py --url http://127.0.0.1:8000 --metrics-url http://127.0.0.1:PORT/metrics ...
 
 By default each variant is served by the full stack — `k2serve up --model DIR` (Ray worker groups, prefill →
 KV handoff → decode, the router, the OpenAI HTTP front) — and every turn streams over HTTP as `k2serve agent`
 sends it (temperature 0); the prefix-cache share is read from the groups' Prometheus counters. `--in-process`
-runs k2serve's engine in this process instead (faster; the same prompt, parser and greedy decoding).
+runs k2serve's engine in this process instead (faster; the same prompt, parser and greedy decoding); `--url`
+evaluates whatever a running stack serves (`--metrics-url`: the merged group metrics `k2serve up` prints).
 """
 
 from __future__ import annotations
@@ -82,34 +84,30 @@ class LocalCompleter:
 
 
 class StackCompleter:
-    """Chat turns through the whole stack: `k2serve up --model DIR` on free ports with its own state directory,
-    each turn streamed over the OpenAI API by the same code as `k2serve agent`."""
+    """Chat turns through a whole stack, each streamed over the OpenAI API by the same code as `k2serve agent`:
+    a running one (its router URL and its groups' merged /metrics), or one `launch`ed here."""
 
-    def __init__(self, model_dir: Path) -> None:
-        self.state = tempfile.TemporaryDirectory(prefix="k2serve-agent-eval-")
-        log_path = Path(self.state.name) / "up.log"
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "k2serve.cli", "up", "--port", "0", "--model",
-                                          str(model_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "K2SERVE_STATE_DIR": self.state.name})
-        url = self._wait(log_path, r"serving \S+ at (http://\S+)/v1")
-        merged = self._wait(log_path, r"metrics, merged, at http://(\S+)/metrics")
-        self.metrics_url = f"http://{merged}/metrics"
+    def __init__(self, url: str, metrics_url: str, proc: subprocess.Popen[bytes] | None = None,
+                 state: tempfile.TemporaryDirectory[str] | None = None) -> None:
+        self.metrics_url, self.proc, self.state = metrics_url, proc, state
         self.client = httpx.Client(base_url=url, timeout=600)
         model = self.client.get("/v1/models").json()["data"][0]["id"]
         self.devnull = open(os.devnull, "w")  # the streamed text: only the parsed turn counts here
         self.complete = http_completer(self.client, model, MAX_TURN_TOKENS, self.devnull)
         self.invalid_calls = 0
 
-    def _wait(self, log: Path, pattern: str, timeout_s: float = 300) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if m := re.search(pattern, log.read_text()):
-                return m.group(1)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"k2serve up exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        raise TimeoutError(f"k2serve up printed no {pattern!r} in {timeout_s} s")
+    @classmethod
+    def launch(cls, model_dir: Path) -> "StackCompleter":
+        """`k2serve up --model DIR` on free ports with its own state directory, until `close`."""
+        state = tempfile.TemporaryDirectory(prefix="k2serve-agent-eval-")
+        log_path = Path(state.name) / "up.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "k2serve.cli", "up", "--port", "0", "--model",
+                                     str(model_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "K2SERVE_STATE_DIR": state.name})
+        url = _wait_for(proc, log_path, r"serving \S+ at (http://\S+)/v1")
+        merged = _wait_for(proc, log_path, r"metrics, merged, at (http://\S+/metrics)")
+        return cls(url, merged, proc, state)
 
     def __call__(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelTurn:
         turn = self.complete(messages, tools)
@@ -129,13 +127,26 @@ class StackCompleter:
     def close(self) -> None:
         self.client.close()
         self.devnull.close()
-        self.proc.send_signal(signal.SIGINT)  # as a user stops `k2serve up`
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.state.cleanup()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # as a user stops `k2serve up`
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.state is not None:
+            self.state.cleanup()
+
+
+def _wait_for(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if m := re.search(pattern, log.read_text()):
+            return m.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"k2serve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"k2serve up printed no {pattern!r} in {timeout_s} s")
 
 
 def _valid(name: str, arguments: str) -> bool:
@@ -180,19 +191,18 @@ def run_episode(completer: Completer, episode: Episode, tally: Tally) -> bool:
     return calls_ok and answer_ok
 
 
-def evaluate(name: str, model_dir: Path, tasks: int, links: list[int], chains: int, seed: int,
-             in_process: bool) -> None:
-    completer: Completer = LocalCompleter(model_dir) if in_process else StackCompleter(model_dir)
+def evaluate(completer: Completer, name: str, where: str, tasks: int, links: list[int], chains: int,
+             seed: int) -> None:
     try:
-        _evaluate(completer, name, model_dir, tasks, links, chains, seed)
+        _evaluate(completer, name, where, tasks, links, chains, seed)
     finally:
         completer.close()
 
 
-def _evaluate(completer: Completer, name: str, model_dir: Path, tasks: int, links: list[int], chains: int,
+def _evaluate(completer: Completer, name: str, where: str, tasks: int, links: list[int], chains: int,
               seed: int) -> None:
     rng = random.Random(seed)
-    print(f"\n{name}: {model_dir}\nfamily     | tasks | valid calls       | correct calls | correct answers")
+    print(f"\n{name}: {where}\nfamily     | tasks | valid calls       | correct calls | correct answers")
     for family in FAMILIES:
         tally = Tally()
         start = time.monotonic()
@@ -216,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chains", type=int, default=10, help="chains per length")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--in-process", action="store_true", help="the engine in this process, not `k2serve up`")
+    ap.add_argument("--url", help="evaluate the model a running stack serves (its router's base URL) instead")
+    ap.add_argument("--metrics-url", help="with --url: the groups' merged /metrics (for the prefix-cache share)")
     ap.add_argument("--variant", action="append", metavar="NAME=DIR",
                     help="default: qat (shipped), bf16 and ptq-int4 (from bench/train_agent.py's work folder)")
     args = ap.parse_args(argv)
@@ -223,9 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variant or [f"qat={Path(__file__).resolve().parents[1] / 'k2serve/k2format/models/tiny-k2-agent'}",
                                 f"bf16={DEFAULT_WORK / 'bf16'}", f"ptq={DEFAULT_WORK / 'ptq-int4'}"]
     links = [int(n) for n in args.links.split(",") if n]
+    if args.url:
+        if not args.metrics_url:
+            ap.error("--url needs --metrics-url")
+        evaluate(StackCompleter(args.url, args.metrics_url), "served", args.url, args.tasks, links, args.chains,
+                 args.seed)
+        return 0
     for spec in variants:
         name, _, folder = spec.partition("=")
-        evaluate(name, Path(folder).expanduser(), args.tasks, links, args.chains, args.seed, args.in_process)
+        model_dir = Path(folder).expanduser()
+        completer = LocalCompleter(model_dir) if args.in_process else StackCompleter.launch(model_dir)
+        evaluate(completer, name, str(model_dir), args.tasks, links, args.chains, args.seed)
     return 0
 
 

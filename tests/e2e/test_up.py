@@ -62,6 +62,7 @@ def test_up_serves_chat_and_stops_on_sigint(tmp_path: Path, capsys: object) -> N
         assert 'k2serve_prefill_tokens_total{group="prefill-0",leader="prefill-0",role="prefill"}' in groups
         assert chat_main(["hello", "--url", url, "--max-tokens", "5", "--seed", "3"]) == 0
         assert "[finish: length]" in capsys.readouterr().out  # type: ignore[attr-defined]
+        check_agent_eval(url, merged)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0 and "k2serve up: stopped" in out
@@ -95,12 +96,13 @@ def test_bench_serve_smoke() -> None:
         assert "| router + clients (this process) |" in cpu and "| group leaders |" in cpu
 
 
-def test_bench_agent_eval_through_the_stack() -> None:
-    """The agent eval serves the model with `k2serve up` and drives every family and a chain over HTTP; the
-    prefix-cache share comes from the groups' Prometheus counters."""
+
+def check_agent_eval(url: str, metrics_url: str) -> None:
+    """The agent eval drives every family and a chain over HTTP through this stack; the prefix-cache share comes
+    from the groups' Prometheus counters."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, str(root / "bench" / "agent_eval.py"), "--tasks", "1", "--links", "2",
-                           "--chains", "1", "--variant", "qat=builtin:tiny-k2-agent"],
+                           "--chains", "1", "--url", url, "--metrics-url", metrics_url],
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     for family in ("calculator", "weather", "two_step", "chain", "no_tool", "retry", "parallel"):
